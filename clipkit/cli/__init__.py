@@ -1,0 +1,1 @@
+"""The clipkit command line: thin click modules, imported lazily (``clipkit --help`` never imports torch)."""

@@ -1,0 +1,101 @@
+"""Pieces shared by the CLI commands: model options, tolerant image loading, JSON output."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import click
+
+log = logging.getLogger("clipkit.cli")
+
+NOTICE = ("note: using the bundled 'shapes' demo models, which know only the Shapes world; "
+          "use --profile sd or --clip SPEC for real models")
+
+
+def clip_option(f):
+    return click.option("--clip", "clip_spec", default=None, metavar="SPEC",
+                        help="CLIP model: shapes, openclip:ARCH/TAG, hf:ORG/NAME or a directory "
+                             "(overrides --profile).")(f)
+
+
+def batch_size_option(f):
+    return click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                        help="Images/texts per forward pass.")(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON document on stdout and nothing else there.")(f)
+
+
+def resolve_spec(settings, component: str, override: str | None) -> str:
+    """The model spec for a component: --COMPONENT, else --profile, else the default (with a notice)."""
+    from clipkit.core.registry import DEFAULT_PROFILE, PROFILES
+    if override:
+        return override
+    if settings.profile is None and not settings.quiet:
+        click.echo(NOTICE, err=True)
+    spec = getattr(PROFILES[settings.profile or DEFAULT_PROFILE], component)
+    if spec is None:
+        raise click.UsageError(f"profile {settings.profile!r} has no default {component}: "
+                               f"pass --{component} SPEC")
+    return spec
+
+
+def make_scorer(settings, clip_spec: str | None, batch_size: int = 64, num_workers: int = 0):
+    from clipkit.core.scorer import load_scorer
+    spec = resolve_spec(settings, "clip", clip_spec)
+    return load_scorer(spec, device=settings.device, precision=settings.precision,
+                       batch_size=batch_size, num_workers=num_workers)
+
+
+@dataclass
+class LoadedImages:
+    paths: list[str] = field(default_factory=list)
+    images: list = field(default_factory=list)                    # RGB PIL images
+    skipped: list[dict] = field(default_factory=list)             # [{path, reason}]
+
+
+def load_images_tolerant(paths, quiet: bool = False) -> LoadedImages:
+    """Expand folders and open every image; unreadable ones are reported and skipped.
+
+    Raises InputError when nothing could be read (the CLI exits 2).
+    """
+    from clipkit.core.errors import ImageLoadError, InputError
+    from clipkit.core.io import load_image, scan_images
+    out = LoadedImages()
+    files = scan_images(paths)
+    for p in progress(files, "reading images", disable=quiet or len(files) < 50):
+        try:
+            out.images.append(load_image(p))
+            out.paths.append(str(p))
+        except ImageLoadError as e:
+            out.skipped.append({"path": str(p), "reason": e.reason})
+            log.warning("skipped %s: %s", p, e.reason)
+    if not out.images:
+        what = "no image files found" if not files else f"none of the {len(files)} files could be read"
+        raise InputError(what)
+    if out.skipped:
+        log.warning("%d of %d files skipped", len(out.skipped), len(files))
+    return out
+
+
+def progress(iterable, desc: str, disable: bool = False, total: int | None = None):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, disable=disable or not sys.stderr.isatty(),
+                file=sys.stderr, leave=False)
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def fmt_table(header: list[str], rows: list[list], widths: list[int] | None = None) -> str:
+    """Plain aligned table for terminals."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = widths or [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

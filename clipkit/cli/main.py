@@ -1,0 +1,101 @@
+"""``clipkit`` entry point: global options (DESIGN §3) and a lazily-loaded command group."""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+
+import click
+
+# name -> (module, attribute). Command modules import only click at module level.
+COMMANDS = {
+    "score": ("clipkit.cli.score", "score"),
+    "classify": ("clipkit.cli.classify", "classify"),
+    "models": ("clipkit.cli.models", "models"),
+}
+
+
+class CliError(click.ClickException):
+    """A user-fixable problem: ``Error: ...`` on one line, exit code 2."""
+    exit_code = 2
+
+
+@dataclass
+class Settings:
+    profile: str | None = None        # None: the default profile, chosen implicitly
+    device: str = "auto"
+    precision: str = "fp32"
+    verbose: bool = False
+    quiet: bool = False
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # the CLI boundary: library errors become one line
+            from clipkit.core.errors import ClipkitError
+            settings = ctx.find_object(Settings)
+            if settings is not None and settings.verbose:
+                traceback.print_exc()
+            if isinstance(e, ClipkitError):
+                raise CliError(str(e)) from None
+            err = click.ClickException(
+                f"unexpected failure: {type(e).__name__}: {e} (run with -v for the traceback)")
+            err.exit_code = 1
+            raise err from None
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger("clipkit")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+    root.propagate = False
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--profile", type=click.Choice(["shapes", "sd"]), default=None,
+              help="Model profile: 'shapes' (bundled, offline; default) or 'sd' (real hub models).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              show_default=True, help="Model precision (scores are always computed in fp32).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only; no progress bars or notices.")
+@click.version_option(package_name="clipkit")
+@click.pass_context
+def cli(ctx, profile, device, precision, verbose, quiet):
+    """clipkit: CLIP scoring, zero-shot classification, guided generation, captioning, reranking.
+
+    Runs offline on the bundled Shapes demo models by default; use --profile sd or --clip SPEC
+    (openclip:ARCH/TAG, hf:ORG/NAME, or a local directory) for real models.
+    """
+    setup_logging(verbose, quiet)
+    ctx.obj = Settings(profile, device, precision, verbose, quiet)
+
+
+def main():  # pragma: no cover - console entry point alias
+    cli()

@@ -1,0 +1,133 @@
+"""Robust image loading: every file Pillow can read becomes an RGB ``PIL.Image`` or a typed error.
+
+Handles EXIF orientation, CMYK, palette (with transparency), 16-bit and float greyscale,
+LA/RGBA (composited on a fixed background), and guards against decompression bombs.
+A truncated, empty or non-image file raises :class:`ImageLoadError` with the path and reason.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipkit.core.errors import ImageLoadError
+
+ImageLike = Union[str, os.PathLike, Image.Image]
+
+#: Default decompression-bomb guard (pixels). Pillow's own default warns at ~89M and fails at 2x.
+DEFAULT_MAX_PIXELS = 89_478_485
+#: Background used when compositing transparent images (white, like a browser or a printed page).
+DEFAULT_BACKGROUND = (255, 255, 255)
+
+IMAGE_EXTENSIONS = frozenset(
+    ext.lower() for ext, fmt in Image.registered_extensions().items()
+    if fmt in Image.OPEN
+)
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        return _to_rgb(im, background)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        # 16/32-bit integer or float greyscale: Pillow's convert("RGB") clips at 255, so rescale.
+        arr = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
+        elif mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            top = 65535.0
+        else:
+            top = 255.0
+        arr = np.clip(np.nan_to_num(arr) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV ...
+
+
+def load_image(
+    source: ImageLike,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+) -> Image.Image:
+    """Open ``source`` (a path or a PIL image) as a fully decoded RGB image.
+
+    Raises :class:`ImageLoadError` naming the path and the reason for any file that cannot be read.
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(source) or source, background)
+    path = Path(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageLoadError(
+                        path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                        "(possible decompression bomb; raise max_pixels if you trust the file)")
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                return _to_rgb(im, background)
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "is a directory") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except UnidentifiedImageError:
+        size = path.stat().st_size if path.exists() else 0
+        reason = "empty file" if size == 0 else "not an image Pillow can identify"
+        raise ImageLoadError(path, reason) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(path, f"decompression bomb guard: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(path, f"corrupt or truncated ({e})") from None
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def scan_images(paths, recursive: bool = True) -> list[Path]:
+    """Expand files and folders into a sorted, de-duplicated list of image paths.
+
+    Folders are walked recursively (``recursive=True``); symlinked folders are followed once
+    (a loop is detected by real path and not re-entered). Files named explicitly are kept whatever
+    their extension, so a bad file is reported later instead of silently dropped.
+    """
+    out: list[Path] = []
+    seen_files: set[str] = set()
+    for p in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
+        if p.is_dir():
+            seen_dirs: set[str] = set()
+            for root, dirs, files in os.walk(p, followlinks=True):
+                real = os.path.realpath(root)
+                if real in seen_dirs:
+                    dirs[:] = []
+                    continue
+                seen_dirs.add(real)
+                dirs.sort()
+                if not recursive:
+                    dirs[:] = []
+                for f in sorted(files):
+                    fp = Path(root) / f
+                    if is_image_path(fp) and str(fp) not in seen_files:
+                        seen_files.add(str(fp))
+                        out.append(fp)
+        elif str(p) not in seen_files:
+            seen_files.add(str(p))
+            out.append(p)
+    return out

@@ -1,0 +1,40 @@
+"""Figures: the image x text similarity heatmap people expect from CLIP tutorials."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def similarity_heatmap(images, texts, sim, out_path, labels=None, thumb: int = 64) -> Path:
+    """Draw cosine ``sim`` [N, M] with image thumbnails as row labels and texts as columns."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sim = np.asarray(sim, dtype=float)
+    n, m = sim.shape
+    fig_w = 2.0 + 1.1 * m
+    fig_h = 1.0 + 0.9 * n
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    ax.imshow(sim, cmap="viridis", aspect="auto", vmin=min(0.0, sim.min()), vmax=max(sim.max(), 1e-6))
+    for i in range(n):
+        for j in range(m):
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if sim[i, j] < (sim.max() + sim.min()) / 2 else "black")
+    ax.set_xticks(range(m))
+    ax.set_xticklabels([t if len(t) <= 28 else t[:25] + "..." for t in texts], rotation=35,
+                       ha="right", fontsize=8)
+    ax.set_yticks([])
+    ax.set_xlim(-0.5 - 1.0, m - 0.5)   # room on the left for thumbnails
+    for i, im in enumerate(images):
+        t = im.copy()
+        t.thumbnail((thumb, thumb))
+        ax.imshow(np.asarray(t), extent=(-1.45, -0.55, i + 0.45, i - 0.45), zorder=3)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_title("cosine similarity")
+    fig.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

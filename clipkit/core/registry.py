@@ -1,0 +1,289 @@
+"""Model specs, resolved in one place (DESIGN §2).
+
+Syntax, everywhere (``--clip``, ``--diffusion``, ``--captioner``, Python):
+
+* ``shapes``                    the bundled, offline Shapes models (package data)
+* ``openclip:ARCH/TAG``         open_clip architecture + pretrained tag, e.g. ``openclip:ViT-B-32/laion2b_s34b_b79k``
+* ``hf:ORG/NAME``               a Hugging Face hub repository (transformers CLIP, diffusers pipeline, ...)
+* ``/a/local/dir``              a local directory: ``config.json`` (transformers) or
+                                ``open_clip_config.json`` + weights (open_clip)
+
+Every failure raises :class:`ModelLoadError` with one line naming the spec and the fix. We never
+hang on the network: hub calls get short timeouts, and ``HF_HUB_OFFLINE=1`` is respected.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from clipkit.core.errors import ModelLoadError
+
+BUNDLED = "shapes"
+OFFLINE_FIX = "check the network, or download it once and set HF_HUB_OFFLINE=1 to use the cache"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The three model choices that go together."""
+    name: str
+    clip: str
+    diffusion: str | None
+    captioner: str | None
+    description: str
+
+
+PROFILES: dict[str, Profile] = {
+    "shapes": Profile("shapes", "shapes", "shapes", "shapes",
+                      "bundled, offline demo models; they know only the Shapes world"),
+    "sd": Profile("sd", "openclip:ViT-B-32/laion2b_s34b_b79k",
+                  "hf:stable-diffusion-v1-5/stable-diffusion-v1-5", None,
+                  "real models from the hub (needs a network once, or a cache); "
+                  "point --captioner at a ClipCap checkpoint"),
+}
+DEFAULT_PROFILE = "shapes"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    raw: str
+    kind: str        # "bundled" | "openclip" | "hf" | "local-openclip" | "local-hf"
+    target: str      # bundled name, "ARCH/TAG", "ORG/NAME" or a directory path
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+def assets_dir() -> Path:
+    return Path(str(resources.files("clipkit") / "assets"))
+
+
+def bundled_path(name: str, component: str) -> Path:
+    """Directory of a bundled model, e.g. ``bundled_path("shapes", "clip")``."""
+    return assets_dir() / f"{name}_{component}"
+
+
+def parse_spec(spec: str, component: str = "clip") -> ModelSpec:
+    """Parse a model spec string; raises ModelLoadError for malformed or unknown ones."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(str(spec), "empty model spec", "use 'shapes', 'openclip:ARCH/TAG', "
+                             "'hf:ORG/NAME' or a local directory")
+    spec = spec.strip()
+    if spec == BUNDLED:
+        return ModelSpec(spec, "bundled", spec)
+    if spec.startswith("openclip:"):
+        body = spec[len("openclip:"):]
+        arch, _, tag = body.partition("/")
+        if not arch or not tag:
+            raise ModelLoadError(spec, "expected openclip:ARCH/TAG",
+                                 "e.g. openclip:ViT-B-32/laion2b_s34b_b79k; `clipkit models` lists some")
+        return ModelSpec(spec, "openclip", body, {"arch": arch, "tag": tag})
+    if spec.startswith("hf:"):
+        repo = spec[3:]
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ModelLoadError(spec, "expected hf:ORG/NAME", "e.g. hf:openai/clip-vit-base-patch32")
+        return ModelSpec(spec, "hf", repo)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "open_clip_config.json").is_file():
+            return ModelSpec(spec, "local-openclip", str(path))
+        if (path / "config.json").is_file() or (path / "model_index.json").is_file():
+            return ModelSpec(spec, "local-hf", str(path))
+        raise ModelLoadError(spec, "directory has no config.json, model_index.json or open_clip_config.json",
+                             "point at a saved transformers/diffusers/open_clip model directory")
+    if path.exists():
+        return ModelSpec(spec, "file", str(path))
+    if "/" in spec or os.sep in spec or spec.startswith("."):
+        raise ModelLoadError(spec, "no such directory", "check the path")
+    raise ModelLoadError(spec, "unknown model spec",
+                         "use 'shapes', 'openclip:ARCH/TAG', 'hf:ORG/NAME' or a local directory; "
+                         "`clipkit models` lists them")
+
+
+def _short_timeouts() -> None:
+    # huggingface_hub reads these at call time; short values mean "fail fast, never hang".
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg if len(msg) < 200 else msg[:197] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP loading
+# --------------------------------------------------------------------------------------------
+
+def _openclip_preprocess(model):
+    import open_clip
+
+    from clipkit.core.preprocess import PreprocessConfig
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    return PreprocessConfig.from_dict({
+        "image_size": cfg.get("size", 224), "mean": cfg.get("mean"), "std": cfg.get("std"),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest")})
+
+
+def _load_openclip(spec: ModelSpec):
+    import open_clip
+
+    from clipkit.core.backends import OpenClipBackend
+    if spec.kind == "openclip":
+        arch, tag = spec.extra["arch"], spec.extra["tag"]
+        if arch not in open_clip.list_models():
+            raise ModelLoadError(spec.raw, f"unknown open_clip architecture {arch!r}",
+                                 "see open_clip.list_models(), e.g. ViT-B-32, ViT-B-32-quickgelu")
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if tag not in tags and not Path(tag).is_file():
+            raise ModelLoadError(spec.raw, f"unknown pretrained tag {tag!r} for {arch}",
+                                 f"choose one of: {', '.join(tags) or '(none)'}")
+        name, pretrained = arch, tag
+        if tag == "openai" and "quickgelu" not in arch.lower():
+            # OpenAI weights were trained with QuickGELU; open_clip >= 2.29 no longer switches it on
+            # for ('ViT-B-32', 'openai') and silently loses accuracy (FIELD_NOTES A).
+            kwargs = {"force_quick_gelu": True}
+        else:
+            kwargs = {}
+    else:
+        # open_clip only *warns* when a local dir has no weights and returns a random model: refuse.
+        if not any(Path(spec.target).glob(g) for g in ("*.safetensors", "*.bin", "*.pth")):
+            raise ModelLoadError(spec.raw, "no weights file (*.safetensors, *.bin, *.pth) in the directory",
+                                 "save the weights beside open_clip_config.json")
+        name, pretrained, kwargs = f"local-dir:{spec.target}", None, {}
+    _short_timeouts()
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # download/cache/format failures all end here
+        fix = OFFLINE_FIX if spec.kind == "openclip" else "check the directory's config and weights"
+        raise ModelLoadError(spec.raw, _one_line(e), fix) from e
+    return OpenClipBackend(model, tokenizer, _openclip_preprocess(model), spec.raw)
+
+
+def _hf_preprocess(path_or_repo: str, model, local_only: bool):
+    from clipkit.core.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
+    cfg_path = None
+    p = Path(path_or_repo)
+    if p.is_dir():
+        cfg_path = p / "preprocessor_config.json"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+            cfg_path = Path(hf_hub_download(path_or_repo, "preprocessor_config.json",
+                                            local_files_only=local_only))
+        except Exception:
+            cfg_path = None
+    size = model.config.vision_config.image_size
+    if cfg_path is not None and cfg_path.is_file():
+        d = json.loads(cfg_path.read_text())
+        crop = d.get("crop_size", size)
+        crop = crop.get("height", size) if isinstance(crop, dict) else crop
+        return PreprocessConfig(image_size=int(crop), mean=tuple(d.get("image_mean", OPENAI_MEAN)),
+                                std=tuple(d.get("image_std", OPENAI_STD)),
+                                interpolation="bilinear" if d.get("resample") == 2 else "bicubic")
+    return PreprocessConfig(image_size=int(size))
+
+
+def _load_hf_clip(spec: ModelSpec):
+    from transformers import AutoTokenizer, CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    from clipkit.core.backends import HFClipBackend
+    hf_logging.disable_progress_bar()
+    _short_timeouts()
+    local_only = spec.kind == "local-hf" or _offline()
+    try:
+        model = CLIPModel.from_pretrained(spec.target, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(spec.target, local_files_only=local_only)
+    except Exception as e:
+        fix = OFFLINE_FIX if spec.kind == "hf" else "the directory must hold a transformers CLIPModel and its tokenizer"
+        raise ModelLoadError(spec.raw, _one_line(e), fix) from e
+    return HFClipBackend(model, tokenizer, _hf_preprocess(spec.target, model, local_only), spec.raw)
+
+
+def load_clip(spec: str | ModelSpec = BUNDLED):
+    """Resolve and load a CLIP model -> a :class:`~clipkit.core.backends.ClipBackend` (CPU, fp32)."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "bundled":
+        path = bundled_path(spec.target, "clip")
+        if not (path / "open_clip_config.json").is_file():
+            raise ModelLoadError(spec.raw, f"bundled weights missing from {path}",
+                                 "reinstall clipkit, or train them with `clipkit train clip`")
+        backend = _load_openclip(ModelSpec(str(path), "local-openclip", str(path)))
+        backend.spec = spec.raw
+        return backend
+    if spec.kind in ("openclip", "local-openclip"):
+        return _load_openclip(spec)
+    if spec.kind in ("hf", "local-hf"):
+        return _load_hf_clip(spec)
+    raise ModelLoadError(spec.raw, "a single file is not a CLIP model spec",
+                         "use a directory, 'openclip:ARCH/TAG' or 'hf:ORG/NAME'")
+
+
+# --------------------------------------------------------------------------------------------
+# Listing
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelEntry:
+    spec: str
+    component: str      # clip | diffusion | captioner
+    profile: str | None
+    available: bool     # loadable right now without a network
+    note: str = ""
+
+
+def _hub_cached(repo: str, filenames: tuple[str, ...]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for f in filenames:
+        hit = try_to_load_from_cache(repo, f)
+        if isinstance(hit, str):
+            return True
+    return False
+
+
+def is_available(spec: str, component: str = "clip") -> tuple[bool, str]:
+    """Whether ``spec`` can be loaded offline right now, and a short note why (not)."""
+    try:
+        s = parse_spec(spec, component)
+    except ModelLoadError as e:
+        return False, e.reason
+    if s.kind == "bundled":
+        ok = bundled_path(s.target, component).is_dir()
+        return ok, "bundled" if ok else "not bundled in this installation"
+    if s.kind in ("local-openclip", "local-hf", "file"):
+        return True, "local"
+    if s.kind == "hf":
+        ok = _hub_cached(s.target, ("config.json", "model_index.json"))
+        return ok, "in the hub cache" if ok else "not cached (needs a download)"
+    try:
+        import open_clip
+        cfg = open_clip.get_pretrained_cfg(s.extra["arch"], s.extra["tag"])
+    except Exception:
+        cfg = {}
+    repo = (cfg or {}).get("hf_hub", "").rstrip("/")
+    ok = bool(repo) and _hub_cached(repo, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+    return ok, "in the hub cache" if ok else "not cached (needs a download)"
+
+
+def list_models() -> list[ModelEntry]:
+    """Every profile's models, with whether each is available offline."""
+    out = []
+    for prof in PROFILES.values():
+        for comp in ("clip", "diffusion", "captioner"):
+            spec = getattr(prof, comp)
+            if spec is None:
+                out.append(ModelEntry("-", comp, prof.name, False, "user supplies --" + comp))
+                continue
+            ok, note = is_available(spec, comp)
+            out.append(ModelEntry(spec, comp, prof.name, ok, note))
+    return out
