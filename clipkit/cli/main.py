@@ -14,6 +14,7 @@ COMMANDS = {
     "score": ("clipkit.cli.score", "score"),
     "classify": ("clipkit.cli.classify", "classify"),
     "models": ("clipkit.cli.models", "models"),
+    "train": ("clipkit.cli.train", "train"),
 }
 
 

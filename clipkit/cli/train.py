@@ -1,0 +1,90 @@
+"""``clipkit train clip|diffusion``: the recipes of the bundled models, usable on your own data."""
+from __future__ import annotations
+
+import click
+
+from clipkit.cli.common import emit_json, json_option
+
+
+def _common(f):
+    opts = [
+        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                     help="Output directory (checkpoints, logs, curves, exported model)."),
+        click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size per process."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint."),
+        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no",
+                     show_default=True, help="accelerate mixed precision (GPU)."),
+        click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="DataLoader workers."),
+        click.option("--eval-every", type=click.IntRange(min=1), default=None),
+        click.option("--save-every", type=click.IntRange(min=1), default=None),
+        click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=1), default=None,
+                     help="Seconds: re-plan --steps to fit (the LR schedule still completes)."),
+        json_option,
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _config(cls, **kw):
+    return cls(**{k: v for k, v in kw.items() if v is not None})
+
+
+@click.group()
+def train():
+    """Train the bundled models' recipes (CLIP, diffusion) on Shapes or your own data."""
+
+
+@train.command("clip")
+@click.option("--data", default="shapes", show_default=True,
+              help="'shapes' (rendered on the fly) or a captions.jsonl of {\"image\": path, \"caption\": text}.")
+@click.option("--init", default=None, metavar="SPEC",
+              help="Fine-tune this open_clip CLIP (shapes, openclip:ARCH/TAG, a directory); default: from scratch.")
+@click.option("--augment", type=click.Choice(["robust", "none"]), default="robust", show_default=True,
+              help="robust: noise/blur/low-res/tint augmentations (x0-estimate-like inputs).")
+@click.option("--noise-aware", is_flag=True, help="Also train on DDPM-noised images x_t (GLIDE-style).")
+@_common
+@click.pass_obj
+def clip(settings, data, init, augment, noise_aware, as_json, **kw):
+    """Contrastive CLIP training (symmetric cross-entropy, learned temperature).
+
+    \b
+    Examples:
+      clipkit train clip --out runs/clip --steps 20000            # the bundled Shapes CLIP
+      clipkit train clip --data captions.jsonl --init shapes --out runs/ft --steps 500
+      accelerate launch -m clipkit.cli.main train clip --out runs/clip   # several processes
+    """
+    from clipkit.core.train_clip import TrainClipConfig, train_clip
+    cfg = _config(TrainClipConfig, data=data, init=init, augment=augment, noise_aware=noise_aware, **kw)
+    res = train_clip(cfg, progress=not (settings.quiet or as_json))
+    _report(res, as_json)
+
+
+@train.command("diffusion")
+@_common
+@click.pass_obj
+def diffusion(settings, as_json, **kw):
+    """DDPM training of the unconditional 32x32 Shapes UNet (EMA weights exported as a diffusers pipeline).
+
+    \b
+    Example:
+      clipkit train diffusion --out runs/diffusion --steps 30000 --mixed-precision bf16
+    """
+    from clipkit.guidance.train_diffusion import TrainDiffusionConfig, train_diffusion
+    cfg = _config(TrainDiffusionConfig, **kw)
+    res = train_diffusion(cfg, progress=not (settings.quiet or as_json))
+    _report(res, as_json)
+
+
+def _report(res, as_json):
+    from dataclasses import asdict
+    if as_json:
+        emit_json(asdict(res))
+    else:
+        click.echo(f"trained {res.steps} steps in {res.wall_s:.0f}s; model: {res.model_dir}")
+        if res.final_eval:
+            click.echo(f"final eval: {res.final_eval}")

@@ -1,0 +1,423 @@
+"""Contrastive training of CLIP (``clipkit train clip``): from scratch on the Shapes world, or
+fine-tuning any open_clip CLIP on a folder of image-caption pairs (``captions.jsonl``).
+
+The objective is the paper's pseudocode (Radford et al. 2021, Fig. 3)::
+
+    I_e = normalize(image_encoder(I));  T_e = normalize(text_encoder(T))
+    logits = exp(t) * I_e @ T_e.T
+    loss = (CE(logits, arange(n), axis=0) + CE(logits, arange(n), axis=1)) / 2
+
+with a learned temperature ``t`` (clamped so that exp(t) <= 100). Runs through ``accelerate``
+(``accelerate launch`` for several processes; each process contrasts its own batch). Checkpoints are
+safetensors + JSON and resumable; a CSV log and a PNG of the curves are written as training goes.
+
+Robust training (``augment="robust"``) shows the CLIP images like the x0 estimates that guidance
+will feed it (noise, blur, low resolution, tinted backgrounds, low contrast); ``noise_aware=True``
+additionally trains on DDPM-noised images x_t (GLIDE-style).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from clipkit.core.errors import InputError
+from clipkit.core.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig, torch_preprocess
+
+log = logging.getLogger(__name__)
+
+#: The bundled Shapes CLIP: open_clip ``CLIP`` with a small custom config (~9.8M parameters,
+#: most of them the 49,408-row token embedding of the real CLIP BPE tokenizer).
+SHAPES_CLIP_CFG = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 48, "patch_size": 6, "width": 192, "layers": 6, "head_width": 48},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+}
+
+
+@dataclass
+class TrainClipConfig:
+    out_dir: str = "runs/clip"
+    data: str = "shapes"                 # "shapes" or a captions.jsonl ({"image": path, "caption": text})
+    init: str | None = None              # CLIP spec to fine-tune (open_clip kinds); None = from scratch
+    model_cfg: dict | None = None        # open_clip config when training from scratch (default: Shapes)
+    steps: int = 20_000
+    batch_size: int = 256                # per process
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup: int = 500
+    grad_clip: float = 1.0
+    augment: str = "robust"              # "robust" | "none"
+    noise_aware: bool = False            # also train on DDPM-noised x_t (GLIDE-style)
+    noise_fraction: float = 0.5          # fraction of each batch noised when noise_aware
+    render_sizes: tuple = (32, 48, 64)   # Shapes renders are drawn at one of these sizes per batch
+    p_two: float = 0.35                  # fraction of two-object scenes
+    eval_every: int = 500
+    save_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    mixed_precision: str = "no"          # accelerate: no | fp16 | bf16
+    num_workers: int = 0
+    export_dtype: str = "fp16"           # dtype of the exported weights
+    resume: bool = False
+    time_limit_s: float | None = None    # stop early: total steps re-planned from the measured rate
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class JsonlStats:
+    used: int = 0
+    broken_json: int = 0
+    missing_image: int = 0
+    empty_caption: int = 0
+
+
+def read_captions_jsonl(path) -> tuple[list[tuple[str, str]], JsonlStats]:
+    """Parse ``{"image": path, "caption": text}`` lines; paths are relative to the file's folder.
+
+    Broken lines, missing images and empty captions are skipped and counted (a warning says how
+    many); an InputError is raised only if nothing usable is left.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"captions file {path} does not exist")
+    stats, pairs = JsonlStats(), []
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+            img, cap = row["image"], row["caption"]
+            if not isinstance(img, str) or not isinstance(cap, str):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            stats.broken_json += 1
+            continue
+        if not cap.strip():
+            stats.empty_caption += 1
+            continue
+        ip = Path(img) if Path(img).is_absolute() else path.parent / img
+        if not ip.is_file():
+            stats.missing_image += 1
+            continue
+        pairs.append((str(ip), cap.strip()))
+    stats.used = len(pairs)
+    skipped = stats.broken_json + stats.missing_image + stats.empty_caption
+    if skipped:
+        log.warning("%s: skipped %d lines (%d broken JSON, %d missing images, %d empty captions)",
+                    path, skipped, stats.broken_json, stats.missing_image, stats.empty_caption)
+    if not pairs:
+        raise InputError(f"{path}: no usable image-caption pairs")
+    return pairs, stats
+
+
+class ImageCaptionPairs(Dataset):
+    """Image files + captions -> square [0, 1] tensors at ``size`` (resize shortest side + centre crop)."""
+
+    def __init__(self, pairs, size: int, tokenizer):
+        self.pairs, self.size, self.tokenizer = pairs, size, tokenizer
+        self.cfg = PreprocessConfig(image_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        from clipkit.core.errors import ImageLoadError
+        from clipkit.core.io import load_image
+        from clipkit.core.preprocess import pil_to_tensor
+        path, cap = self.pairs[i]
+        try:
+            px = pil_to_tensor(load_image(path), self.cfg)
+        except ImageLoadError as e:
+            log.warning("skipped %s: %s", path, e.reason)
+            return None
+        return {"pixels": px, "tokens": self.tokenizer([cap])[0], "caption": cap}
+
+
+def _collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    out = {"tokens": torch.stack([it["tokens"] for it in items])}
+    for k in ("pixels", "params"):
+        if k in items[0]:
+            out[k] = torch.stack([it[k] for it in items])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentations (on the device, per sample)
+# --------------------------------------------------------------------------------------------
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample Gaussian blur, sigma [B] in pixels (kernel 7)."""
+    k = torch.arange(7, device=x.device, dtype=x.dtype) - 3
+    w = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp(min=1e-3) ** 2))
+    w = w / w.sum(dim=1, keepdim=True)                                   # [B, 7]
+    B, C, H, W = x.shape
+    xp = F.pad(x, (3, 3, 3, 3), mode="replicate")
+    # separable: rows then columns, grouped per sample
+    xr = F.conv2d(xp.reshape(1, B * C, H + 6, W + 6), w.repeat_interleave(C, 0)[:, None, None, :],
+                  groups=B * C)
+    xc = F.conv2d(xr, w.repeat_interleave(C, 0)[:, None, :, None], groups=B * C)
+    return xc.view(B, C, H, W)
+
+
+def augment_robust(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Make clean renders look like guidance's x0 estimates: low-res, blur, noise, tint, contrast."""
+    B, _, H, W = x.shape
+    dev = x.device
+
+    def pick(p):
+        return (torch.rand(B, device=dev, generator=gen) < p).view(B, 1, 1, 1)
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(B, *shape, device=dev, generator=gen)
+
+    lo = max(8, H // 4)
+    small = int(torch.randint(lo, H, (1,), generator=gen, device=dev)) if H > lo else H
+    lowres = F.interpolate(F.interpolate(x, size=(small, small), mode="area"), size=(H, W),
+                           mode="bilinear", align_corners=False)
+    x = torch.where(pick(0.3), lowres, x)
+    x = torch.where(pick(0.3), _gaussian_blur(x, u(0.3, 1.5)), x)
+    x = torch.where(pick(0.25), x * u(0.6, 1.0, 1, 1, 1), x)                       # contrast
+    x = torch.where(pick(0.25), x + u(0.0, 0.2, 3, 1, 1) * (1 - x), x)             # tinted background
+    noise = torch.randn(x.shape, device=dev, generator=gen) * u(0.0, 0.25, 1, 1, 1)
+    x = torch.where(pick(0.4), x + noise, x)
+    return x.clamp(0, 1)
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                        beta_end: float = 0.02) -> torch.Tensor:
+    """The linear DDPM schedule (diffusers' DDPMScheduler defaults), the bundled diffusion model's own."""
+    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def noise_images(x: torch.Tensor, gen: torch.Generator, fraction: float, alphas_cumprod: torch.Tensor):
+    """Replace ``fraction`` of the batch by x_t = sqrt(ab) x + sqrt(1-ab) eps (in [-1, 1] space)."""
+    B = x.shape[0]
+    ab = alphas_cumprod.to(x.device)[torch.randint(0, len(alphas_cumprod), (B,), device=x.device,
+                                                   generator=gen)].view(B, 1, 1, 1)
+    eps = torch.randn(x.shape, device=x.device, generator=gen)
+    xt = (ab.sqrt() * (2 * x - 1) + (1 - ab).sqrt() * eps + 1) / 2
+    keep = (torch.rand(B, device=x.device, generator=gen) >= fraction).view(B, 1, 1, 1)
+    return torch.where(keep, x, xt)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+def _build_model(cfg: TrainClipConfig):
+    """-> (model, tokenizer, model_cfg, preprocess_cfg dict)."""
+    import open_clip
+
+    from clipkit.core.artifacts import build_openclip
+    if cfg.init:
+        from clipkit.core.backends import OpenClipBackend
+        from clipkit.core.registry import load_clip, parse_spec
+        spec = parse_spec(cfg.init)
+        backend = load_clip(spec)
+        if not isinstance(backend, OpenClipBackend):
+            raise InputError(f"--init {cfg.init}: fine-tuning supports open_clip models "
+                             "(shapes, openclip:ARCH/TAG, open_clip directories)")
+        if spec.kind == "openclip":
+            model_cfg = open_clip.get_model_config(spec.extra["arch"])
+        else:
+            from clipkit.core.registry import bundled_path
+            d = bundled_path(spec.target, "clip") if spec.kind == "bundled" else Path(spec.target)
+            model_cfg = json.loads((d / "open_clip_config.json").read_text())["model_cfg"]
+        pp = backend.preprocess
+        preprocess = {"size": pp.image_size, "mean": list(pp.mean), "std": list(pp.std),
+                      "interpolation": pp.interpolation, "resize_mode": pp.resize_mode}
+        return backend.module.float().train().requires_grad_(True), backend.tokenizer, model_cfg, preprocess
+    model_cfg = cfg.model_cfg or SHAPES_CLIP_CFG
+    model = build_openclip(model_cfg)
+    size = model_cfg["vision_cfg"]["image_size"]
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
+    preprocess = {"size": size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    return model, tokenizer, model_cfg, preprocess
+
+
+def _param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embedding" in n or "logit_scale" in n or "bias" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor):
+    """Symmetric cross-entropy over the N x N cosine logits. img, txt normalised [N, D]."""
+    logits = logit_scale.exp() * img @ txt.T
+    labels = torch.arange(len(img), device=img.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    acc_i2t = (logits.argmax(1) == labels).float().mean()
+    acc_t2i = (logits.argmax(0) == labels).float().mean()
+    return loss, acc_i2t, acc_t2i
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    model_dir: str
+    steps: int
+    wall_s: float
+    final_eval: dict = field(default_factory=dict)
+
+
+def _shapes_eval(model, preprocess: PreprocessConfig, tokenizer, device, n: int = 512) -> dict:
+    from clipkit.shapes.data import single_object_scenes
+    from clipkit.shapes.probes import zero_shot_accuracy
+    from clipkit.shapes.render import render_scenes
+    scenes = single_object_scenes("val", n)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = render_scenes(scenes, preprocess.image_size, device=device)
+        img = F.normalize(model.encode_image(torch_preprocess(x, preprocess)).float(), dim=-1)
+
+        def enc(texts):
+            return F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
+        acc = zero_shot_accuracy(img, scenes, enc)
+    model.train(was_training)
+    return acc
+
+
+def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from clipkit.core.artifacts import save_openclip_dir
+    from clipkit.core.training import CsvLog, load_checkpoint, plan_steps, plot_curves, save_checkpoint, warmup_cosine
+    from clipkit.shapes.render import render
+
+    if cfg.augment not in ("robust", "none"):
+        raise InputError(f"augment must be 'robust' or 'none', got {cfg.augment!r}")
+    if cfg.steps < 1 or cfg.batch_size < 2:
+        raise InputError("steps must be >= 1 and batch_size >= 2 (contrastive loss needs negatives)")
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    ckpt_dir = out / "checkpoint"
+    model, tokenizer, model_cfg, pp_dict = _build_model(cfg)
+    pp = PreprocessConfig.from_dict({**pp_dict, "image_size": pp_dict["size"]})
+    shapes = cfg.data == "shapes"
+    if shapes:
+        from clipkit.shapes.data import ShapesCaptions
+        ds = ShapesCaptions("train", length=cfg.steps * cfg.batch_size * acc.num_processes,
+                            p_two=cfg.p_two, tokenizer=tokenizer)
+    else:
+        pairs, _ = read_captions_jsonl(cfg.data)
+        ds = ImageCaptionPairs(pairs, pp.image_size, tokenizer)
+        if len(ds) < 2:
+            raise InputError("need at least 2 image-caption pairs for contrastive training")
+    loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=not shapes,
+                        num_workers=cfg.num_workers, collate_fn=_collate, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    step = 0
+    if cfg.resume:
+        if not (ckpt_dir / "state.json").is_file():
+            raise InputError(f"--resume: no checkpoint in {ckpt_dir}")
+        step = load_checkpoint(ckpt_dir, model, opt)["step"]
+        log.info("resumed from step %d", step)
+    elif acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    model, opt, loader = acc.prepare(model, opt, loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup), last_epoch=step - 1 if step else -1)
+    gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index + step)
+    size_rng = random.Random(cfg.seed + step)
+    abar = ddpm_alphas_cumprod() if cfg.noise_aware else None
+    unwrapped = acc.unwrap_model(model)
+    cols = ["step", "loss", "acc_i2t", "acc_t2i", "logit_scale", "lr", "samples_per_s"]
+    eval_cols = ["step", "color", "shape", "size", "position"]
+    logf = CsvLog(out / "train_log.csv", cols, append=cfg.resume) if acc.is_main_process else None
+    evalf = CsvLog(out / "eval_log.csv", eval_cols, append=cfg.resume) if acc.is_main_process and shapes else None
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and acc.is_main_process), desc="train clip")
+    start_step = step
+    t0, seen, last_eval = time.time(), 0, {}
+    data_iter = iter(acc.skip_first_batches(loader, step % max(1, len(loader))) if step else loader)
+    model.train()
+    while step < cfg.steps:
+        try:
+            batch = next(data_iter)
+        except StopIteration:
+            data_iter = iter(loader)
+            continue
+        if batch is None:
+            continue
+        if shapes:
+            x = render(batch["params"], size=size_rng.choice(cfg.render_sizes))
+        else:
+            x = batch["pixels"]
+        if cfg.augment == "robust":
+            x = augment_robust(x, gen)
+        if abar is not None:
+            x = noise_images(x, gen, cfg.noise_fraction, abar)
+        pixels = torch_preprocess(x, pp)
+        with acc.autocast():
+            img = F.normalize(unwrapped.encode_image(pixels).float(), dim=-1)
+            txt = F.normalize(unwrapped.encode_text(batch["tokens"]).float(), dim=-1)
+            loss, a_i, a_t = clip_loss(img, txt, unwrapped.logit_scale.float())
+        acc.backward(loss)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            unwrapped.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        if cfg.time_limit_s and step == start_step + 100:
+            plan_steps(cfg, step - start_step, time.time() - t0, step)
+        seen += len(pixels)
+        bar.update(1)
+        if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
+            sps = seen * acc.num_processes / (time.time() - t0)
+            logf.write(step=step, loss=loss.item(), acc_i2t=a_i.item(), acc_t2i=a_t.item(),
+                       logit_scale=float(unwrapped.logit_scale.detach().exp()), lr=sched.get_last_lr()[0],
+                       samples_per_s=sps)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{a_i.item():.2f}")
+        if shapes and acc.is_main_process and (step % cfg.eval_every == 0 or step == cfg.steps):
+            last_eval = _shapes_eval(unwrapped, pp, tokenizer, acc.device)
+            evalf.write(step=step, **last_eval)
+            log.info("step %d eval %s", step, last_eval)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_checkpoint(ckpt_dir, unwrapped, opt, step, cfg, {"eval": last_eval})
+                plot_curves(out / "train_log.csv", out / "train_curves.png",
+                            ys=["loss", "acc_i2t", "logit_scale", "lr"], title="CLIP training")
+    bar.close()
+    acc.wait_for_everyone()
+    model_dir = out / "model"
+    if acc.is_main_process:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[cfg.export_dtype]
+        save_openclip_dir(unwrapped, model_cfg, pp_dict, model_dir, dtype=dtype,
+                          extra={"training": asdict(cfg), "eval": last_eval})
+        if evalf is not None:
+            evalf.close()
+            plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="zero-shot accuracy (val)")
+        logf.close()
+    return TrainResult(str(out), str(model_dir), step, time.time() - t0, last_eval)

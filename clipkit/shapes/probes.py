@@ -1,0 +1,34 @@
+"""Zero-shot probes of a CLIP on the Shapes world (used by training evals and the benchmarks)."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from clipkit.shapes.world import AT, COLOR_NAMES, POSITIONS, SHAPES, SIZES, Scene
+
+#: attribute -> (template, label values, how a label is phrased in the template)
+PROBES = {
+    "color": ("a {} shape", COLOR_NAMES, lambda v: v),
+    "shape": ("a {}", SHAPES, lambda v: v),
+    "size": ("a {} shape", SIZES, lambda v: v),
+    "position": ("something {}", POSITIONS, lambda v: AT[v]),
+}
+
+
+def probe_prompts(attr: str) -> list[str]:
+    tmpl, values, phrase = PROBES[attr]
+    return [tmpl.format(phrase(v)) for v in values]
+
+
+@torch.no_grad()
+def zero_shot_accuracy(image_emb: torch.Tensor, scenes: Sequence[Scene],
+                       encode_texts: Callable[[list[str]], torch.Tensor]) -> dict[str, float]:
+    """Accuracy per attribute on single-object scenes. ``image_emb`` [N, D] normalised."""
+    out = {}
+    for attr, (_, values, _) in PROBES.items():
+        txt = encode_texts(probe_prompts(attr)).to(image_emb.device)     # [L, D]
+        pred = (image_emb @ txt.T).argmax(dim=1).cpu()
+        truth = torch.tensor([values.index(sc.objects[0].attributes()[attr]) for sc in scenes])
+        out[attr] = float((pred == truth).float().mean())
+    return out
