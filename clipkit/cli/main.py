@@ -100,3 +100,7 @@ def cli(ctx, profile, device, precision, verbose, quiet):
 
 def main():  # pragma: no cover - console entry point alias
     cli()
+
+
+if __name__ == "__main__":  # `python -m clipkit.cli.main` / `accelerate launch -m clipkit.cli.main`
+    cli()

@@ -102,11 +102,11 @@ def plot_curves(csv_path, png_path, x: str = "step", ys: list[str] | None = None
     return Path(png_path)
 
 
-def plan_steps(cfg, steps_done: int, elapsed_s: float, step: int) -> None:
+def plan_steps(cfg, steps_done: int, window_s: float, step: int, elapsed_s: float) -> None:
     """With ``cfg.time_limit_s``: shrink ``cfg.steps`` to what fits in the time left at the measured
     rate (the LR schedule reads ``cfg.steps``, so it still decays to its end)."""
     import logging
-    rate = steps_done / max(elapsed_s, 1e-6)
+    rate = steps_done / max(window_s, 1e-6)
     fit = step + int(rate * max(0.0, cfg.time_limit_s - elapsed_s) * 0.95)
     if fit < cfg.steps:
         logging.getLogger(__name__).info("time limit %.0fs: %d steps planned (%.1f steps/s)",

@@ -179,8 +179,10 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
             for pe, p in zip(ema.parameters(), raw.parameters()):
                 pe.lerp_(p.detach(), 1 - d)
         step += 1
-        if cfg.time_limit_s and step == start_step + 100:
-            plan_steps(cfg, step - start_step, time.time() - t0, step)
+        if cfg.time_limit_s and step == start_step + 50:
+            t_mark = time.time()      # measure the rate after start-up (workers, kernels) is over
+        if cfg.time_limit_s and step == start_step + 300:
+            plan_steps(cfg, 250, time.time() - t_mark, step, time.time() - t0)
         seen += B
         bar.update(1)
         if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):

@@ -1,0 +1,3 @@
+from clipkit.cli.main import cli
+
+cli(prog_name="clipkit")
