@@ -75,6 +75,13 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     root.propagate = False
+    # Libraries that log through the root logger (open_clip) or chatty ones (huggingface_hub):
+    # quiet unless -v. A NullHandler on root also stops logging's implicit basicConfig.
+    logging.getLogger().addHandler(logging.NullHandler())
+    for name in ("huggingface_hub", "transformers", "diffusers", "root"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose:
+        logging.getLogger().setLevel(logging.CRITICAL)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

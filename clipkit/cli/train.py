@@ -65,9 +65,12 @@ def clip(settings, data, init, augment, noise_aware, as_json, **kw):
 
 
 @train.command("diffusion")
+@click.option("--init", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Continue from a diffusers pipeline or UNet directory.")
+@click.option("--device-data", is_flag=True, help="Draw training scenes on the device (fast on GPUs).")
 @_common
 @click.pass_obj
-def diffusion(settings, as_json, **kw):
+def diffusion(settings, init, device_data, as_json, **kw):
     """DDPM training of the unconditional 32x32 Shapes UNet (EMA weights exported as a diffusers pipeline).
 
     \b
@@ -75,7 +78,7 @@ def diffusion(settings, as_json, **kw):
       clipkit train diffusion --out runs/diffusion --steps 30000 --mixed-precision bf16
     """
     from clipkit.guidance.train_diffusion import TrainDiffusionConfig, train_diffusion
-    cfg = _config(TrainDiffusionConfig, **kw)
+    cfg = _config(TrainDiffusionConfig, init=init, device_data=device_data, **kw)
     res = train_diffusion(cfg, progress=not (settings.quiet or as_json))
     _report(res, as_json)
 

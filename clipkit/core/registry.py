@@ -106,8 +106,38 @@ def _short_timeouts() -> None:
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
 
 
+_short_timeouts()   # before huggingface_hub is imported: it reads these once
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """A TCP connect to the hub endpoint with a short timeout (huggingface_hub itself retries with
+    back-off for ~30-60 s before giving up on an unreachable network)."""
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True, ""
+    except OSError as e:
+        return False, f"{host} unreachable ({e.strerror or type(e).__name__})"
+
+
+def _require_cached_or_online(spec: "ModelSpec") -> None:
+    """Fail in seconds, with the fix, when a hub model is neither cached nor downloadable."""
+    if is_available(spec.raw)[0]:
+        return
+    if _offline():
+        raise ModelLoadError(spec.raw, "not in the local cache and HF_HUB_OFFLINE is set",
+                             "download it once with a network, or unset HF_HUB_OFFLINE")
+    ok, why = hub_reachable()
+    if not ok:
+        raise ModelLoadError(spec.raw, f"not in the local cache and the hub is {why.split(' ', 1)[1]}"
+                             if " " in why else why, OFFLINE_FIX)
 
 
 def _one_line(e: BaseException) -> str:
@@ -143,6 +173,8 @@ def _load_openclip(spec: ModelSpec):
         if tag not in tags and not Path(tag).is_file():
             raise ModelLoadError(spec.raw, f"unknown pretrained tag {tag!r} for {arch}",
                                  f"choose one of: {', '.join(tags) or '(none)'}")
+        if not Path(tag).is_file():
+            _require_cached_or_online(spec)
         name, pretrained = arch, tag
         if tag == "openai" and "quickgelu" not in arch.lower():
             # OpenAI weights were trained with QuickGELU; open_clip >= 2.29 no longer switches it on
@@ -152,7 +184,7 @@ def _load_openclip(spec: ModelSpec):
             kwargs = {}
     else:
         # open_clip only *warns* when a local dir has no weights and returns a random model: refuse.
-        if not any(Path(spec.target).glob(g) for g in ("*.safetensors", "*.bin", "*.pth")):
+        if not any(any(Path(spec.target).glob(g)) for g in ("*.safetensors", "*.bin", "*.pth")):
             raise ModelLoadError(spec.raw, "no weights file (*.safetensors, *.bin, *.pth) in the directory",
                                  "save the weights beside open_clip_config.json")
         name, pretrained, kwargs = f"local-dir:{spec.target}", None, {}
@@ -198,6 +230,9 @@ def _load_hf_clip(spec: ModelSpec):
     hf_logging.disable_progress_bar()
     _short_timeouts()
     local_only = spec.kind == "local-hf" or _offline()
+    if spec.kind == "hf":
+        _require_cached_or_online(spec)
+        local_only = local_only or is_available(spec.raw)[0]
     try:
         model = CLIPModel.from_pretrained(spec.target, local_files_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(spec.target, local_files_only=local_only)

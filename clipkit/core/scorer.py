@@ -25,7 +25,8 @@ from clipkit.core.preprocess import PreprocessConfig, pil_to_tensor, torch_prepr
 log = logging.getLogger(__name__)
 
 Images = Union[torch.Tensor, Sequence[Union[str, os.PathLike, Image.Image]]]
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# fp64 is for numerical checks (gradient tests); the CLI offers fp32/fp16/bf16.
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -113,6 +114,8 @@ class ClipScorer:
         self.num_workers = num_workers
         backend.module.to(self.device, self.dtype).eval().requires_grad_(False)
         self._text_cache: dict[str, torch.Tensor] = {}
+        # scores are fp32 whatever the model precision (fp64 stays fp64 for gradient checks)
+        self.score_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
 
     # ---- properties --------------------------------------------------------------------------
     @property
@@ -137,7 +140,7 @@ class ClipScorer:
             if images.ndim == 3:
                 images = images[None]
             for i in range(0, len(images), batch_size):
-                yield torch_preprocess(images[i:i + batch_size].float(), self.preprocess)
+                yield torch_preprocess(images[i:i + batch_size].to(self.score_dtype), self.preprocess)
             return
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
@@ -155,7 +158,7 @@ class ClipScorer:
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.backend.encode_image(pixels.to(self.device, self.dtype))
-        return F.normalize(feats.float(), dim=-1)
+        return F.normalize(feats.to(self.score_dtype), dim=-1)
 
     @torch.inference_mode()
     def encode_images(self, images: Images, batch_size: int | None = None) -> torch.Tensor:
@@ -172,7 +175,7 @@ class ClipScorer:
         out = []
         for i in range(0, len(texts), bs):
             feats = self.backend.encode_text(texts[i:i + bs])
-            out.append(F.normalize(feats.float(), dim=-1))
+            out.append(F.normalize(feats.to(self.score_dtype), dim=-1))
         return torch.cat(out)
 
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
@@ -210,7 +213,7 @@ class ClipScorer:
 
     def _targets(self, texts) -> torch.Tensor:
         if isinstance(texts, torch.Tensor):
-            return F.normalize(texts.float(), dim=-1).to(self.device)
+            return F.normalize(texts.to(self.device, self.score_dtype), dim=-1)
         return self.text_embeddings(texts).to(self.device)
 
     def loss_and_grad(self, x: torch.Tensor, texts, loss: str = "spherical") -> LossGrad:

@@ -37,6 +37,8 @@ SHAPES_UNET_CFG = {
 class TrainDiffusionConfig:
     out_dir: str = "runs/diffusion"
     unet_cfg: dict | None = None          # UNet2DModel config (default: SHAPES_UNET_CFG)
+    init: str | None = None               # continue from a diffusers pipeline/UNet directory
+    device_data: bool = False             # draw scenes on the device (fast on GPUs) instead of a DataLoader
     steps: int = 30_000
     batch_size: int = 128
     lr: float = 2e-4
@@ -122,7 +124,12 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
     out = Path(cfg.out_dir)
     ckpt_dir, ema_dir = out / "checkpoint", out / "checkpoint_ema"
     unet_cfg = cfg.unet_cfg or SHAPES_UNET_CFG
-    unet = UNet2DModel(**unet_cfg)
+    if cfg.init:
+        init = Path(cfg.init)
+        unet = UNet2DModel.from_pretrained(init / "unet" if (init / "unet").is_dir() else init,
+                                           torch_dtype=torch.float32)
+    else:
+        unet = UNet2DModel(**unet_cfg)
     ema = copy.deepcopy(unet).requires_grad_(False)
     noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     size = unet.config.sample_size
@@ -138,7 +145,9 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
         load_checkpoint(ema_dir, ema)
     elif acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    unet, opt, loader = acc.prepare(unet, opt, loader)
+    unet, opt = acc.prepare(unet, opt)
+    if not cfg.device_data:
+        loader = acc.prepare(loader)
     ema.to(acc.device)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup), last_epoch=step - 1 if step else -1)
@@ -150,17 +159,24 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
     evalf = CsvLog(out / "eval_log.csv", ["step", "valid", "colors", "positions", "objects"],
                    append=cfg.resume) if acc.is_main_process else None
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and acc.is_main_process), desc="train diffusion")
-    data_iter = iter(acc.skip_first_batches(loader, step) if step else loader)
+    if cfg.device_data:
+        from clipkit.shapes.render import random_params
+        data_iter = None
+    else:
+        data_iter = iter(acc.skip_first_batches(loader, step) if step else loader)
     start_step = step
     t0, seen, last_eval = time.time(), 0, {}
     unet.train()
     while step < cfg.steps:
-        try:
-            batch = next(data_iter)
-        except StopIteration:
-            data_iter = iter(loader)
-            continue
-        x0 = render(batch["params"], size=size) * 2 - 1                       # [-1, 1]
+        if data_iter is None:
+            params = random_params(cfg.batch_size, gen, cfg.p_two)
+        else:
+            try:
+                params = next(data_iter)["params"]
+            except StopIteration:
+                data_iter = iter(loader)
+                continue
+        x0 = render(params, size=size) * 2 - 1                                 # [-1, 1]
         B = x0.shape[0]
         t = torch.randint(0, cfg.num_train_timesteps, (B,), device=x0.device, generator=gen)
         eps = torch.randn(x0.shape, device=x0.device, generator=gen)

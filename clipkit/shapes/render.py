@@ -75,3 +75,31 @@ def to_pil(images: torch.Tensor):
     from PIL import Image
     arr = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def random_params(batch: int, generator: torch.Generator, p_two: float = 0.35) -> torch.Tensor:
+    """Random scenes drawn directly as params [B, 2, 8] on the generator's device (vectorised; used
+    for training on accelerators, where per-scene Python sampling would starve the GPU).
+
+    Same distribution as :func:`clipkit.shapes.world.sample_scene`: 1 or 2 objects (prob ``p_two``)
+    in distinct cells, uniform shape, colour, size and cell, jitter in [-JITTER, JITTER].
+    """
+    from clipkit.shapes.world import JITTER, RADIUS, SIZES
+    dev = generator.device
+
+    def randint(hi, *shape):
+        return torch.randint(0, hi, shape, device=dev, generator=generator)
+
+    cell0 = randint(9, batch)
+    cell1 = (cell0 + 1 + randint(8, batch)) % 9                       # a different cell
+    cells = torch.stack([cell0, cell1], 1)                             # [B, 2]
+    present = torch.stack([torch.ones(batch, device=dev),
+                           (torch.rand(batch, device=dev, generator=generator) < p_two).float()], 1)
+    shape = randint(3, batch, 2).float()
+    color = torch.tensor(list(COLORS.values()), device=dev)[randint(len(COLORS), batch, 2)]
+    radii = torch.tensor([RADIUS[s] / 3 for s in SIZES], device=dev)[randint(2, batch, 2)]
+    jit = (torch.rand(batch, 2, 2, device=dev, generator=generator) * 2 - 1) * JITTER
+    cx = ((cells % 3).float() + 0.5 + jit[..., 0]) / 3
+    cy = ((cells // 3).float() + 0.5 + jit[..., 1]) / 3
+    return torch.cat([present[..., None], shape[..., None], cx[..., None], cy[..., None],
+                      radii[..., None], color], dim=-1)

@@ -1,0 +1,39 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_openclip_dir(tmp_path_factory):
+    from helpers import make_openclip_dir
+    return make_openclip_dir(tmp_path_factory.mktemp("tiny_openclip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    from helpers import make_hf_clip_dir
+    return make_hf_clip_dir(tmp_path_factory.mktemp("tiny_hf_clip"))
+
+
+@pytest.fixture(scope="session")
+def shapes_scorer():
+    from clipkit.core.scorer import load_scorer
+    return load_scorer("shapes", device="cpu")
+
+
+@pytest.fixture(scope="session", params=["openclip", "hf"])
+def tiny_scorer(request, tiny_openclip_dir, tiny_hf_dir):
+    from clipkit.core.scorer import load_scorer
+    path = tiny_openclip_dir if request.param == "openclip" else tiny_hf_dir
+    return load_scorer(str(path), device="cpu")
+
+
+@pytest.fixture()
+def photos():
+    """Real photographs shipped inside scikit-image's wheel (never downloaded)."""
+    from PIL import Image
+    from skimage import data
+    return {name: Image.fromarray(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee", "rocket")}

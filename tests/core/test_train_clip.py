@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from clipkit.core.errors import InputError
+from clipkit.core.train_clip import (TrainClipConfig, augment_robust, clip_loss, read_captions_jsonl,
+                                     train_clip)
+
+TINY = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 24, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+def test_clip_loss_is_the_paper_objective():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    t = torch.tensor(2.0)
+    loss, _, _ = clip_loss(img, txt, t)
+    logits = t.exp() * img @ txt.T
+    ref = 0
+    for i in range(6):   # per-row / per-column CE written out
+        ref += -torch.log_softmax(logits[i], 0)[i] / 12 - torch.log_softmax(logits[:, i], 0)[i] / 12
+    assert torch.allclose(loss, ref, atol=1e-5)
+    perfect, a_i, a_t = clip_loss(img, img, torch.tensor(4.6))
+    assert a_i == 1 and a_t == 1 and perfect < loss
+
+
+def test_augment_keeps_range_and_shape():
+    x = torch.rand(8, 3, 32, 32)
+    y = augment_robust(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.equal(x, y)
+
+
+def test_train_shapes_resume_and_export(tmp_path):
+    cfg = TrainClipConfig(out_dir=str(tmp_path / "run"), model_cfg=TINY, steps=4, batch_size=8,
+                          eval_every=4, save_every=2, log_every=1, render_sizes=(24,))
+    res = train_clip(cfg, progress=False)
+    assert res.steps == 4 and set(res.final_eval) == {"color", "shape", "size", "position"}
+    rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("step,loss")
+    assert (tmp_path / "run" / "train_curves.png").is_file()
+    from clipkit.core.scorer import load_scorer
+    sc = load_scorer(res.model_dir, device="cpu")
+    assert sc.encode_texts(["a red circle"]).shape == (1, 16)
+    cfg2 = TrainClipConfig(**{**cfg.__dict__, "steps": 6, "resume": True})
+    assert train_clip(cfg2, progress=False).steps == 6
+    assert len((tmp_path / "run" / "train_log.csv").read_text().splitlines()) == 7
+
+
+def test_captions_jsonl_skips_and_counts(tmp_path, caplog):
+    Image.new("RGB", (30, 30), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (30, 30), (0, 0, 255)).save(tmp_path / "b.png")
+    lines = [json.dumps({"image": "a.png", "caption": "red"}), "{broken",
+             json.dumps({"image": "missing.png", "caption": "x"}),
+             json.dumps({"image": "b.png", "caption": "  "}), json.dumps({"image": "b.png", "caption": "blue"})]
+    f = tmp_path / "captions.jsonl"
+    f.write_text("\n".join(lines))
+    pairs, stats = read_captions_jsonl(f)
+    assert len(pairs) == 2 and (stats.broken_json, stats.missing_image, stats.empty_caption) == (1, 1, 1)
+    res = train_clip(TrainClipConfig(out_dir=str(tmp_path / "ft"), data=str(f), model_cfg=TINY, steps=2,
+                                     batch_size=2, save_every=2), progress=False)
+    assert res.steps == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{nope\n")
+    with pytest.raises(InputError, match="no usable"):
+        read_captions_jsonl(bad)
+
+
+def test_resume_without_checkpoint_is_clear(tmp_path):
+    with pytest.raises(InputError, match="no checkpoint"):
+        train_clip(TrainClipConfig(out_dir=str(tmp_path), model_cfg=TINY, steps=1, batch_size=2, resume=True))
