@@ -69,10 +69,21 @@ class OpenClipBackend:
         self.context_length = int(getattr(tokenizer, "context_length", None) or 77)
 
     def tokenize(self, texts: Sequence[str]) -> Tokenized:
-        encode = getattr(self.tokenizer, "encode", None)
-        if encode is not None and hasattr(self.tokenizer, "sot_token_id"):
-            warn_truncated(texts, [len(encode(t)) + 2 for t in texts], self.context_length)
-        return Tokenized(self.tokenizer(list(texts)))
+        tok = self.tokenizer
+        if not (hasattr(tok, "encode") and hasattr(tok, "sot_token_id")
+                and getattr(tok, "reduction_fn", None) is None):
+            return Tokenized(tok(list(texts)))        # HF-based or reducing tokenizers: as they are
+        # CLIP BPE: encode once, warn about truncation, then lay out ids exactly as open_clip does
+        # (sot + tokens + eot, cut at the context length with eot kept last).
+        seqs = [[tok.sot_token_id] + tok.encode(t) + [tok.eot_token_id] for t in texts]
+        warn_truncated(texts, [len(s) for s in seqs], self.context_length)
+        ids = torch.zeros(len(seqs), self.context_length, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if len(s) > self.context_length:
+                s = s[:self.context_length]
+                s[-1] = tok.eot_token_id
+            ids[i, :len(s)] = torch.tensor(s)
+        return Tokenized(ids)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module.encode_image(pixels)
