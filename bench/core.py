@@ -140,18 +140,27 @@ def main():
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--parts", default="encode,folder,help", help="comma-separated subset to run")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     print(f"# core benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, CPU)\n")
-    print("| encode (ViT-B/32, batch %d) | clipkit /s | backend direct /s | ratio |\n|---|---|---|---|" % args.batch)
-    for name, ours, ref, ratio in encode_throughput(args.images, args.batch):
-        print(f"| {name} | {ours:.1f} | {ref:.1f} | {ratio:.3f} |")
+    if "encode" in parts:
+        print("| encode (ViT-B/32, batch %d) | clipkit /s | backend direct /s | ratio |\n|---|---|---|---|" % args.batch)
+        for name, ours, ref, ratio in encode_throughput(args.images, args.batch):
+            print(f"| {name} | {ours:.1f} | {ref:.1f} | {ratio:.3f} |")
+    if "folder" in parts:
+        folder(args)
+    if "help" in parts:
+        h, bare = help_time()
+        print(f"\n`clipkit --help`: {h * 1000:.0f} ms median of 7 (bare `python -c pass`: {bare * 1000:.0f} ms)")
+
+
+def folder(args):
     ours, ref, ratio, diff = folder_scoring(args.images, args.batch, args.workers)
     print(f"\n| score a folder of {args.images} JPEGs (640x480) x 4 texts | images/s |\n|---|---|")
     print(f"| clipkit ClipScorer.score (num_workers={args.workers}) | {ours:.1f} |")
     print(f"| CLIPProcessor + CLIPModel loop | {ref:.1f} |")
     print(f"| speed-up | {ratio:.2f}x (max abs cosine difference {diff:.2e}) |")
-    h, bare = help_time()
-    print(f"\n`clipkit --help`: {h * 1000:.0f} ms median of 7 (bare `python -c pass`: {bare * 1000:.0f} ms)")
 
 
 if __name__ == "__main__":

@@ -377,9 +377,14 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
             x = noise_images(x, gen, cfg.noise_fraction, abar)
         pixels = torch_preprocess(x, pp)
         with acc.autocast():
-            img = F.normalize(unwrapped.encode_image(pixels).float(), dim=-1)
-            txt = F.normalize(unwrapped.encode_text(batch["tokens"]).float(), dim=-1)
-            loss, a_i, a_t = clip_loss(img, txt, unwrapped.logit_scale.float())
+            # through the prepared (DDP) wrapper, so gradients are all-reduced across processes
+            res = model(pixels, batch["tokens"])
+            if isinstance(res, dict):
+                img, txt, scale = res["image_features"], res["text_features"], res["logit_scale"]
+            else:
+                img, txt, scale = res[:3]
+            loss, a_i, a_t = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
+                                       scale.float().log())
         acc.backward(loss)
         if cfg.grad_clip:
             acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)

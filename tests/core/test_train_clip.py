@@ -74,3 +74,19 @@ def test_captions_jsonl_skips_and_counts(tmp_path, caplog):
 def test_resume_without_checkpoint_is_clear(tmp_path):
     with pytest.raises(InputError, match="no checkpoint"):
         train_clip(TrainClipConfig(out_dir=str(tmp_path), model_cfg=TINY, steps=1, batch_size=2, resume=True))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "clipkit.cli.main", "-q", "train", "clip", "--out", str(out), "--steps", "2",
+           "--batch-size", "4", "--eval-every", "2", "--save-every", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trained 2 steps" in r.stdout
+    from clipkit.core.scorer import load_scorer
+    assert load_scorer(str(out / "model"), device="cpu").encode_texts(["a red circle"]).shape[0] == 1

@@ -1,0 +1,266 @@
+"""CLIP guidance as a wrapper around a diffusers denoiser (k-diffusion style: one place, every scheduler).
+
+Every diffusers scheduler feeds the network a variance-preserving input
+``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (sigma schedulers such as Euler/LMS do it through
+``scale_model_input``). So guidance lives at the network: read ``abar_t`` from the scheduler's own
+``alphas_cumprod`` (interpolated for fractional timesteps), turn the output into an x0 estimate by
+``prediction_type``, take the CLIP loss of that estimate, and correct the output in the model's own
+parametrisation (FIELD_NOTES B)::
+
+    g    = -d(scale * L)/dx_t
+    eps' = eps - sqrt(1 - abar_t) * g
+    x0'  = (x_t - sqrt(1 - abar_t) eps') / sqrt(abar_t)
+    v'   = sqrt(abar_t) eps' - sqrt(1 - abar_t) x0'
+
+The scheduler then steps with the corrected output; no switch on scheduler classes, and the step
+size is the same for DDIM, DDPM, Euler, LMS, PNDM and DPM-Solver.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from clipkit.core.errors import InputError
+from clipkit.core.losses import get_loss
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class GuidanceConfig:
+    scale: float = 300.0            # multiplies the CLIP loss (spherical distance, mean over views)
+    loss: str = "spherical"         # spherical | cosine
+    grad_mode: str = "x0"           # "x0": d/dx0 only (cheap) | "unet": through the diffusion network
+    views: int = 4                  # augmented views per sample (translation jitter + noise), averaged
+    jitter: int = 2                 # max translation in pixels for the views
+    view_noise: float = 0.05        # Gaussian noise added to each view (pixel units in [0, 1])
+    cutouts: int = 0                # random square crops per sample (on top of the views)
+    cut_power: float = 1.0          # crop size ~ U^cut_power between min and full size
+    blend: bool = False             # Crowson's blend: CLIP sees x0*fac + x_t*(1-fac), fac = sqrt(1-abar)
+    grad_rms_max: float | None = 0.05   # cap the RMS of the pixel gradient (Disco: 0.05); None = off
+    tv_scale: float = 0.0           # total-variation loss weight (on x0, in [0,1] pixels)
+    range_scale: float = 0.0        # penalty on x0 outside [-1, 1]
+    start: float = 1.0              # guide while t/T is in [stop, start] (1 = from pure noise)
+    stop: float = 0.0
+
+    def validate(self) -> "GuidanceConfig":
+        for name in ("scale", "tv_scale", "range_scale", "view_noise", "cut_power"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+                raise InputError(f"guidance {name} must be a non-negative number, got {v!r}")
+        if self.grad_mode not in ("x0", "unet"):
+            raise InputError(f"grad_mode must be 'x0' or 'unet', got {self.grad_mode!r}")
+        if self.views < 1 or self.cutouts < 0 or self.jitter < 0:
+            raise InputError("views must be >= 1, cutouts and jitter >= 0")
+        if not (0 <= self.stop <= self.start <= 1):
+            raise InputError(f"need 0 <= stop <= start <= 1, got start={self.start}, stop={self.stop}")
+        if self.grad_rms_max is not None and not self.grad_rms_max > 0:
+            raise InputError("grad_rms_max must be > 0 (or None)")
+        get_loss(self.loss)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_scheduler(scheduler) -> torch.Tensor:
+    """alphas_cumprod of a scheduler, or a clear error for one we cannot guide."""
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is None:
+        raise InputError(f"{type(scheduler).__name__} has no alphas_cumprod table: CLIP guidance needs a "
+                         "DDPM-family scheduler (DDIM, DDPM, Euler, Euler ancestral, LMS, DPM-Solver++, PNDM)")
+    pt = scheduler.config.get("prediction_type", "epsilon")
+    if pt not in PREDICTION_TYPES:
+        raise InputError(f"unsupported prediction_type {pt!r} ({', '.join(PREDICTION_TYPES)})")
+    return torch.as_tensor(abar, dtype=torch.float64)
+
+
+def abar_at(abar: torch.Tensor, t, batch: int, device) -> torch.Tensor:
+    """abar_t for (possibly fractional) timesteps, linear in t between table entries -> [B,1,1,1] fp32."""
+    t = torch.as_tensor(t, dtype=torch.float64).flatten().cpu()
+    t = t.expand(batch) if t.numel() == 1 else t
+    t = t.clamp(0, len(abar) - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(abar) - 1)
+    w = t - lo
+    a = abar[lo] * (1 - w) + abar[hi] * w
+    return a.float().view(-1, 1, 1, 1).to(device)
+
+
+def split_output(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction_type: str):
+    """Model output -> (eps, x0) for a VP input x with abar a."""
+    sa, s1 = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        eps = out
+        x0 = (x - s1 * eps) / sa
+    elif prediction_type == "sample":
+        x0 = out
+        eps = (x - sa * x0) / s1
+    else:  # v_prediction: v = sa*eps - s1*x0
+        x0 = sa * x - s1 * out
+        eps = s1 * x + sa * out
+    return eps, x0
+
+
+def join_output(eps: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """(eps, x) -> model output in its own parametrisation."""
+    sa, s1 = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        return eps
+    x0 = (x - s1 * eps) / sa
+    if prediction_type == "sample":
+        return x0
+    return sa * eps - s1 * x0
+
+
+def make_views(img: torch.Tensor, cfg: GuidanceConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> [B*K,3,H,W]: K = views (+ cutouts) augmented copies, sample-major.
+
+    Views are translation-jittered (replicate padding) and lightly noised; no flips (they would
+    change left/right). Cutouts are random square crops resized back to H x W.
+    """
+    B, C, H, W = img.shape
+    dev = img.device
+    out = []
+    for k in range(cfg.views):
+        v = img
+        if k > 0 and cfg.jitter > 0:
+            dx, dy = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=generator,
+                                   device=generator.device if generator is not None else "cpu").tolist()
+            p = cfg.jitter
+            v = F.pad(v, (p, p, p, p), mode="replicate")[..., p + dy:p + dy + H, p + dx:p + dx + W]
+        if k > 0 and cfg.view_noise > 0:
+            n = torch.randn(v.shape, generator=generator, device=generator.device if generator is not None else "cpu")
+            v = v + cfg.view_noise * n.to(dev)
+        out.append(v)
+    for _ in range(cfg.cutouts):
+        u = float(torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu"))
+        size = max(4, int(min(H, W) * (0.5 + 0.5 * u ** cfg.cut_power)))
+        oy = int(torch.randint(0, H - size + 1, (), generator=generator))
+        ox = int(torch.randint(0, W - size + 1, (), generator=generator))
+        crop = img[..., oy:oy + size, ox:ox + size]
+        out.append(F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False))
+    return torch.stack(out, dim=1).reshape(B * len(out), C, H, W)
+
+
+def tv_loss(x: torch.Tensor) -> torch.Tensor:
+    return ((x[..., 1:, :] - x[..., :-1, :]).pow(2).mean(dim=(1, 2, 3))
+            + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean(dim=(1, 2, 3)))
+
+
+@dataclass
+class GuidanceStats:
+    t: float
+    loss: float
+    similarity: float
+    grad_rms: float
+
+
+class GuidedDenoiser:
+    """Wraps ``model(x, t) -> output`` (e.g. ``lambda x, t: unet(x, t).sample``) with CLIP guidance.
+
+    Args:
+        model: the denoiser; takes the VP input the scheduler hands the network.
+        scheduler: the diffusers scheduler (for ``alphas_cumprod`` and ``prediction_type``).
+        scorer: a :class:`~clipkit.core.scorer.ClipScorer` (its differentiable image path).
+        targets: text embeddings per sample [B, M, D] (or [M, D] shared), unit norm.
+        decode: maps x0 (model space) to pixels in [0, 1]; default ``(x0 + 1) / 2`` for pixel models.
+    """
+
+    def __init__(self, model: Callable, scheduler, scorer, targets: torch.Tensor, cfg: GuidanceConfig,
+                 decode: Callable | None = None, generator: torch.Generator | None = None):
+        self.model, self.scorer, self.cfg = model, scorer, cfg.validate()
+        self.abar = check_scheduler(scheduler)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        self.T = len(self.abar)
+        self.targets = targets
+        self.decode = decode or (lambda x0: (x0 + 1) / 2)
+        self.generator = generator
+        self.loss_fn = get_loss(cfg.loss)
+        self.history: list[GuidanceStats] = []
+
+    def active(self, t) -> bool:
+        frac = float(torch.as_tensor(t).flatten()[0]) / max(1, self.T - 1)
+        return self.cfg.scale > 0 and self.cfg.stop <= frac <= self.cfg.start
+
+    def clip_loss(self, x0: torch.Tensor, xt: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss [B] (scaled) and mean cosine [B] of the x0 estimate."""
+        cfg = self.cfg
+        src = x0.clamp(-1, 1)
+        if cfg.blend:
+            fac = (1 - a).sqrt()
+            src = src * fac + xt * (1 - fac)
+        img = self.decode(src).float()                                   # [B,3,H,W] in [0,1]
+        B = img.shape[0]
+        views = make_views(img, cfg, self.generator)                     # [B*K,...]
+        K = views.shape[0] // B
+        emb = self.scorer.embed_pixels(views).view(B, K, -1)             # [B,K,D]
+        tgt = self.targets if self.targets.ndim == 3 else self.targets[None].expand(B, -1, -1)
+        tgt = tgt.to(emb.device, emb.dtype)                              # [B,M,D]
+        dist = self.loss_fn(emb[:, :, None, :], tgt[:, None, :, :])      # [B,K,M]
+        loss = dist.mean(dim=(1, 2)) * cfg.scale
+        cos = (F.normalize(emb, dim=-1)[:, :, None, :] * tgt[:, None]).sum(-1).mean(dim=(1, 2))
+        if cfg.tv_scale:
+            loss = loss + cfg.tv_scale * tv_loss(self.decode(x0))
+        if cfg.range_scale:
+            loss = loss + cfg.range_scale * (x0 - x0.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
+        return loss, cos
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        a = abar_at(self.abar, t, x.shape[0], x.device)
+        if not self.active(t):
+            with torch.no_grad():
+                return self.model(x, t)
+        pt = self.prediction_type
+        with torch.enable_grad():
+            if self.cfg.grad_mode == "unet":
+                xg = x.detach().requires_grad_(True)
+                out = self.model(xg, t)
+                eps, x0 = split_output(out.float(), xg.float(), a, pt)
+                loss, cos = self.clip_loss(x0, xg.float(), a)
+                (grad,) = torch.autograd.grad(loss.sum(), xg)
+                out, eps = out.detach(), eps.detach()
+            else:
+                with torch.no_grad():
+                    out = self.model(x, t)
+                eps, x0 = split_output(out.float(), x.float(), a, pt)
+                x0g = x0.detach().requires_grad_(True)
+                loss, cos = self.clip_loss(x0g, x.float(), a)
+                (g0,) = torch.autograd.grad(loss.sum(), x0g)
+                grad = g0 / a.sqrt()                                     # dx0/dx_t = 1/sqrt(abar), eps held fixed
+        grad = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+        if self.cfg.grad_rms_max is not None:
+            grad = grad * (self.cfg.grad_rms_max / rms.clamp(min=self.cfg.grad_rms_max))
+        g = -grad                                                        # ascent direction on log p(text | x)
+        eps_new = eps - (1 - a).sqrt() * g
+        self.history.append(GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.mean()),
+                                          float(cos.mean()), float(rms.mean())))
+        return join_output(eps_new, x.float(), a, pt).to(out.dtype)
+
+
+def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generator: torch.Generator,
+           device="cpu", guide: GuidedDenoiser | None = None, callback=None) -> torch.Tensor:
+    """Run any diffusers scheduler with (optionally guided) ``model``; returns the final x (model space).
+
+    ``model(x, t)`` gets the scheduler's scaled input; noise comes only from ``generator``.
+    """
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    scheduler.set_timesteps(steps, device=device)
+    x = torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
+    x = x * scheduler.init_noise_sigma
+    fn = guide if guide is not None else model
+    extra = {"generator": generator} if "generator" in scheduler.step.__code__.co_varnames else {}
+    for i, t in enumerate(scheduler.timesteps):
+        x_in = scheduler.scale_model_input(x, t)
+        with torch.no_grad() if guide is None else torch.enable_grad():
+            out = fn(x_in, t)
+        x = scheduler.step(out.detach(), t, x, **extra).prev_sample
+        if callback is not None:
+            callback(i, t, x)
+    return x.detach()
