@@ -190,7 +190,9 @@ class GuidedDenoiser:
     def clip_loss(self, x0: torch.Tensor, xt: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss [B] (scaled) and mean cosine [B] of the x0 estimate."""
         cfg = self.cfg
-        src = x0.clamp(-1, 1)
+        # clamp forward, straight-through backward: a plain clamp would zero the gradient wherever the
+        # estimate leaves [-1, 1], which at high noise is most pixels
+        src = x0 + (x0.clamp(-1, 1) - x0).detach()
         if cfg.blend:
             fac = (1 - a).sqrt()
             src = src * fac + xt * (1 - fac)
@@ -238,8 +240,8 @@ class GuidedDenoiser:
             grad = grad * (self.cfg.grad_rms_max / rms.clamp(min=self.cfg.grad_rms_max))
         g = -grad                                                        # ascent direction on log p(text | x)
         eps_new = eps - (1 - a).sqrt() * g
-        self.history.append(GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.mean()),
-                                          float(cos.mean()), float(rms.mean())))
+        self.history.append(GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.detach().mean()),
+                                          float(cos.detach().mean()), float(rms.mean())))
         return join_output(eps_new, x.float(), a, pt).to(out.dtype)
 
 

@@ -1,0 +1,128 @@
+"""Conformance of the guidance wrapper over every supported scheduler (tiny random models)."""
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler, UNet2DModel)
+
+from clipkit.core.errors import InputError
+from clipkit.guidance.wrapper import (GuidanceConfig, GuidedDenoiser, abar_at, check_scheduler, join_output,
+                                      make_views, sample, split_output)
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler, "lms": LMSDiscreteScheduler,
+    "dpmpp": lambda **k: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **k), "pndm": PNDMScheduler,
+}
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction", "sample"])
+def test_split_join_roundtrip_float64(pt):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.3, 0.9], dtype=torch.float64).view(2, 1, 1, 1)
+    x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = join_output(eps, x, a, pt)
+    ref = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[pt]
+    assert torch.allclose(out, ref, atol=1e-10)
+    e2, x2 = split_output(out, x, a, pt)
+    assert torch.allclose(e2, eps, atol=1e-10) and torch.allclose(x2, x0, atol=1e-10)
+
+
+def test_abar_interpolates_fractional_timesteps():
+    abar = torch.linspace(1, 0, 11, dtype=torch.float64)
+    assert torch.allclose(abar_at(abar, 2.5, 1, "cpu").flatten(), torch.tensor([0.75]))
+    assert torch.allclose(abar_at(abar, torch.tensor([0, 10]), 2, "cpu").flatten(), torch.tensor([1.0, 0.0]))
+
+
+def test_unsupported_scheduler_fails_at_start():
+    class Weird:
+        config = {"prediction_type": "epsilon"}
+    with pytest.raises(InputError, match="no alphas_cumprod"):
+        check_scheduler(Weird())
+    with pytest.raises(InputError):
+        GuidanceConfig(scale=float("nan")).validate()
+    with pytest.raises(InputError):
+        GuidanceConfig(scale=-1).validate()
+    with pytest.raises(InputError):
+        sample(lambda x, t: x, DDIMScheduler(), (1, 3, 8, 8), 0, torch.Generator().manual_seed(0))
+
+
+S2 = 0.25   # variance of the Gaussian "data" whose exact denoiser the tests use
+
+
+def gaussian_denoiser(scheduler):
+    """The exact eps-predictor for data ~ N(0, S2 I): x0_hat = sqrt(a) S2 / (a S2 + 1 - a) x_t.
+
+    Unlike a random UNet it gives in-range x0 estimates, so "guidance raises similarity" is a
+    property of the guidance, not of noise."""
+    abar = check_scheduler(scheduler)
+
+    def model(x, t):
+        a = abar_at(abar, t, x.shape[0], x.device)
+        x0 = a.sqrt() * S2 / (a * S2 + 1 - a) * x
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return model
+
+
+KNOWN_BAD = {"ddim", "dpmpp"}   # see the xfail reason below
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_runs_guided_and_raises_similarity(name, tiny_scorer_oc, request):
+    if name in KNOWN_BAD:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "open: at high noise the x0 correction (1-abar)/sqrt(abar)*scale*grad is so large that these "
+            "schedulers' clip_sample/thresholding saturates x0 to +-1; needs step-size normalisation")))
+    sched = SCHEDULERS[name](num_train_timesteps=1000)
+    model = gaussian_denoiser(sched)
+    tg = tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None, :]
+    base = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0))
+    cfg = GuidanceConfig(scale=30.0, views=1, grad_rms_max=None)
+    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg, generator=torch.Generator().manual_seed(1))
+    guided = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0), guide=guide)
+    assert torch.isfinite(guided).all() and len(guide.history) >= 8
+
+    def sim(x):
+        e = tiny_scorer_oc.embed_pixels(((x + 1) / 2).clamp(0, 1)).detach()
+        return (e * tg[:, 0]).sum(-1)
+    assert (sim(guided) - sim(base) > 0.05).all()
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_runs_with_a_unet(name, unet, tiny_scorer_oc):
+    sched = SCHEDULERS[name](num_train_timesteps=1000)
+    model = lambda x, t: unet(x, t).sample  # noqa: E731
+    tg = tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None, :]
+    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, GuidanceConfig(scale=100.0, views=2),
+                           generator=torch.Generator().manual_seed(1))
+    x = sample(model, sched, (2, 3, 16, 16), 6, torch.Generator().manual_seed(0), guide=guide)
+    assert torch.isfinite(x).all() and x.shape == (2, 3, 16, 16)
+
+
+def test_same_seed_same_output_and_batch_views(unet, tiny_scorer_oc):
+    sched = DDIMScheduler()
+    model = lambda x, t: unet(x, t).sample  # noqa: E731
+    tg = tiny_scorer_oc.text_embeddings(["a red circle", "a red circle", "a cat"])[:, None]
+    runs = []
+    for _ in range(2):
+        cfg = GuidanceConfig(scale=500.0, views=3, cutouts=2, grad_mode="unet")
+        guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg, generator=torch.Generator().manual_seed(3))
+        runs.append(sample(model, sched, (3, 3, 16, 16), 4, torch.Generator().manual_seed(0), guide=guide))
+    assert torch.equal(runs[0], runs[1])
+    v = make_views(torch.rand(3, 3, 16, 16), GuidanceConfig(views=3, cutouts=2), torch.Generator().manual_seed(0))
+    assert v.shape == (15, 3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer_oc(tiny_openclip_dir):
+    from clipkit.core.scorer import load_scorer
+    return load_scorer(str(tiny_openclip_dir), device="cpu")
