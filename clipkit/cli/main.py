@@ -15,6 +15,8 @@ COMMANDS = {
     "classify": ("clipkit.cli.classify", "classify"),
     "models": ("clipkit.cli.models", "models"),
     "train": ("clipkit.cli.train", "train"),
+    "rerank": ("clipkit.cli.rerank", "rerank"),
+    "embed": ("clipkit.cli.embed", "embed"),
 }
 
 

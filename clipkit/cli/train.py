@@ -56,7 +56,7 @@ def clip(settings, data, init, augment, noise_aware, as_json, **kw):
     Examples:
       clipkit train clip --out runs/clip --steps 20000            # the bundled Shapes CLIP
       clipkit train clip --data captions.jsonl --init shapes --out runs/ft --steps 500
-      accelerate launch -m clipkit.cli.main train clip --out runs/clip   # several processes
+      accelerate launch --multi_gpu --num_processes 2 -m clipkit.cli.main train clip --out runs/clip
     """
     from clipkit.core.train_clip import TrainClipConfig, train_clip
     cfg = _config(TrainClipConfig, data=data, init=init, augment=augment, noise_aware=noise_aware, **kw)
@@ -85,6 +85,10 @@ def diffusion(settings, init, device_data, as_json, **kw):
 
 def _report(res, as_json):
     from dataclasses import asdict
+
+    from clipkit.core.dist import partial_state
+    if not partial_state().is_main_process:
+        return
     if as_json:
         emit_json(asdict(res))
     else:

@@ -16,6 +16,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipkit.core.errors import ImageLoadError
 
+try:  # optional HEIC/HEIF support
+    from pillow_heif import register_heif_opener
+    register_heif_opener()
+except ImportError:
+    pass
+
 ImageLike = Union[str, os.PathLike, Image.Image]
 
 #: Default decompression-bomb guard (pixels). Pillow's own default warns at ~89M and fails at 2x.

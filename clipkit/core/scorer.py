@@ -34,8 +34,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         return device
     if device == "auto":
-        from accelerate import PartialState
-        return PartialState().device
+        from clipkit.core.dist import partial_state
+        return partial_state().device
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -159,6 +159,11 @@ class ClipScorer:
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.backend.encode_image(pixels.to(self.device, self.dtype))
         return F.normalize(feats.to(self.score_dtype), dim=-1)
+
+    @torch.inference_mode()
+    def _encode_pixels_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Already-preprocessed (normalised) pixels [B,3,S,S] -> normalised embeddings."""
+        return self._encode_pixels(pixels)
 
     @torch.inference_mode()
     def encode_images(self, images: Images, batch_size: int | None = None) -> torch.Tensor:

@@ -282,6 +282,7 @@ class TrainResult:
     steps: int
     wall_s: float
     final_eval: dict = field(default_factory=dict)
+    processes: int = 1
 
 
 def _shapes_eval(model, preprocess: PreprocessConfig, tokenizer, device, n: int = 512) -> dict:
@@ -303,8 +304,9 @@ def _shapes_eval(model, preprocess: PreprocessConfig, tokenizer, device, n: int 
 
 
 def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    from clipkit.core.dist import accelerator
     from tqdm.auto import tqdm
 
     from clipkit.core.artifacts import save_openclip_dir
@@ -315,7 +317,7 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
         raise InputError(f"augment must be 'robust' or 'none', got {cfg.augment!r}")
     if cfg.steps < 1 or cfg.batch_size < 2:
         raise InputError("steps must be >= 1 and batch_size >= 2 (contrastive loss needs negatives)")
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    acc = accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoint"
@@ -427,4 +429,4 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
             evalf.close()
             plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="zero-shot accuracy (val)")
         logf.close()
-    return TrainResult(str(out), str(model_dir), step, time.time() - t0, last_eval)
+    return TrainResult(str(out), str(model_dir), step, time.time() - t0, last_eval, acc.num_processes)

@@ -108,7 +108,6 @@ def judge_samples(images: torch.Tensor) -> dict:
 
 
 def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> DiffusionTrainResult:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
     from tqdm.auto import tqdm
@@ -119,7 +118,8 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError("steps and batch_size must be >= 1")
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    from clipkit.core.dist import accelerator
+    acc = accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
     ckpt_dir, ema_dir = out / "checkpoint", out / "checkpoint_ema"

@@ -44,6 +44,8 @@ class GuidanceConfig:
     grad_rms_max: float | None = 0.05   # cap the RMS of the pixel gradient (Disco: 0.05); None = off
     tv_scale: float = 0.0           # total-variation loss weight (on x0, in [0,1] pixels)
     range_scale: float = 0.0        # penalty on x0 outside [-1, 1]
+    x0_step: float | None = None    # normalised steps: move x0 by this RMS (x0 units) along -grad per
+                                    # step, instead of scale * grad (bounded at every noise level)
     start: float = 1.0              # guide while t/T is in [stop, start] (1 = from pure noise)
     stop: float = 0.0
 
@@ -236,6 +238,12 @@ class GuidedDenoiser:
                 grad = g0 / a.sqrt()                                     # dx0/dx_t = 1/sqrt(abar), eps held fixed
         grad = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
         rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+        if self.cfg.x0_step is not None:
+            # x0' = x0 - step * grad / rms(grad)  <=>  eps' = eps + sqrt(abar)/sqrt(1-abar) * step * grad/rms
+            eps_new = eps + a.sqrt() / (1 - a).sqrt() * self.cfg.x0_step * grad / rms.clamp(min=1e-12)
+            self.history.append(GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.detach().mean()),
+                                              float(cos.detach().mean()), float(rms.mean())))
+            return join_output(eps_new, x.float(), a, pt).to(out.dtype)
         if self.cfg.grad_rms_max is not None:
             grad = grad * (self.cfg.grad_rms_max / rms.clamp(min=self.cfg.grad_rms_max))
         g = -grad                                                        # ascent direction on log p(text | x)

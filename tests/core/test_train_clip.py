@@ -81,12 +81,13 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     import subprocess
     import sys
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "clipkit.cli.main", "-q", "train", "clip", "--out", str(out), "--steps", "2",
-           "--batch-size", "4", "--eval-every", "2", "--save-every", "2"]
+           "--batch-size", "4", "--eval-every", "2", "--save-every", "2", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "trained 2 steps" in r.stdout
+    doc = json.loads(r.stdout)
+    assert doc["steps"] == 2 and doc["processes"] == 2
     from clipkit.core.scorer import load_scorer
     assert load_scorer(str(out / "model"), device="cpu").encode_texts(["a red circle"]).shape[0] == 1

@@ -1,0 +1,35 @@
+"""``clipkit embed``: batch-embed a folder into one safetensors file (works under ``accelerate launch``)."""
+from __future__ import annotations
+
+import click
+
+from clipkit.cli.common import batch_size_option, clip_option, make_scorer
+
+
+@click.command()
+@click.argument("folder", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Output .safetensors (tensor 'embeddings' [N, D] fp32; paths, model and skipped files in its metadata).")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@clip_option
+@batch_size_option
+@click.pass_obj
+def embed(settings, folder, out_path, workers, timeout_s, overwrite, clip_spec, batch_size):
+    """Embed every image under FOLDER (recursively) and write one file, in path order.
+
+    Under `accelerate launch --num_processes N -m clipkit.cli.main embed ...` each process embeds
+    its shard of the files and the main process merges the shards into OUT (same order, same
+    numbers as one process).
+
+    \b
+    Example:
+      clipkit embed photos/ --out photos.safetensors
+    """
+    from clipkit.rerank.embed import embed_folder_distributed
+    res = embed_folder_distributed(list(folder), out_path, make_scorer(settings, clip_spec, batch_size),
+                                   batch_size=batch_size, num_workers=workers, timeout_s=timeout_s,
+                                   overwrite=overwrite)
+    if res is not None:
+        click.echo(f"wrote {res['count']} embeddings to {out_path} ({len(res['skipped'])} skipped)", err=True)

@@ -1,0 +1,23 @@
+"""accelerate state, with CPU multi-process support.
+
+Under ``accelerate launch --multi_gpu --num_processes N`` (torchrun) on a machine without CUDA,
+accelerate only forms a gloo process group when asked for the CPU explicitly; these helpers do that,
+so the same command shards work over N CPU processes here and N GPUs elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _cpu_only() -> bool:
+    return not torch.cuda.is_available()
+
+
+def partial_state():
+    from accelerate import PartialState
+    return PartialState(cpu=_cpu_only())
+
+
+def accelerator(**kwargs):
+    from accelerate import Accelerator
+    return Accelerator(cpu=_cpu_only(), **kwargs)

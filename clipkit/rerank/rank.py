@@ -1,0 +1,169 @@
+"""Rank candidates against a query by CLIP cosine; reports as JSON, CSV or a contact sheet.
+
+Order is by score (descending) with ties broken by path (ascending); scores are rounded to 1e-6 for
+the comparison only, so results do not reorder with the batch size (FIELD_NOTES D).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+from PIL import Image
+
+from clipkit.core.errors import InputError
+
+Query = Union[str, Sequence[str], Image.Image, os.PathLike]
+
+
+@dataclass
+class RankedItem:
+    rank: int
+    score: float                 # cosine similarity with the query (or the weighted mean over queries)
+    path: str | None = None      # image candidates
+    text: str | None = None      # text candidates
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class RerankResult:
+    query: list[str]
+    model: str
+    results: list[RankedItem]
+    skipped: list[dict] = field(default_factory=list)
+    candidates: int = 0
+    cached: int = 0
+    weights: list[float] | None = None
+    score: str = "cosine"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["results"] = [r.to_dict() for r in self.results]
+        return d
+
+    def write_csv(self, path) -> Path:
+        path = Path(path)
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rank", "score", "path" if self.results and self.results[0].path else "text"])
+            for r in self.results:
+                w.writerow([r.rank, f"{r.score:.6f}", r.path or r.text])
+        return path
+
+    def contact_sheet(self, path, thumb: int = 128, cols: int = 5) -> Path:
+        """Top results as a grid of thumbnails with rank and score under each."""
+        from PIL import ImageDraw
+
+        from clipkit.core.io import load_image
+        items = [r for r in self.results if r.path]
+        if not items:
+            raise InputError("a contact sheet needs image results")
+        rows = (len(items) + cols - 1) // cols
+        label_h = 16
+        sheet = Image.new("RGB", (cols * (thumb + 8) + 8, rows * (thumb + label_h + 8) + 8), (32, 32, 32))
+        draw = ImageDraw.Draw(sheet)
+        for n, r in enumerate(items):
+            im = load_image(r.path)
+            im.thumbnail((thumb, thumb))
+            x = 8 + (n % cols) * (thumb + 8)
+            y = 8 + (n // cols) * (thumb + label_h + 8)
+            sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+            draw.text((x, y + thumb + 2), f"#{r.rank}  {r.score:.3f}", fill=(230, 230, 230))
+        path = Path(path)
+        sheet.save(path)
+        return path
+
+
+def order(names: Sequence[str], scores: torch.Tensor, top_k: int | None) -> list[RankedItem]:
+    keyed = sorted(range(len(names)), key=lambda i: (-round(float(scores[i]), 6), names[i]))
+    keyed = keyed[:top_k] if top_k else keyed
+    return [(i, r + 1) for r, i in enumerate(keyed)]
+
+
+def _query_embeddings(scorer, queries: Sequence, kind: str) -> torch.Tensor:
+    if kind == "text":
+        return scorer.encode_texts(list(queries))
+    return scorer.encode_images(list(queries))
+
+
+def combine(sim: torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:
+    """[N, Q] cosines -> [N] weighted mean (weights default to equal)."""
+    w = torch.tensor(weights if weights is not None else [1.0] * sim.shape[1], dtype=sim.dtype)
+    if len(w) != sim.shape[1]:
+        raise InputError(f"{len(w)} weights for {sim.shape[1]} queries")
+    if (w < 0).any() or float(w.sum()) <= 0:
+        raise InputError("weights must be non-negative and not all zero")
+    return sim @ (w / w.sum())
+
+
+def rerank(candidates, query: Query | None = None, scorer=None, top_k: int | None = None, *,
+           query_images: Sequence | None = None, weights: Sequence[float] | None = None,
+           per_query: bool = False, cache=None, batch_size: int = 64, num_workers: int = 0,
+           timeout_s: float | None = 30.0, progress=None):
+    """Rank image candidates against a text query (or several), or against query images.
+
+    Args:
+        candidates: files and folders (walked recursively), PIL images, or a tensor [N,3,H,W] in [0,1]
+            (e.g. generated samples; then results carry ``path="#i"``).
+        query: a text or a list of texts. ``query_images``: images instead of texts.
+        weights: for several queries, the weights of their combined score (weighted mean of cosines).
+        per_query: return one RerankResult per query instead of the combined one.
+        cache: an :class:`~clipkit.rerank.cache.EmbeddingCache` (file candidates only).
+    """
+    if scorer is None:
+        from clipkit.core.scorer import load_scorer
+        scorer = load_scorer("shapes")
+    if (query is None) == (query_images is None):
+        raise InputError("give a text query or query images (exactly one)")
+    if query is not None:
+        from clipkit.core.backends import check_texts
+        queries, kind = check_texts([query] if isinstance(query, str) else list(query)), "text"
+    else:
+        queries, kind = list(query_images), "image"
+        if not queries:
+            raise InputError("no query images")
+    q = _query_embeddings(scorer, queries, kind)                           # [Q, D]
+    skipped, cached = [], 0
+    if isinstance(candidates, torch.Tensor) or (candidates and all(isinstance(c, Image.Image) for c in candidates)):
+        emb = scorer.encode_images(candidates)
+        names = [f"#{i}" for i in range(len(emb))]
+    else:
+        from clipkit.core.io import scan_images
+        from clipkit.rerank.embed import embed_files
+        files = scan_images(candidates)
+        if not files:
+            raise InputError("no image files found among the candidates")
+        res = embed_files(files, scorer, cache=cache, batch_size=batch_size, num_workers=num_workers,
+                          timeout_s=timeout_s, progress=progress)
+        emb, names, skipped, cached = res.embeddings, res.paths, res.skipped, res.cached
+        if not names:
+            raise InputError(f"none of the {len(files)} candidate files could be read")
+    sim = emb.to(q.device) @ q.T                                            # [N, Q]
+    qnames = [str(x) for x in queries]
+
+    def make(scores, qs, w):
+        items = [RankedItem(rank=r, score=float(scores[i]), path=names[i]) for i, r in order(names, scores, top_k)]
+        return RerankResult(qs, scorer.spec, items, skipped, len(names) + len(skipped), cached, w)
+    if per_query:
+        return [make(sim[:, j].cpu(), [qnames[j]], None) for j in range(len(qnames))]
+    return make(combine(sim.cpu(), weights), qnames, list(weights) if weights else None)
+
+
+def rank_texts(image, texts: Sequence[str], scorer=None, top_k: int | None = None) -> RerankResult:
+    """Rank caption candidates for one image (e.g. ClipCap candidates) by cosine with the image."""
+    from clipkit.core.backends import check_texts
+    from clipkit.core.io import load_image
+    if scorer is None:
+        from clipkit.core.scorer import load_scorer
+        scorer = load_scorer("shapes")
+    texts = check_texts(texts)
+    img = image if isinstance(image, torch.Tensor) else [load_image(image)]
+    sim = (scorer.encode_images(img) @ scorer.encode_texts(texts).T)[0].cpu()
+    items = [RankedItem(rank=r, score=float(sim[i]), text=texts[i]) for i, r in order(texts, sim, top_k)]
+    return RerankResult([str(image) if not isinstance(image, torch.Tensor) else "<tensor>"], scorer.spec,
+                        items, [], len(texts))
