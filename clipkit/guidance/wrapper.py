@@ -46,6 +46,9 @@ class GuidanceConfig:
     range_scale: float = 0.0        # penalty on x0 outside [-1, 1]
     x0_step: float | None = None    # normalised steps: move x0 by this RMS (x0 units) along -grad per
                                     # step, instead of scale * grad (bounded at every noise level)
+    apply: str = "sample"           # "sample": keep the model's eps, shift the scheduler's sample by the
+                                    # x0 step (strong); "output": eps-consistent correction of the model
+                                    # output only (classifier-guidance form; most of it cancels in DDIM)
     start: float = 1.0              # guide while t/T is in [stop, start] (1 = from pure noise)
     stop: float = 0.0
 
@@ -54,6 +57,8 @@ class GuidanceConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
                 raise InputError(f"guidance {name} must be a non-negative number, got {v!r}")
+        if self.apply not in ("sample", "output"):
+            raise InputError(f"apply must be 'sample' or 'output', got {self.apply!r}")
         if self.grad_mode not in ("x0", "unet"):
             raise InputError(f"grad_mode must be 'x0' or 'unet', got {self.grad_mode!r}")
         if self.views < 1 or self.cutouts < 0 or self.jitter < 0:
@@ -184,6 +189,7 @@ class GuidedDenoiser:
         self.generator = generator
         self.loss_fn = get_loss(cfg.loss)
         self.history: list[GuidanceStats] = []
+        self.pending_x0_shift: torch.Tensor | None = None   # for apply="sample": taken by `sample`
 
     def active(self, t) -> bool:
         frac = float(torch.as_tensor(t).flatten()[0]) / max(1, self.T - 1)
@@ -238,19 +244,36 @@ class GuidedDenoiser:
                 grad = g0 / a.sqrt()                                     # dx0/dx_t = 1/sqrt(abar), eps held fixed
         grad = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
         rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
-        if self.cfg.x0_step is not None:
-            # x0' = x0 - step * grad / rms(grad)  <=>  eps' = eps + sqrt(abar)/sqrt(1-abar) * step * grad/rms
-            eps_new = eps + a.sqrt() / (1 - a).sqrt() * self.cfg.x0_step * grad / rms.clamp(min=1e-12)
-            self.history.append(GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.detach().mean()),
-                                              float(cos.detach().mean()), float(rms.mean())))
-            return join_output(eps_new, x.float(), a, pt).to(out.dtype)
-        if self.cfg.grad_rms_max is not None:
+        if self.cfg.grad_rms_max is not None and self.cfg.x0_step is None:
             grad = grad * (self.cfg.grad_rms_max / rms.clamp(min=self.cfg.grad_rms_max))
-        g = -grad                                                        # ascent direction on log p(text | x)
-        eps_new = eps - (1 - a).sqrt() * g
-        self.history.append(GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.detach().mean()),
-                                          float(cos.detach().mean()), float(rms.mean())))
+        stats = GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.detach().mean()),
+                              float(cos.detach().mean()), float(rms.mean()))
+        if self.cfg.x0_step is not None:
+            # normalised step in x0 space: x0' = x0 - step * grad / rms(grad)
+            delta = -self.cfg.x0_step * grad / rms.clamp(min=1e-12)
+        else:
+            delta = -(1 - a) / a.sqrt() * grad                                       # x0' = x0 + sigma^2 g (VE form)
+        self.history.append(stats)
+        if self.cfg.apply == "sample":
+            self.pending_x0_shift = delta.detach()
+            return out.detach()
+        eps_new = eps - a.sqrt() / (1 - a).sqrt() * delta                           # same x0', eps consistent
         return join_output(eps_new, x.float(), a, pt).to(out.dtype)
+
+
+def _sample_space(guide: "GuidedDenoiser", scheduler, timesteps, i: int, x: torch.Tensor) -> torch.Tensor:
+    """Factor mapping an x0-space shift into the scheduler's sample space after step i.
+
+    The next network input is VP: x_vp = sqrt(abar_next) x0 + ...; the scheduler's sample relates to it by
+    its own ``scale_model_input`` (1 for DDIM/DDPM/PNDM/DPM-Solver, sqrt(abar) for Euler/LMS), so a
+    shift d of x0 is sqrt(abar_next) * d / input_scale in the sample. After the last step the sample is x0.
+    """
+    if i + 1 >= len(timesteps):
+        return torch.ones((), device=x.device)
+    t_next = timesteps[i + 1]
+    a_next = abar_at(guide.abar, t_next, 1, x.device).flatten()[0]
+    scale = scheduler.scale_model_input(torch.ones(1, device=x.device, dtype=torch.float32), t_next).flatten()[0]
+    return a_next.sqrt() / scale
 
 
 def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generator: torch.Generator,
@@ -266,11 +289,15 @@ def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generat
     x = x * scheduler.init_noise_sigma
     fn = guide if guide is not None else model
     extra = {"generator": generator} if "generator" in scheduler.step.__code__.co_varnames else {}
-    for i, t in enumerate(scheduler.timesteps):
+    timesteps = list(scheduler.timesteps)
+    for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
         with torch.no_grad() if guide is None else torch.enable_grad():
             out = fn(x_in, t)
         x = scheduler.step(out.detach(), t, x, **extra).prev_sample
+        if guide is not None and guide.pending_x0_shift is not None:
+            x = x + _sample_space(guide, scheduler, timesteps, i, x) * guide.pending_x0_shift.to(x.dtype)
+            guide.pending_x0_shift = None
         if callback is not None:
             callback(i, t, x)
     return x.detach()

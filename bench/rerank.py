@@ -1,0 +1,157 @@
+"""Reranking: quality on Shapes, throughput and memory, measured side by side in one run.
+
+    python bench/rerank.py [--n-quality 1000] [--n-speed 2000] [--n-memory 20000]
+
+1. precision@10 (oracle-judged) of text queries naming 1, 2 or 3 attributes over 1,000 rendered
+   test images (bundled CLIP).
+2. Cold rerank of N JPEGs (clipkit: DataLoader workers + cache writes) vs a plain loop that opens
+   each file with PIL and calls the backend's preprocess + encode one batch at a time; then a warm
+   re-query of the same folder with the cache.
+3. Peak RSS of a cold `clipkit rerank` at N and 10N images (separate processes).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from clipkit.core.io import load_image
+from clipkit.core.preprocess import pil_to_tensor
+from clipkit.core.scorer import load_scorer
+from clipkit.rerank.cache import EmbeddingCache
+from clipkit.rerank.rank import rerank
+from clipkit.shapes.oracle import read_attributes
+from clipkit.shapes.render import render_scenes, to_pil
+from clipkit.shapes.world import AT, COLOR_NAMES, POSITIONS, SHAPES, sample_scene, split_seed
+
+
+def write_scenes(folder: Path, n: int, size: int, fmt: str, start: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(0, n, 256):
+        scenes = [sample_scene(split_seed("test", start + j)) for j in range(i, min(n, i + 256))]
+        for j, im in enumerate(to_pil(render_scenes(scenes, size))):
+            im.save(folder / f"{i + j:06d}.{fmt}", quality=90) if fmt == "jpg" else im.save(folder / f"{i + j:06d}.{fmt}")
+
+
+def quality(scorer, n, tmp):
+    folder = tmp / "quality"
+    write_scenes(folder, n, 64, "png")
+    found = {str(p): read_attributes(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+    rng = random.Random(0)
+    kinds = {
+        "1 attribute (colour)": [(f"a {c} shape", {"color": c}) for c in COLOR_NAMES],
+        "1 attribute (shape)": [(f"a {s}", {"shape": s}) for s in SHAPES],
+        "1 attribute (position)": [(f"something {AT[p]}", {"position": p}) for p in POSITIONS],
+    }
+    two, three = [], []
+    for _ in range(20):
+        c, s, p = rng.choice(COLOR_NAMES), rng.choice(SHAPES), rng.choice(POSITIONS)
+        two.append((f"a {c} {s}", {"color": c, "shape": s}))
+        three.append((f"a {c} {s} {AT[p]}", {"color": c, "shape": s, "position": p}))
+    kinds["2 attributes (colour+shape)"] = two
+    kinds["3 attributes (colour+shape+position)"] = three
+    rows = []
+    cache = EmbeddingCache(tmp / "qcache", scorer.spec, scorer.preprocess)
+    for name, queries in kinds.items():
+        precs = []
+        for text, want in queries:
+            res = rerank([folder], text, scorer, top_k=10, cache=cache)
+            hit = sum(any(all(getattr(o, k) == v for k, v in want.items()) for o in found[r.path])
+                      for r in res.results)
+            precs.append(hit / 10)
+        rows.append((name, len(queries), sum(precs) / len(precs), min(precs)))
+    return rows
+
+
+def plain_loop(scorer, files, batch):
+    be, out = scorer.backend, []
+    with torch.inference_mode():
+        for i in range(0, len(files), batch):
+            px = []
+            for p in files[i:i + batch]:
+                try:
+                    px.append(pil_to_tensor(load_image(p), scorer.preprocess))
+                except Exception:
+                    pass
+            out.append(torch.nn.functional.normalize(be.encode_image(torch.stack(px)).float(), dim=-1))
+    return torch.cat(out)
+
+
+def speed(scorer, n, tmp, workers, batch):
+    folder = tmp / "speed"
+    write_scenes(folder, n, 256, "jpg", start=50_000)
+    files = sorted(folder.glob("*.jpg"))
+    t = time.perf_counter()
+    ref = plain_loop(scorer, files, batch)
+    t_plain = time.perf_counter() - t
+    cache = EmbeddingCache(tmp / "scache", scorer.spec, scorer.preprocess)
+    t = time.perf_counter()
+    cold = rerank([folder], "a red circle", scorer, cache=cache, num_workers=workers, batch_size=batch)
+    t_cold = time.perf_counter() - t
+    t = time.perf_counter()
+    warm = rerank([folder], "a blue square at the top", scorer, cache=cache, num_workers=workers, batch_size=batch)
+    t_warm = time.perf_counter() - t
+    assert warm.cached == n and len(cold.results) == n
+    q = scorer.encode_texts(["a red circle"])[0]
+    ref_scores = dict(zip(map(str, files), (ref @ q).tolist()))
+    diff = max(abs(ref_scores[r.path] - r.score) for r in cold.results)
+    return n / t_plain, n / t_cold, n / t_warm, t_cold / t_warm, diff
+
+
+def peak_rss(folder: Path, cache_dir: Path) -> float:
+    code = ("import resource, sys; from clipkit.cli.main import cli; "
+            "sys.argv=['clipkit','-q','rerank',sys.argv[1],'-q','a red circle','--top','5','--cache',sys.argv[2]];\n"
+            "try:\n    cli()\nexcept SystemExit:\n    pass\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, str(folder), str(cache_dir)], capture_output=True, text=True, check=True)
+    self_kb, child_kb = map(int, out.stdout.strip().splitlines()[-1].split())
+    return self_kb / 1024, child_kb / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-quality", type=int, default=1000)
+    ap.add_argument("--n-speed", type=int, default=2000)
+    ap.add_argument("--n-memory", type=int, default=20000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        scorer = load_scorer("shapes", device="cpu")
+        print(f"# rerank benchmark (bundled CLIP; torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+        print(f"precision@10 over {args.n_quality} rendered test images (oracle-judged):\n")
+        print("| queries | n | mean P@10 | min P@10 |\n|---|---|---|---|")
+        for name, n, mean, mn in quality(scorer, args.n_quality, tmp):
+            print(f"| {name} | {n} | {mean:.3f} | {mn:.2f} |")
+        plain, cold, warm, ratio, diff = speed(scorer, args.n_speed, tmp, args.workers, args.batch)
+        print(f"\n{args.n_speed} JPEGs (256x256), batch {args.batch}:\n")
+        print("| run | images/s |\n|---|---|")
+        print(f"| plain loop (PIL open + preprocess + encode per batch) | {plain:.0f} |")
+        print(f"| clipkit rerank, cold ({args.workers} workers, cache writes) | {cold:.0f} ({cold / plain:.2f}x) |")
+        print(f"| clipkit rerank, warm re-query (cache) | {warm:.0f} ({ratio:.0f}x faster than cold) |")
+        print(f"\nmax |score difference| clipkit vs plain loop: {diff:.2e}")
+        small, big = tmp / "mem_small", tmp / "mem_big"
+        write_scenes(small, args.n_memory // 10, 64, "png", start=200_000)
+        write_scenes(big, args.n_memory, 64, "png", start=300_000)
+        s_self, s_child = peak_rss(small, tmp / "mc1")
+        b_self, b_child = peak_rss(big, tmp / "mc2")
+        print(f"\npeak RSS of a cold `clipkit rerank` (main process / largest worker):\n")
+        print("| images | main MB | worker MB |\n|---|---|---|")
+        print(f"| {args.n_memory // 10} | {s_self:.0f} | {s_child:.0f} |")
+        print(f"| {args.n_memory} | {b_self:.0f} | {b_child:.0f} |")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
