@@ -1,4 +1,4 @@
-"""``clipkit train clip|diffusion``: the recipes of the bundled models, usable on your own data."""
+"""``clipkit train clip|diffusion|captioner``: the recipes of the bundled models, usable on your own data."""
 from __future__ import annotations
 
 import click
@@ -36,7 +36,7 @@ def _config(cls, **kw):
 
 @click.group()
 def train():
-    """Train the bundled models' recipes (CLIP, diffusion) on Shapes or your own data."""
+    """Train the bundled models' recipes (CLIP, diffusion, captioner) on Shapes or your own data."""
 
 
 @train.command("clip")
@@ -80,6 +80,42 @@ def diffusion(settings, init, device_data, as_json, **kw):
     from clipkit.guidance.train_diffusion import TrainDiffusionConfig, train_diffusion
     cfg = _config(TrainDiffusionConfig, init=init, device_data=device_data, **kw)
     res = train_diffusion(cfg, progress=not (settings.quiet or as_json))
+    _report(res, as_json)
+
+
+@train.command("captioner")
+@click.option("--data", default="shapes", show_default=True,
+              help="'shapes', a captions.jsonl ({\"image\", \"caption\"} lines) or a COCO captions JSON.")
+@click.option("--images", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Image folder for the COCO JSON's file names (default: the JSON's folder).")
+@click.option("--clip", "clip", default="shapes", show_default=True, metavar="SPEC",
+              help="CLIP whose image embeddings feed the mapper (computed once per image, cached).")
+@click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True,
+              help="mlp: GPT-2 fine-tuned; transformer: GPT-2 frozen.")
+@click.option("--prefix-length", type=click.IntRange(min=1), default=None)
+@click.option("--decoder", default="tiny", show_default=True,
+              help="'tiny' (small GPT-2 + BPE trained on the captions) or a GPT-2 spec/dir (gpt2, ./my-gpt2).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@_common
+@click.pass_obj
+def captioner(settings, data, images, clip, mapper, prefix_length, decoder, epochs, as_json, **kw):
+    """ClipCap training: a mapper from CLIP image embeddings to a GPT-2 prefix.
+
+    \b
+    Examples:
+      clipkit train captioner --out runs/captioner --epochs 12          # the bundled Shapes captioner
+      clipkit train captioner --data captions.jsonl --decoder gpt2 --clip openclip:ViT-B-32/laion2b_s34b_b79k --out runs/cc
+      accelerate launch --multi_gpu --num_processes 2 -m clipkit.cli.main train captioner --out runs/cc
+    """
+    from clipkit.captioning.train import TrainCaptionerConfig, train_captioner
+    for opt in ("steps", "eval_every"):
+        if kw.pop(opt) is not None:
+            raise click.UsageError(f"--{opt.replace('_', '-')} does not apply to the captioner: it trains "
+                                   "--epochs and validates after each")
+    kw.pop("num_workers")
+    cfg = _config(TrainCaptionerConfig, data=data, images=images, clip=clip, mapper=mapper,
+                  prefix_length=prefix_length, decoder=decoder, epochs=epochs, **kw)
+    res = train_captioner(cfg, progress=not (settings.quiet or as_json))
     _report(res, as_json)
 
 

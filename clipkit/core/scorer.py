@@ -156,9 +156,9 @@ class ClipScorer:
                             num_workers=self.num_workers, shuffle=False)
         yield from loader
 
-    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.backend.encode_image(pixels.to(self.device, self.dtype))
-        return F.normalize(feats.to(self.score_dtype), dim=-1)
+    def _encode_pixels(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        feats = self.backend.encode_image(pixels.to(self.device, self.dtype)).to(self.score_dtype)
+        return F.normalize(feats, dim=-1) if normalize else feats
 
     @torch.inference_mode()
     def _encode_pixels_batch(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -166,10 +166,12 @@ class ClipScorer:
         return self._encode_pixels(pixels)
 
     @torch.inference_mode()
-    def encode_images(self, images: Images, batch_size: int | None = None) -> torch.Tensor:
-        """PIL images, paths, or a float tensor [B,3,H,W] in [0,1] -> normalised fp32 [N, D]."""
+    def encode_images(self, images: Images, batch_size: int | None = None,
+                      normalize: bool = True) -> torch.Tensor:
+        """PIL images, paths, or a float tensor [B,3,H,W] in [0,1] -> normalised fp32 [N, D]
+        (``normalize=False``: the raw projections, which ClipCap checkpoints were trained on)."""
         bs = batch_size or self.batch_size
-        out = [self._encode_pixels(px) for px in self._image_batches(images, bs)]
+        out = [self._encode_pixels(px, normalize) for px in self._image_batches(images, bs)]
         return torch.cat(out)
 
     @torch.inference_mode()

@@ -25,7 +25,12 @@ def save_checkpoint(ckpt_dir, model: torch.nn.Module, optimizer, step: int, conf
     ckpt_dir = Path(ckpt_dir)
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        sd[k] = v.clone() if ptr in seen else v     # tied weights (GPT-2's lm_head): store a copy
+        seen.add(ptr)
     save_file(sd, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     cfg = asdict(config) if is_dataclass(config) else dict(config)

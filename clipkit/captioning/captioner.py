@@ -1,0 +1,145 @@
+"""``Captioner``: CLIP scorer + ClipCap model + tokenizer -> captions, optionally CLIP-reranked.
+
+Candidates (``DecodeConfig.candidates`` > 1) are reranked against their image by
+
+    rank_score = cos(image, caption) + lm_weight * mean token log-prob
+
+with the scoring core's cosine (raw, in [-1, 1]). ``lm_weight = 0`` is pure CLIP reranking; a small
+weight (the default 0.1) breaks ties between captions CLIP finds equally good in favour of fluent ones.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clipkit.captioning.decode import DecodeConfig, decode
+from clipkit.captioning.model import ClipCapModel
+from clipkit.core.errors import InputError, ModelLoadError
+
+
+@dataclass
+class Candidate:
+    caption: str
+    logprob: float         # mean token log-probability under the decoder
+    clip_score: float      # cosine(image, caption) under the captioner's CLIP
+    rank_score: float
+
+
+@dataclass
+class CaptionResult:
+    caption: str
+    clip_score: float                 # cosine(image, caption), the scoring core's raw score
+    logprob: float
+    candidates: list[Candidate] = field(default_factory=list)
+    source: str | None = None         # path of the image, when it came from a file
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Captioner:
+    def __init__(self, model: ClipCapModel, tokenizer, scorer, device=None):
+        self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
+        self.device = device or scorer.device
+        self.model.to(self.device).eval().requires_grad_(False)
+        cfg = model.cfg
+        if cfg.clip_dim != _embed_dim(scorer):
+            raise ModelLoadError(scorer.spec, f"CLIP embedding size {_embed_dim(scorer)} does not match "
+                                 f"the captioner's {cfg.clip_dim}",
+                                 f"use the CLIP the captioner was trained with ({cfg.clip_spec})")
+        self.eos_id = tokenizer.eos_token_id
+        self.stop_ids = ()
+        if cfg.stop_token:
+            ids = tokenizer(cfg.stop_token, add_special_tokens=False)["input_ids"]
+            self.stop_ids = tuple(ids[-1:])
+
+    @torch.inference_mode()
+    def image_embeddings(self, images) -> torch.Tensor:
+        """Raw CLIP image features (the model normalises them itself if its config says so)."""
+        return self.scorer.encode_images(images, normalize=False)
+
+    @torch.inference_mode()
+    def caption_embeddings(self, embeds: torch.Tensor, cfg: DecodeConfig | None = None,
+                           lm_weight: float = 0.1, batch_size: int = 32,
+                           generator: torch.Generator | None = None) -> list[CaptionResult]:
+        cfg = (cfg or DecodeConfig()).validate()
+        out: list[CaptionResult] = []
+        for i in range(0, len(embeds), batch_size):
+            e = embeds[i:i + batch_size].to(self.device)
+            prefix = self.model.prefix(e).to(self.model.gpt.dtype)
+            seqs = decode(self.model.gpt, prefix, self.eos_id, cfg, self.stop_ids, generator)
+            out += self._finish(F.normalize(e.float(), dim=-1), seqs, lm_weight)
+        return out
+
+    def _finish(self, img: torch.Tensor, seqs, lm_weight: float) -> list[CaptionResult]:
+        texts = [[self.tokenizer.decode(s.tokens, skip_special_tokens=True).strip() for s in row]
+                 for row in seqs]
+        flat = [t if t else " " for row in texts for t in row]
+        txt = self.scorer.encode_texts(flat).to(img.device)
+        results, j = [], 0
+        for r, (row, caps) in enumerate(zip(seqs, texts)):
+            cos = (txt[j:j + len(row)] @ img[r].to(txt.dtype)).tolist()
+            j += len(row)
+            cands = [Candidate(c, s.mean_logprob, float(cs), float(cs) + lm_weight * s.mean_logprob)
+                     for c, s, cs in zip(caps, row, cos)]
+            best = max(cands, key=lambda c: c.rank_score) if len(cands) > 1 else cands[0]
+            cands.sort(key=lambda c: -c.rank_score)
+            results.append(CaptionResult(best.caption, best.clip_score, best.logprob,
+                                         cands if len(cands) > 1 else []))
+        return results
+
+    def caption(self, images, cfg: DecodeConfig | None = None, lm_weight: float = 0.1,
+                batch_size: int = 32, generator: torch.Generator | None = None) -> list[CaptionResult]:
+        """Caption PIL images, paths or a [B,3,H,W] tensor in [0, 1]."""
+        embeds = self.image_embeddings(images)
+        res = self.caption_embeddings(embeds, cfg, lm_weight, batch_size, generator)
+        if not isinstance(images, torch.Tensor):
+            items = [images] if isinstance(images, (str, Path)) else list(images)
+            for r, im in zip(res, items):
+                if isinstance(im, (str, Path)):
+                    r.source = str(im)
+        return res
+
+
+def _embed_dim(scorer) -> int:
+    with torch.inference_mode():
+        return scorer.encode_texts(["a"]).shape[-1]
+
+
+def load_captioner(spec: str = "shapes", clip: str | None = None, device="auto", precision: str = "fp32",
+                   tokenizer: str | None = None, batch_size: int = 64) -> Captioner:
+    """Resolve a captioner spec: ``shapes`` (bundled), a directory of ours, or an official ``.pt``
+    (then ``tokenizer`` names a GPT-2 tokenizer dir/repo and ``clip`` defaults to ViT-B/32 OpenAI)."""
+    from clipkit.captioning.checkpoint import CONFIG_NAME, import_official, load_captioner_dir
+    from clipkit.core.registry import bundled_path
+    from clipkit.core.scorer import load_scorer
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(str(spec), "empty captioner spec", "use 'shapes', a directory or a ClipCap .pt")
+    path = bundled_path(spec, "captioner") if spec == "shapes" else Path(spec).expanduser()
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        model, tok = load_captioner_dir(path)
+    elif path.is_file():
+        model, tok = import_official(path, tokenizer=tokenizer or "gpt2",
+                                     local_only=tokenizer is not None and Path(tokenizer).is_dir())
+    elif spec == "shapes":
+        raise ModelLoadError(spec, f"bundled captioner missing from {path}",
+                             "reinstall clipkit, or train it with `clipkit train captioner --data shapes`")
+    else:
+        raise ModelLoadError(spec, "no such captioner directory or .pt file",
+                             "use 'shapes', a directory written by `clipkit train captioner`, "
+                             "or an official ClipCap .pt")
+    if tokenizer is not None and path.is_dir():
+        from clipkit.captioning.tokenizer import load_tokenizer
+        tok = load_tokenizer(tokenizer)
+    scorer = load_scorer(clip or model.cfg.clip_spec, device=device, precision=precision,
+                         batch_size=batch_size)
+    return Captioner(model, tok, scorer)
+
+
+def check_lm_weight(w: float) -> float:
+    if not isinstance(w, (int, float)) or w != w or w < 0:
+        raise InputError(f"lm_weight must be a non-negative number, got {w!r}")
+    return float(w)

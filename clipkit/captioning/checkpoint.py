@@ -1,0 +1,164 @@
+"""Captioner checkpoints: our directory format, and the official ClipCap ``.pt`` importer.
+
+Our format (a directory)::
+
+    clipcap_config.json     CaptionerConfig (mapper, prefix length, decoder GPT2Config, CLIP spec)
+    model.safetensors       mapper.* and gpt.* weights
+    tokenizer.json, ...     the decoder's tokenizer (save_pretrained)
+
+Official checkpoints are ``torch.save(model.state_dict())`` pickles with ``clip_project.*`` (the
+mapper) and ``gpt.*`` keys. They are read with ``torch.load(weights_only=True)``: a file that holds
+anything but tensors (pickled code) is refused before anything runs. The mapper variant, prefix
+length, widths and depth are read off the tensor shapes; stray ``attn.bias``/``attn.masked_bias``
+buffers (old transformers) are dropped.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from clipkit.captioning.model import CaptionerConfig, ClipCapModel
+from clipkit.core.errors import ModelLoadError
+
+CONFIG_NAME = "clipcap_config.json"
+WEIGHTS_NAME = "model.safetensors"
+#: official ClipCap models were trained on OpenAI ViT-B/32 image features (QuickGELU: FIELD_NOTES A)
+OFFICIAL_CLIP = "openclip:ViT-B-32-quickgelu/openai"
+
+
+def save_captioner(path, model: ClipCapModel, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    cfg.decoder = model.gpt.config.to_dict()
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    # GPT-2 ties lm_head to the token embeddings: store the tensor once
+    sd.pop("gpt.lm_head.weight", None)
+    save_file(sd, str(path / WEIGHTS_NAME))
+    (path / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
+def _config_from_dict(d: dict) -> CaptionerConfig:
+    names = {f.name for f in fields(CaptionerConfig)}
+    return CaptionerConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def load_captioner_dir(path) -> tuple[ClipCapModel, object]:
+    """Load our directory format -> (model, tokenizer)."""
+    from safetensors.torch import load_file
+
+    from clipkit.captioning.tokenizer import load_tokenizer
+    path = Path(path)
+    try:
+        cfg = _config_from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        model = ClipCapModel(cfg)
+        sd = load_file(str(path / WEIGHTS_NAME))
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if k != "gpt.lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        model.gpt.tie_weights()
+        tokenizer = load_tokenizer(path)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(str(path), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                             "expected a directory written by `clipkit train captioner`") from e
+    return model.eval(), tokenizer
+
+
+# ---- official .pt import --------------------------------------------------------------------
+
+_STRAY = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
+
+
+def read_official_state_dict(path) -> dict[str, torch.Tensor]:
+    """Tensors of an official checkpoint, safely (``weights_only=True``), with stray buffers dropped."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:   # UnpicklingError for pickled code/objects, or not a torch file at all
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "the file contains pickled Python objects, not only tensors; refusing to load it"
+        raise ModelLoadError(str(path), reason, "expected an official ClipCap .pt state dict") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(str(path), "not a state dict of tensors", "expected an official ClipCap .pt")
+    sd = {k.removeprefix("module."): v for k, v in obj.items() if not _STRAY.search(k)}
+    if not any(k.startswith("clip_project.") for k in sd) or not any(k.startswith("gpt.") for k in sd):
+        raise ModelLoadError(str(path), "not a ClipCap checkpoint (no clip_project.* and gpt.* keys)",
+                             "expected an official ClipCap .pt state dict")
+    return sd
+
+
+def config_from_official(sd: dict[str, torch.Tensor], mapper_heads: int = 8,
+                         clip_spec: str = OFFICIAL_CLIP) -> CaptionerConfig:
+    """Infer the ClipCap and GPT-2 configuration from the tensor shapes of an official state dict."""
+    wte = sd.get("gpt.transformer.wte.weight")
+    wpe = sd.get("gpt.transformer.wpe.weight")
+    if wte is None or wpe is None:
+        raise ValueError("missing gpt.transformer.wte/wpe weights")
+    vocab, width = wte.shape
+    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"gpt\.transformer\.h\.(\d+)\.", k)))
+    decoder = {"vocab_size": vocab, "n_embd": width, "n_layer": n_layer, "n_positions": wpe.shape[0],
+               "n_head": max(1, width // 64)}     # every GPT-2 size has 64-wide heads
+    if "clip_project.model.0.weight" in sd:
+        w0, w2 = sd["clip_project.model.0.weight"], sd["clip_project.model.2.weight"]
+        if w2.shape[0] % width:
+            raise ValueError(f"mapper output {w2.shape[0]} is not a multiple of GPT-2 width {width}")
+        return CaptionerConfig(mapper="mlp", clip_dim=w0.shape[1], prefix_length=w2.shape[0] // width,
+                               mlp_hidden=w0.shape[0], normalize_prefix=False, clip_spec=clip_spec,
+                               decoder=decoder, stop_token=".")
+    if "clip_project.prefix_const" in sd:
+        k = sd["clip_project.prefix_const"].shape[0]
+        lin = sd["clip_project.linear.weight"]
+        layers = 1 + max(int(m.group(1)) for key in sd
+                         if (m := re.match(r"clip_project\.transformer\.layers\.(\d+)\.", key)))
+        return CaptionerConfig(mapper="transformer", clip_dim=lin.shape[1], prefix_length=k,
+                               clip_length=lin.shape[0] // width, mapper_layers=layers,
+                               mapper_heads=mapper_heads, normalize_prefix=False, clip_spec=clip_spec,
+                               decoder=decoder, stop_token=".")
+    raise ValueError("unknown mapper layout (neither clip_project.model.* nor clip_project.prefix_const)")
+
+
+def import_official(path, tokenizer: str | Path | None = None, clip_spec: str = OFFICIAL_CLIP,
+                    mapper_heads: int = 8, local_only: bool = True):
+    """Official ClipCap ``.pt`` -> (model, tokenizer or None). ``tokenizer``: a GPT-2 tokenizer
+    directory or hub name (the official models use ``gpt2``'s)."""
+    sd = read_official_state_dict(path)
+    try:
+        cfg = config_from_official(sd, mapper_heads, clip_spec)
+        model = ClipCapModel(cfg)
+        renamed = {("mapper." + k[len("clip_project."):]) if k.startswith("clip_project.") else k: v.float()
+                   for k, v in sd.items()}
+        missing, unexpected = model.load_state_dict(renamed, strict=False)
+        missing = [k for k in missing if k != "gpt.lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"keys do not match a ClipCap model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        model.gpt.tie_weights()
+    except Exception as e:
+        raise ModelLoadError(str(path), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                             "expected an official ClipCap .pt (MLP or transformer mapper)") from e
+    tok = None
+    if tokenizer is not None:
+        from clipkit.captioning.tokenizer import load_tokenizer
+        try:
+            tok = load_tokenizer(tokenizer, local_only=local_only)
+        except Exception as e:
+            raise ModelLoadError(str(tokenizer), f"cannot load the GPT-2 tokenizer: {str(e).splitlines()[0][:160]}",
+                                 "pass --tokenizer with a local GPT-2 tokenizer directory") from e
+    return model.eval(), tok

@@ -1,0 +1,401 @@
+"""``clipkit train captioner``: train a ClipCap mapper (+ GPT-2) on image-caption pairs.
+
+Data: ``shapes`` (rendered on the fly from seeds), a ``captions.jsonl`` (``{"image", "caption"}``
+lines) or a COCO captions JSON (``images`` + ``annotations``). CLIP image embeddings are computed
+once per *image* (the official code encodes each image once per caption, 5x the work on COCO) and
+cached in ``OUT/clip_embeddings.safetensors``; a rerun with the same data and CLIP reuses them.
+
+The decoder is GPT-2 from a spec (``gpt2``, a hub repo or a local dir) or, with ``decoder="tiny"``,
+a small GPT-2 trained from scratch with a byte-level BPE tokenizer trained on the captions (the
+bundled Shapes captioner). Loss on caption tokens only (masks, not a pad id); AdamW + warmup/cosine;
+accelerate (``accelerate launch`` for several processes); resumable checkpoints; CSV log + PNG plot;
+validation loss and caption metrics every epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clipkit.captioning.model import CaptionerConfig, ClipCapModel
+from clipkit.core.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainCaptionerConfig:
+    out_dir: str = "runs/captioner"
+    data: str = "shapes"             # "shapes" | captions.jsonl | COCO captions .json
+    images: str | None = None        # image root for COCO file names (default: the JSON's folder)
+    clip: str = "shapes"             # CLIP spec whose image embeddings feed the mapper
+    mapper: str = "mlp"              # mlp | transformer
+    prefix_length: int = 10
+    clip_length: int = 10
+    mapper_layers: int = 8
+    mapper_heads: int = 8
+    normalize_prefix: bool = True
+    train_decoder: bool | None = None     # None: mlp -> fine-tune GPT-2, transformer -> frozen
+    decoder: str = "tiny"            # "tiny" (from scratch, BPE trained on the captions) | GPT-2 spec/dir
+    decoder_width: int = 128         # tiny decoder
+    decoder_layers: int = 4
+    decoder_heads: int = 4
+    vocab_size: int = 400            # tiny decoder's BPE vocabulary
+    epochs: int = 10
+    batch_size: int = 64             # per process
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 200
+    grad_clip: float = 1.0
+    max_tokens: int = 40
+    shapes_train: int = 20_000       # Shapes scenes (each with several describing captions)
+    shapes_val: int = 500
+    val_fraction: float = 0.05       # user data: images held out for validation
+    val_decode: int = 200            # validation images captioned (greedy) for metrics each epoch
+    seed: int = 0
+    mixed_precision: str = "no"
+    save_every: int = 500
+    log_every: int = 25
+    resume: bool = False
+    time_limit_s: float | None = None
+    export_dtype: str = "fp16"
+
+
+@dataclass
+class CaptionData:
+    embeds: torch.Tensor              # [N_images, D] raw CLIP image features
+    captions: list[list[str]]         # captions per image
+    keys: list[str]                   # image ids (paths or Shapes seeds)
+    skipped: int = 0
+
+
+@dataclass
+class TrainCaptionerResult:
+    out_dir: str
+    model_dir: str
+    steps: int
+    wall_s: float
+    final_eval: dict
+    processes: int = 1
+    samples_per_s: float = 0.0
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def read_caption_pairs(path, images: str | None = None) -> tuple[dict[str, list[str]], int]:
+    """captions.jsonl or COCO captions JSON -> {image path: [captions]}, bad lines skipped and counted."""
+    from clipkit.core.train_clip import read_captions_jsonl
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"captions file {path} does not exist")
+    if path.suffix == ".jsonl":
+        pairs, stats = read_captions_jsonl(path)
+        out: dict[str, list[str]] = {}
+        for img, cap in pairs:
+            out.setdefault(img, []).append(cap)
+        return out, stats.broken_json + stats.missing_image + stats.empty_caption
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        files = {im["id"]: im["file_name"] for im in doc["images"]}
+        anns = doc["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from e
+    root = Path(images) if images else path.parent
+    out, skipped = {}, 0
+    for a in anns:
+        try:
+            f, cap = files[a["image_id"]], a["caption"]
+        except (KeyError, TypeError):
+            skipped += 1
+            continue
+        p = root / f
+        if not isinstance(cap, str) or not cap.strip() or not p.is_file():
+            skipped += 1
+            continue
+        out.setdefault(str(p), []).append(cap.strip())
+    if skipped:
+        log.warning("%s: skipped %d annotations (bad entries, empty captions or missing images)", path, skipped)
+    if not out:
+        raise InputError(f"{path}: no usable image-caption pairs")
+    return out, skipped
+
+
+def _cache_key(clip: str, keys: list[str]) -> str:
+    return hashlib.sha1(json.dumps([clip, keys]).encode()).hexdigest()[:16]
+
+
+def embed_images(scorer, keys: list[str], load, cache: Path | None, batch_size: int = 256) -> torch.Tensor:
+    """Raw CLIP features of every image, once; cached in ``cache`` (safetensors) keyed by the spec
+    and the image list. ``load(keys) -> images`` renders or reads one batch."""
+    from safetensors.torch import load_file, save_file
+    tag = _cache_key(scorer.spec, keys)
+    if cache is not None and cache.is_file():
+        blob = load_file(str(cache))
+        if (cache.with_suffix(".json").is_file()
+                and json.loads(cache.with_suffix(".json").read_text()).get("key") == tag):
+            log.info("reusing cached CLIP embeddings %s", cache)
+            return blob["embeds"]
+    out = []
+    for i in range(0, len(keys), batch_size):
+        out.append(scorer.encode_images(load(keys[i:i + batch_size]), normalize=False).float().cpu())
+    embeds = torch.cat(out)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"embeds": embeds.contiguous()}, str(cache))
+        cache.with_suffix(".json").write_text(json.dumps({"key": tag, "clip": scorer.spec, "n": len(keys)}))
+    return embeds
+
+
+def shapes_data(scorer, split: str, n: int, cache: Path | None, size: int = 64) -> CaptionData:
+    from clipkit.shapes.parse import describing_captions
+    from clipkit.shapes.render import render_scenes
+    from clipkit.shapes.world import sample_scene, split_seed
+    scenes = [sample_scene(split_seed(split, i)) for i in range(n)]
+    keys = [str(s.seed) for s in scenes]
+    by_key = {str(s.seed): s for s in scenes}
+    embeds = embed_images(scorer, keys, lambda ks: render_scenes([by_key[k] for k in ks], size), cache)
+    return CaptionData(embeds, [describing_captions(s) for s in scenes], keys)
+
+
+def file_data(scorer, pairs: dict[str, list[str]], cache: Path | None) -> CaptionData:
+    from clipkit.core.errors import ImageLoadError
+    from clipkit.core.io import load_image
+    good, bad = [], 0
+    for p in pairs:
+        try:
+            load_image(p)
+            good.append(p)
+        except ImageLoadError as e:
+            log.warning("skipping %s", e)
+            bad += 1
+    if not good:
+        raise InputError("no readable images in the captions file")
+    embeds = embed_images(scorer, good, lambda ks: [load_image(k) for k in ks], cache)
+    return CaptionData(embeds, [pairs[p] for p in good], good, bad)
+
+
+class _Pairs(Dataset):
+    """One (embedding, caption) item per image per epoch; the caption drawn by (seed, epoch, index)."""
+
+    def __init__(self, data: CaptionData, seed: int):
+        self.data, self.seed, self.epoch = data, seed, 0
+
+    def __len__(self):
+        return len(self.data.keys)
+
+    def __getitem__(self, i):
+        caps = self.data.captions[i]
+        return self.data.embeds[i], random.Random(hash((self.seed, self.epoch, i))).choice(caps)
+
+
+# ---- model ------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainCaptionerConfig, clip_dim: int, corpus: list[str]):
+    """(model, tokenizer) for the config: a tiny GPT-2 + BPE trained on ``corpus``, or a pretrained GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clipkit.captioning.tokenizer import load_tokenizer, train_bpe_tokenizer
+    if cfg.decoder == "tiny":
+        tok = train_bpe_tokenizer(corpus, cfg.vocab_size)
+        gcfg = GPT2Config(vocab_size=len(tok), n_embd=cfg.decoder_width, n_layer=cfg.decoder_layers,
+                          n_head=cfg.decoder_heads, n_positions=cfg.prefix_length + cfg.max_tokens + 8,
+                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        gpt = GPT2LMHeadModel(gcfg)
+    else:
+        from clipkit.core.registry import _short_timeouts
+        _short_timeouts()
+        local = Path(cfg.decoder).is_dir()
+        name = cfg.decoder[3:] if cfg.decoder.startswith("hf:") else cfg.decoder
+        try:
+            tok = load_tokenizer(name, local_only=local)
+            gpt = GPT2LMHeadModel.from_pretrained(name, local_files_only=local)
+        except Exception as e:
+            from clipkit.core.errors import ModelLoadError
+            raise ModelLoadError(cfg.decoder, str(e).splitlines()[0][:200],
+                                 "use a local GPT-2 directory, or 'tiny'") from e
+    ccfg = CaptionerConfig(mapper=cfg.mapper, clip_dim=clip_dim, prefix_length=cfg.prefix_length,
+                           clip_length=cfg.clip_length, mapper_layers=cfg.mapper_layers,
+                           mapper_heads=cfg.mapper_heads, normalize_prefix=cfg.normalize_prefix,
+                           train_decoder=cfg.train_decoder, clip_spec=cfg.clip,
+                           decoder=gpt.config.to_dict())
+    return ClipCapModel(ccfg, gpt), tok
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def evaluate(model: ClipCapModel, tokenizer, data: CaptionData, n_decode: int, max_tokens: int,
+             device, shapes: bool) -> dict:
+    """Validation loss over all of ``data`` and greedy-caption metrics on its first ``n_decode`` images."""
+    from clipkit.captioning.decode import DecodeConfig, decode
+    from clipkit.captioning.tokenizer import encode_captions
+    model.eval()
+    losses, weights = [], []
+    for i in range(0, len(data.keys), 256):
+        e = data.embeds[i:i + 256].to(device)
+        caps = [c[0] for c in data.captions[i:i + 256]]
+        ids, mask = encode_captions(tokenizer, caps, max_tokens)
+        res = model(e, ids.to(device), mask.to(device))
+        losses.append(res.loss.item() * res.n_tokens.item())
+        weights.append(res.n_tokens.item())
+    out = {"val_loss": sum(losses) / max(1, sum(weights))}
+    n = min(n_decode, len(data.keys))
+    if n:
+        prefix = model.prefix(data.embeds[:n].to(device))
+        seqs = decode(model.gpt, prefix, tokenizer.eos_token_id,
+                      DecodeConfig(strategy="greedy", max_length=max_tokens))
+        cands = {k: tokenizer.decode(s[0].tokens, skip_special_tokens=True).strip()
+                 for k, s in zip(data.keys[:n], seqs)}
+        refs = {k: c for k, c in zip(data.keys[:n], data.captions[:n])}
+        try:
+            from clipkit.captioning.metrics import evaluate_captions
+            m = evaluate_captions(cands, refs)
+            out.update(bleu4=m.bleu4, cider_d=m.cider_d)
+        except ImportError:
+            pass
+        if shapes:
+            from clipkit.shapes.parse import caption_matches
+            from clipkit.shapes.world import sample_scene
+            ok = [caption_matches(cands[k], sample_scene(int(k)))["exact"] for k in cands]
+            out["exact_attr"] = sum(ok) / len(ok)
+    model.train()
+    return out
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCaptionerResult:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from clipkit.captioning.checkpoint import save_captioner
+    from clipkit.captioning.tokenizer import encode_captions
+    from clipkit.core.dist import accelerator
+    from clipkit.core.scorer import load_scorer
+    from clipkit.core.training import CsvLog, load_checkpoint, plan_steps, plot_curves, save_checkpoint, warmup_cosine
+
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise InputError("epochs and batch_size must be >= 1 and lr > 0")
+    acc = accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoint"
+    scorer = load_scorer(cfg.clip, device=acc.device)
+    shapes = cfg.data == "shapes"
+    cache = out / "clip_embeddings"
+    if shapes:
+        train = shapes_data(scorer, "train", cfg.shapes_train, cache / "train.safetensors")
+        val = shapes_data(scorer, "val", cfg.shapes_val, cache / "val.safetensors")
+    else:
+        pairs, _ = read_caption_pairs(cfg.data, cfg.images)
+        data = file_data(scorer, pairs, cache / "all.safetensors")
+        n_val = int(len(data.keys) * cfg.val_fraction) if len(data.keys) >= 20 else 0
+        perm = torch.randperm(len(data.keys), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        pick = lambda idx: CaptionData(data.embeds[idx], [data.captions[i] for i in idx],
+                                       [data.keys[i] for i in idx])
+        val, train = pick(perm[:n_val]), pick(perm[n_val:])
+    del scorer
+    corpus = [c for caps in train.captions for c in caps]
+    if cfg.resume and (ckpt_dir / "state.json").is_file() and cfg.decoder == "tiny":
+        from clipkit.captioning.tokenizer import load_tokenizer
+        model, _ = build_model(cfg, train.embeds.shape[1], corpus)
+        tokenizer = load_tokenizer(out / "tokenizer")
+    else:
+        model, tokenizer = build_model(cfg, train.embeds.shape[1], corpus)
+    ds = _Pairs(train, cfg.seed)
+    collate = lambda items: (torch.stack([e for e, _ in items]),
+                             *encode_captions(tokenizer, [c for _, c in items], cfg.max_tokens))
+    loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=True, drop_last=len(ds) > cfg.batch_size,
+                        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(loader) // acc.num_processes)
+    total = cfg.epochs * steps_per_epoch
+    step = 0
+    if cfg.resume:
+        if not (ckpt_dir / "state.json").is_file():
+            raise InputError(f"--resume: no checkpoint in {ckpt_dir}")
+        step = load_checkpoint(ckpt_dir, model, opt)["step"]
+        log.info("resumed from step %d", step)
+    elif acc.is_main_process:
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+    model, opt, loader = acc.prepare(model, opt, loader)
+    unwrapped = acc.unwrap_model(model)
+
+    class _Plan:      # plan_steps() shrinks .steps to fit a time limit
+        steps, time_limit_s = total, cfg.time_limit_s
+    plan = _Plan()
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, plan.steps, cfg.warmup), last_epoch=step - 1 if step else -1)
+    cols = ["step", "epoch", "loss", "lr", "samples_per_s"]
+    eval_cols = ["step", "epoch", "val_loss", "bleu4", "cider_d", "exact_attr"]
+    logf = CsvLog(out / "train_log.csv", cols, append=cfg.resume) if acc.is_main_process else None
+    evalf = CsvLog(out / "eval_log.csv", eval_cols, append=cfg.resume) if acc.is_main_process else None
+    bar = tqdm(total=total, initial=step, disable=not (progress and acc.is_main_process), desc="train captioner")
+    t0, seen, last_eval, start = time.time(), 0, {}, step
+    model.train()
+    while step < plan.steps:
+        epoch = step // steps_per_epoch
+        ds.epoch = epoch
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        skip = step % steps_per_epoch
+        it = acc.skip_first_batches(loader, skip) if skip else loader
+        for emb, ids, mask in it:
+            with acc.autocast():
+                res = model(emb, ids, mask)
+            acc.backward(res.loss)
+            if cfg.grad_clip:
+                acc.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(emb)
+            bar.update(1)
+            if cfg.time_limit_s and step == start + 20:
+                t_mark = time.time()
+            if cfg.time_limit_s and step == start + 120:
+                plan_steps(plan, 100, time.time() - t_mark, step, time.time() - t0)
+                bar.total = plan.steps
+            if acc.is_main_process and (step % cfg.log_every == 0 or step >= plan.steps):
+                sps = seen * acc.num_processes / (time.time() - t0)
+                logf.write(step=step, epoch=epoch, loss=res.loss.item(), lr=sched.get_last_lr()[0],
+                           samples_per_s=sps)
+                bar.set_postfix(loss=f"{res.loss.item():.3f}")
+            end_epoch = step % steps_per_epoch == 0 or step >= plan.steps
+            if acc.is_main_process and end_epoch and len(val.keys):
+                last_eval = evaluate(unwrapped, tokenizer, val, cfg.val_decode, cfg.max_tokens, acc.device, shapes)
+                evalf.write(step=step, epoch=epoch, **last_eval)
+                log.info("epoch %d step %d %s", epoch, step, {k: round(v, 4) for k, v in last_eval.items()})
+            if step % cfg.save_every == 0 or end_epoch:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(ckpt_dir, unwrapped, opt, step, cfg, {"eval": last_eval})
+                    plot_curves(out / "train_log.csv", out / "train_curves.png", ys=["loss", "lr"],
+                                title="captioner training")
+            if step >= plan.steps or end_epoch:
+                break
+    bar.close()
+    acc.wait_for_everyone()
+    model_dir = out / "model"
+    if acc.is_main_process:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[cfg.export_dtype]
+        save_captioner(model_dir, unwrapped, tokenizer, dtype=dtype)
+        (model_dir / "clipkit_training.json").write_text(json.dumps(
+            {"training": asdict(cfg), "eval": last_eval, "steps": step}, indent=2))
+        logf.close()
+        evalf.close()
+        if len(val.keys):
+            plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="captioner validation")
+    secs = time.time() - t0
+    return TrainCaptionerResult(str(out), str(model_dir), step, secs, last_eval, acc.num_processes,
+                                seen * acc.num_processes / max(secs, 1e-9))

@@ -1,0 +1,67 @@
+"""Read a Shapes caption back into objects (colour, shape, size, position) — the captioning judge.
+
+Parsing is by vocabulary, not by a learned model: the caption is split into object phrases at
+" and " (after dropping a "two shapes:" lead-in), and each phrase's colour, shape, size and
+position words are looked up (longest position phrase first; "middle" = center). A missing word
+leaves that attribute ``None``.
+"""
+from __future__ import annotations
+
+import re
+
+from clipkit.shapes.world import COLOR_NAMES, SHAPES, SIZES, Scene
+
+_POSITION_WORDS = [("top left", "top left"), ("top right", "top right"), ("bottom left", "bottom left"),
+                   ("bottom right", "bottom right"), ("center", "center"), ("middle", "center"),
+                   ("top", "top"), ("bottom", "bottom"), ("left", "left"), ("right", "right")]
+ATTRIBUTES = ("color", "shape", "size", "position")
+
+
+def _find(words: list[str], vocab) -> str | None:
+    hits = [w for w in words if w in vocab]
+    return hits[0] if hits else None
+
+
+def _position(text: str) -> str | None:
+    for phrase, pos in _POSITION_WORDS:
+        if re.search(rf"\b{phrase}\b", text):
+            return pos
+    return None
+
+
+def parse_caption(caption: str) -> list[dict]:
+    """``"a large red circle at the top left and a blue square on the right"`` ->
+    ``[{color: red, shape: circle, size: large, position: top left}, {...}]``."""
+    text = caption.lower().strip().rstrip(".")
+    text = re.sub(r"^two shapes:\s*", "", text)
+    objs = []
+    for part in re.split(r"\band\b", text):
+        words = re.findall(r"[a-z]+", part)
+        if not words:
+            continue
+        objs.append({"color": _find(words, COLOR_NAMES), "shape": _find(words, SHAPES),
+                     "size": _find(words, SIZES), "position": _position(part)})
+    return objs
+
+
+def caption_matches(caption: str, scene: Scene, attributes=ATTRIBUTES) -> dict[str, bool]:
+    """Per attribute: does the caption name every object's value correctly (objects matched as a set,
+    in the best pairing)? Plus ``exact``: all attributes and the object count right."""
+    parsed, truth = parse_caption(caption), scene.attributes()
+    out = {a: False for a in attributes}
+    if len(parsed) == len(truth):
+        orders = [truth] if len(truth) == 1 else [truth, truth[::-1]]
+        best = None
+        for order in orders:
+            res = {a: all(p[a] == t[a] for p, t in zip(parsed, order)) for a in attributes}
+            if best is None or sum(res.values()) > sum(best.values()):
+                best = res
+        out = best
+    out["exact"] = len(parsed) == len(truth) and all(out[a] for a in attributes)
+    return out
+
+
+def describing_captions(scene: Scene) -> list[str]:
+    """The scene's full captions that name every attribute of every object (the captioner's targets)."""
+    from clipkit.shapes.world import captions
+    return [c for c in captions(scene)["full"] if caption_matches(c, scene)["exact"]]
