@@ -1,6 +1,6 @@
 """Reranking: quality on Shapes, throughput and memory, measured side by side in one run.
 
-    python bench/rerank.py [--n-quality 1000] [--n-speed 2000] [--n-memory 20000]
+    python bench/rerank.py [--n-quality 1000] [--n-speed 2000] [--n-memory 20000] [--parts quality,speed,memory]
 
 1. precision@10 (oracle-judged) of text queries naming 1, 2 or 3 attributes over 1,000 rendered
    test images (bundled CLIP).
@@ -121,6 +121,30 @@ def peak_rss(folder: Path, cache_dir: Path) -> float:
     return self_kb / 1024, child_kb / 1024
 
 
+def speed_report(scorer, args, tmp):
+    plain, cold, warm, ratio, diff = speed(scorer, args.n_speed, tmp, args.workers, args.batch)
+    print(f"\n{args.n_speed} JPEGs (256x256), batch {args.batch}:\n")
+    print("| run | images/s |\n|---|---|")
+    print(f"| plain loop (PIL open + preprocess + encode per batch) | {plain:.0f} |")
+    print(f"| clipkit rerank, cold ({args.workers} workers, cache writes) | {cold:.0f} ({cold / plain:.2f}x) |")
+    print(f"| clipkit rerank, warm re-query (cache) | {warm:.0f} ({ratio:.0f}x faster than cold) |")
+    print(f"\nmax |score difference| clipkit vs plain loop: {diff:.2e}")
+
+
+def memory_report(args, tmp):
+    small, big = tmp / "mem_small", tmp / "mem_big"
+    write_scenes(small, args.n_memory // 10, 64, "png", start=200_000)
+    write_scenes(big, args.n_memory, 64, "png", start=300_000)
+    s_self, s_child = peak_rss(small, tmp / "mc1")
+    b_self, b_child = peak_rss(big, tmp / "mc2")
+    print("\npeak RSS of a cold `clipkit rerank` (main process VmHWM / largest DataLoader worker):\n")
+    print("| images | main MB | worker MB |\n|---|---|---|")
+    print(f"| {args.n_memory // 10} | {s_self:.0f} | {s_child:.0f} |")
+    print(f"| {args.n_memory} | {b_self:.0f} | {b_child:.0f} |")
+    per_image = (b_self - s_self) * 1024 / (args.n_memory - args.n_memory // 10)
+    print(f"\nmain-process growth: {per_image:.1f} KB per extra image")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-quality", type=int, default=1000)
@@ -128,31 +152,22 @@ def main():
     ap.add_argument("--n-memory", type=int, default=20000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--parts", default="quality,speed,memory", help="comma-separated subset to run")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     tmp = Path(tempfile.mkdtemp())
     try:
         scorer = load_scorer("shapes", device="cpu")
         print(f"# rerank benchmark (bundled CLIP; torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
-        print(f"precision@10 over {args.n_quality} rendered test images (oracle-judged):\n")
-        print("| queries | n | mean P@10 | min P@10 | best achievable mean P@10 |\n|---|---|---|---|---|")
-        for name, n, mean, mn, best in quality(scorer, args.n_quality, tmp):
-            print(f"| {name} | {n} | {mean:.3f} | {mn:.2f} | {best:.3f} |")
-        plain, cold, warm, ratio, diff = speed(scorer, args.n_speed, tmp, args.workers, args.batch)
-        print(f"\n{args.n_speed} JPEGs (256x256), batch {args.batch}:\n")
-        print("| run | images/s |\n|---|---|")
-        print(f"| plain loop (PIL open + preprocess + encode per batch) | {plain:.0f} |")
-        print(f"| clipkit rerank, cold ({args.workers} workers, cache writes) | {cold:.0f} ({cold / plain:.2f}x) |")
-        print(f"| clipkit rerank, warm re-query (cache) | {warm:.0f} ({ratio:.0f}x faster than cold) |")
-        print(f"\nmax |score difference| clipkit vs plain loop: {diff:.2e}")
-        small, big = tmp / "mem_small", tmp / "mem_big"
-        write_scenes(small, args.n_memory // 10, 64, "png", start=200_000)
-        write_scenes(big, args.n_memory, 64, "png", start=300_000)
-        s_self, s_child = peak_rss(small, tmp / "mc1")
-        b_self, b_child = peak_rss(big, tmp / "mc2")
-        print(f"\npeak RSS of a cold `clipkit rerank` (main process VmHWM / largest DataLoader worker):\n")
-        print("| images | main MB | worker MB |\n|---|---|---|")
-        print(f"| {args.n_memory // 10} | {s_self:.0f} | {s_child:.0f} |")
-        print(f"| {args.n_memory} | {b_self:.0f} | {b_child:.0f} |")
+        if "quality" in parts:
+            print(f"precision@10 over {args.n_quality} rendered test images (oracle-judged):\n")
+            print("| queries | n | mean P@10 | min P@10 | best achievable mean P@10 |\n|---|---|---|---|---|")
+            for name, n, mean, mn, best in quality(scorer, args.n_quality, tmp):
+                print(f"| {name} | {n} | {mean:.3f} | {mn:.2f} | {best:.3f} |")
+        if "speed" in parts:
+            speed_report(scorer, args, tmp)
+        if "memory" in parts:
+            memory_report(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,11 +15,16 @@ _LAZY = {
     "ClipScorer": "clipkit.core.scorer",
     "classify": "clipkit.core.prompts",
     "list_models": "clipkit.core.registry",
+    "load_captioner": "clipkit.captioning.captioner",
+    "Captioner": "clipkit.captioning.captioner",
+    "caption": "clipkit.captioning.captioner",
     "load_image": "clipkit.core.io",
     "ClipkitError": "clipkit.core.errors",
     "ModelLoadError": "clipkit.core.errors",
     "ImageLoadError": "clipkit.core.errors",
     "InputError": "clipkit.core.errors",
+    "generate": "clipkit.guidance.pipeline",
+    "rerank": "clipkit.rerank.rank",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

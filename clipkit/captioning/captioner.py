@@ -143,3 +143,16 @@ def check_lm_weight(w: float) -> float:
     if not isinstance(w, (int, float)) or w != w or w < 0:
         raise InputError(f"lm_weight must be a non-negative number, got {w!r}")
     return float(w)
+
+
+def caption(images, captioner: str | Captioner = "shapes", strategy: str = "beam", beams: int = 5,
+            candidates: int = 1, lm_weight: float = 0.1, device="auto", **decode_kw) -> list[CaptionResult]:
+    """One call: caption PIL images, paths or a [B,3,H,W] tensor with a captioner spec or object.
+
+    >>> from clipkit import caption
+    >>> caption(["examples/red_circle.png"])[0].caption      # doctest: +SKIP
+    """
+    cap = captioner if isinstance(captioner, Captioner) else load_captioner(captioner, device=device)
+    cfg = DecodeConfig(strategy=strategy, beams=max(beams, candidates) if strategy == "beam" else 1,
+                       candidates=candidates, **decode_kw)
+    return cap.caption(images, cfg, lm_weight=check_lm_weight(lm_weight))

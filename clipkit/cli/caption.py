@@ -120,5 +120,6 @@ def _evaluate(cap, loaded, results, refs) -> dict:
     out = {k: v for k, v in m.to_dict().items() if v is not None}
     imgs = [loaded.images[loaded.paths.index(r.source)] for r, _ in pairs]
     rc = ref_clip_s(cap.scorer, imgs, [r.caption for r, _ in pairs], [refs[k] for _, k in pairs])
-    out.update({k: v for k, v in rc.items()})
+    out["clip_s"] = float(rc.clip_s.mean())
+    out["ref_clip_s"] = float(rc.ref_clip_s.mean())
     return out

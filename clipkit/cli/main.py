@@ -17,6 +17,8 @@ COMMANDS = {
     "train": ("clipkit.cli.train", "train"),
     "rerank": ("clipkit.cli.rerank", "rerank"),
     "embed": ("clipkit.cli.embed", "embed"),
+    "caption": ("clipkit.cli.caption", "caption"),
+    "generate": ("clipkit.cli.generate", "generate"),
 }
 
 

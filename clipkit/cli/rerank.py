@@ -18,7 +18,8 @@ from clipkit.cli.common import batch_size_option, clip_option, emit_json, fmt_ta
 @click.option("--weights", default=None, help="Comma-separated weights for --combine, e.g. 2,1.")
 @click.option("--top", "top_k", type=click.IntRange(min=1), default=None, help="Keep the K best (default: all).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the ranking to this CSV file.")
-@click.option("--sheet", type=click.Path(dir_okay=False), help="Contact sheet PNG of the top results.")
+@click.option("--sheet", type=click.Path(dir_okay=False),
+              help="Contact sheet PNG of the top results (at most 100 thumbnails).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
               help="Embedding cache directory (default: the user cache dir).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the embedding cache.")

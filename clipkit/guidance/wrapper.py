@@ -277,15 +277,22 @@ def _sample_space(guide: "GuidedDenoiser", scheduler, timesteps, i: int, x: torc
 
 
 def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generator: torch.Generator,
-           device="cpu", guide: GuidedDenoiser | None = None, callback=None) -> torch.Tensor:
+           device="cpu", guide: GuidedDenoiser | None = None, callback=None,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
     """Run any diffusers scheduler with (optionally guided) ``model``; returns the final x (model space).
 
     ``model(x, t)`` gets the scheduler's scaled input; noise comes only from ``generator``.
+    ``noise``: the initial unit-variance noise of ``shape`` (default: drawn from ``generator``).
     """
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
     scheduler.set_timesteps(steps, device=device)
-    x = torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise InputError(f"initial noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+        x = noise.float().to(device)
+    else:
+        x = torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
     x = x * scheduler.init_noise_sigma
     fn = guide if guide is not None else model
     extra = {"generator": generator} if "generator" in scheduler.step.__code__.co_varnames else {}

@@ -13,10 +13,14 @@ import hashlib
 import json
 import os
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+
+_SQL_CHUNK = 500      # paths per IN (...) query (SQLite's variable limit is 999 in old builds)
 
 
 def default_cache_dir() -> Path:
@@ -30,9 +34,17 @@ def model_key(spec: str, preprocess) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def file_key(path: Path) -> tuple[str, int, int]:
-    st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
+def file_key(path) -> tuple[str, int, int]:
+    """(real path, size, mtime in ns); raises OSError for a missing or unreadable entry."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns     # == str(Path(path).resolve())
+
+
+@dataclass
+class CacheLookup:
+    hits: list[int]           # positions in the keys looked up, in the order of ``vectors``' rows
+    vectors: np.ndarray       # [len(hits), D] fp32
+    bad: dict[int, str]       # position -> reason, for known-bad unchanged files
 
 
 class EmbeddingCache:
@@ -51,36 +63,46 @@ class EmbeddingCache:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('spec', ?), ('preprocess', ?)",
                         (spec, json.dumps(preprocess.to_dict())))
 
-    def lookup(self, keys: list[tuple[str, int, int]]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """-> ({path: embedding} for fresh hits, {path: reason} for known-bad unchanged files)."""
-        hits, bad = {}, {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i:i + 500]
-            q = ",".join("?" * len(chunk))
-            paths = [k[0] for k in chunk]
-            want = {k[0]: (k[1], k[2]) for k in chunk}
-            for p, size, mtime, dim, vec in self.db.execute(
+    def lookup(self, keys: Sequence[tuple[str, int, int]]) -> CacheLookup:
+        """Fresh hits and known-bad unchanged files among ``keys`` (callers pass one chunk at a time:
+        the result holds the chunk's vectors as one array, nothing per row)."""
+        want: dict[str, list[int]] = {}
+        for n, k in enumerate(keys):
+            want.setdefault(k[0], []).append(n)
+        hit_pos, blobs, bad, dim = [], [], {}, None
+        for i in range(0, len(keys), _SQL_CHUNK):
+            paths = list(dict.fromkeys(k[0] for k in keys[i:i + _SQL_CHUNK]))
+            q = ",".join("?" * len(paths))
+            for p, size, mtime, d, vec in self.db.execute(
                     f"SELECT path, size, mtime, dim, vec FROM emb WHERE path IN ({q})", paths):
-                if want[p] == (size, mtime):
-                    hits[p] = np.frombuffer(vec, dtype=np.float32, count=dim)
+                if len(vec) != 4 * d or (dim is not None and d != dim):   # a damaged row: a miss, re-encoded
+                    continue
+                dim = d
+                for n in want[p]:
+                    if keys[n][1:] == (size, mtime):
+                        hit_pos.append(n)
+                        blobs.append(vec)
             for p, size, mtime, reason in self.db.execute(
                     f"SELECT path, size, mtime, reason FROM bad WHERE path IN ({q})", paths):
-                if want[p] == (size, mtime):
-                    bad[p] = reason
-        return hits, bad
+                for n in want[p]:
+                    if keys[n][1:] == (size, mtime):
+                        bad[n] = reason
+        for n in hit_pos:
+            bad.pop(n, None)
+        vectors = np.frombuffer(bytearray().join(blobs), dtype=np.float32).reshape(len(blobs), dim or 0)
+        return CacheLookup(hit_pos, vectors, bad)
 
-    def put(self, rows: list[tuple[tuple[str, int, int], torch.Tensor]],
-            bad: list[tuple[tuple[str, int, int], str]] = ()) -> None:
-        """Store one batch atomically (a single transaction)."""
+    def put(self, keys: Sequence[tuple[str, int, int]], embeddings: torch.Tensor | None = None,
+            bad: Sequence[tuple[tuple[str, int, int], str]] = ()) -> None:
+        """Store one batch atomically (a single transaction): ``embeddings[n]`` for ``keys[n]``."""
+        vecs = embeddings.detach().to("cpu", torch.float32).numpy() if len(keys) else None   # [B, D]
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany(
-                "INSERT OR REPLACE INTO emb VALUES (?, ?, ?, ?, ?)",
-                [(k[0], k[1], k[2], int(e.numel()), e.detach().cpu().float().numpy().tobytes()) for k, e in rows])
+            self.db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?, ?, ?, ?)",
+                                [(k[0], k[1], k[2], vecs.shape[1], vecs[n].tobytes()) for n, k in enumerate(keys)])
             self.db.executemany("INSERT OR REPLACE INTO bad VALUES (?, ?, ?, ?)",
                                 [(k[0], k[1], k[2], r) for k, r in bad])
-            self.db.execute("DELETE FROM bad WHERE path IN (%s)" % ",".join("?" * len(rows)),
-                            [k[0] for k, _ in rows]) if rows else None
+            self.db.executemany("DELETE FROM bad WHERE path = ?", [(k[0],) for k in keys])
 
     def __len__(self):
         return self.db.execute("SELECT COUNT(*) FROM emb").fetchone()[0]

@@ -1,9 +1,10 @@
 """Streaming, error-tolerant embedding of image files.
 
-Files are decoded and resized in DataLoader worker processes; a file that fails (empty, truncated,
-not an image, a decompression bomb, unreadable, or slower to decode than ``timeout_s``) comes back
-as a reason instead of a tensor and is reported, never fatal. Batches are encoded and written to the
-cache as they finish, so memory stays bounded by the batch, whatever the folder size, and an
+Files are decoded, resized and batched in DataLoader worker processes; a file that fails (empty,
+truncated, not an image, a decompression bomb, unreadable, or slower to decode than ``timeout_s``)
+comes back as a reason instead of a tensor and is reported, never fatal. :class:`EmbeddingStream`
+hands over cache hits in chunks, then each encoded batch (written to the cache as it finishes), and
+keeps nothing per file, so memory stays bounded by the chunk whatever the folder size, and an
 interrupted run resumes from the cache.
 """
 from __future__ import annotations
@@ -11,16 +12,19 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipkit.core.errors import ImageLoadError
 from clipkit.core.io import DEFAULT_MAX_PIXELS, load_image
 from clipkit.core.preprocess import PreprocessConfig, pil_to_tensor
+from clipkit.rerank.cache import file_key
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +51,129 @@ def load_with_timeout(path, cfg: PreprocessConfig, timeout_s: float | None, max_
             signal.signal(signal.SIGALRM, old)
 
 
+def _unreadable(e: OSError) -> str:
+    return "no such file" if isinstance(e, FileNotFoundError) else (e.strerror or str(e))
+
+
 class _Files(Dataset):
-    def __init__(self, paths, cfg, timeout_s, max_pixels):
-        self.paths, self.cfg, self.timeout_s, self.max_pixels = list(paths), cfg, timeout_s, max_pixels
+    """Item j: decode ``paths[todo[j]]``; -> (index, cache key or None, pixels or None, reason or None)."""
+
+    def __init__(self, paths, todo: np.ndarray, cfg, timeout_s, max_pixels, with_keys: bool):
+        self.paths, self.todo, self.cfg = paths, todo, cfg        # paths by reference: no per-worker copy
+        self.timeout_s, self.max_pixels, self.with_keys = timeout_s, max_pixels, with_keys
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.todo)
 
-    def __getitem__(self, i):
+    def __getitem__(self, j):
+        i = int(self.todo[j])
+        path = Path(self.paths[i])
         try:
-            return i, load_with_timeout(self.paths[i], self.cfg, self.timeout_s, self.max_pixels), None
+            key = file_key(path) if self.with_keys else None    # stat before decoding: a later change is a miss
+        except OSError as e:
+            return i, None, None, _unreadable(e)
+        try:
+            return i, key, load_with_timeout(path, self.cfg, self.timeout_s, self.max_pixels), None
         except ImageLoadError as e:
-            return i, None, e.reason
+            return i, key, None, e.reason
         except DecodeTimeout:
-            return i, None, f"decoding took longer than {self.timeout_s:g}s"
+            return i, key, None, f"decoding took longer than {self.timeout_s:g}s"
         except Exception as e:  # anything else a decoder can throw: reported, not fatal
-            return i, None, f"{type(e).__name__}: {e}"
+            return i, key, None, f"{type(e).__name__}: {e}"
 
 
-def _collate(items):
-    return items
+@dataclass
+class _Batch:
+    index: list[int]                            # input positions of the decoded files
+    keys: list                                  # their cache keys (None without a cache)
+    pixels: torch.Tensor | None                 # [B, 3, S, S], stacked in the worker (one shared tensor)
+    bad: list[tuple[int, object, str]]          # (position, key or None, reason)
+
+
+def _collate(items) -> _Batch:
+    good = [it for it in items if it[2] is not None]
+    return _Batch([it[0] for it in good], [it[1] for it in good],
+                  torch.stack([it[2] for it in good]) if good else None,
+                  [(i, k, r) for i, k, x, r in items if x is None])
+
+
+@dataclass
+class EmbeddedChunk:
+    index: torch.Tensor         # [B] int64: positions in the input list
+    embeddings: torch.Tensor    # [B, D] unit norm (CPU fp32 from the cache, the scorer's device when encoded)
+
+
+#: Files looked up in the cache per query (and rows per cached chunk).
+CACHE_CHUNK = 512
+
+
+class EmbeddingStream:
+    """Iterate over the embeddings of image files in chunks, cache hits first, then encoded batches.
+
+    Nothing per file is kept beyond the input list and an int64 index of the files to encode: each
+    chunk is handed over and forgotten, so memory is bounded by the chunk whatever the folder size.
+    After iteration, ``skipped`` maps input positions to reasons and ``cached`` counts cache hits.
+    """
+
+    def __init__(self, paths: Sequence, scorer, cache=None, batch_size: int = 64, num_workers: int = 0,
+                 timeout_s: float | None = 30.0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 progress: Callable | None = None):
+        self.paths = paths if isinstance(paths, list) else list(paths)
+        self.scorer, self.cache, self.batch_size, self.num_workers = scorer, cache, batch_size, num_workers
+        self.timeout_s, self.max_pixels, self.progress = timeout_s, max_pixels, progress
+        self.skipped: dict[int, str] = {}
+        self.cached = 0
+
+    def __iter__(self) -> Iterator[EmbeddedChunk]:
+        todo = array("q")
+        yield from self._from_cache(todo)
+        if todo:
+            yield from self._encode(np.frombuffer(todo, dtype=np.int64))
+
+    def _from_cache(self, todo: array) -> Iterator[EmbeddedChunk]:
+        """1. stat every file (missing ones are skipped); 2. look chunks up in the cache; the rest -> todo."""
+        for start in range(0, len(self.paths), CACHE_CHUNK):
+            pos, keys = [], []
+            for i in range(start, min(start + CACHE_CHUNK, len(self.paths))):
+                try:
+                    keys.append(file_key(self.paths[i]))
+                    pos.append(i)
+                except OSError as e:
+                    self.skipped[i] = _unreadable(e)
+            if self.cache is None or not keys:
+                todo.extend(pos)
+                continue
+            found = self.cache.lookup(keys)
+            for n, reason in found.bad.items():
+                self.skipped[pos[n]] = reason
+            done = set(found.hits).union(found.bad)
+            todo.extend(i for n, i in enumerate(pos) if n not in done)
+            if found.hits:
+                self.cached += len(found.hits)
+                yield EmbeddedChunk(torch.tensor([pos[n] for n in found.hits], dtype=torch.int64),
+                                    torch.from_numpy(found.vectors))
+
+    def _encode(self, todo: np.ndarray) -> Iterator[EmbeddedChunk]:
+        """3. decode in DataLoader workers, encode each batch, write it to the cache, hand it over."""
+        ds = _Files(self.paths, todo, self.scorer.preprocess, self.timeout_s, self.max_pixels,
+                    with_keys=self.cache is not None)
+        loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=_collate,
+                            shuffle=False, persistent_workers=False)
+        for batch in (self.progress(loader, total=len(loader)) if self.progress else loader):
+            for i, _, r in batch.bad:
+                self.skipped[i] = r
+                log.warning("skipped %s: %s", self.paths[i], r)
+            emb = self.scorer._encode_pixels_batch(batch.pixels) if batch.pixels is not None else None
+            if self.cache is not None:
+                self.cache.put(batch.keys, emb, [(k, r) for _, k, r in batch.bad if k is not None])
+            if emb is not None:
+                yield EmbeddedChunk(torch.tensor(batch.index, dtype=torch.int64), emb)
+
+    def name(self, i: int) -> str:
+        return str(Path(self.paths[i]))
+
+    def skipped_list(self) -> list[dict]:
+        return [{"path": self.name(i), "reason": r} for i, r in sorted(self.skipped.items())]
 
 
 @dataclass
@@ -80,50 +187,18 @@ class EmbedResult:
 def embed_files(paths: Sequence, scorer, cache=None, batch_size: int = 64, num_workers: int = 0,
                 timeout_s: float | None = 30.0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 progress: Callable | None = None) -> EmbedResult:
-    """Embed image files (streaming; cache-aware). Order of ``paths`` is kept in the result."""
-    from clipkit.rerank.cache import file_key
-    paths = [Path(p) for p in paths]
-    keys: list = []
-    skipped: dict[int, str] = {}
-    for i, p in enumerate(paths):
-        try:
-            keys.append(file_key(p))
-        except OSError as e:
-            keys.append(None)
-            skipped[i] = "no such file" if isinstance(e, FileNotFoundError) else (e.strerror or str(e))
-    vecs: dict[int, torch.Tensor] = {}
-    cached = 0
-    if cache is not None:
-        hits, bad = cache.lookup([k for k in keys if k is not None])
-        for i, k in enumerate(keys):
-            if k is None:
-                continue
-            if k[0] in hits:
-                vecs[i] = torch.from_numpy(hits[k[0]].copy())
-            elif k[0] in bad:
-                skipped[i] = bad[k[0]]
-        cached = len(vecs)
-    todo = [i for i in range(len(paths)) if i not in vecs and i not in skipped]
-    if todo:
-        ds = _Files([paths[i] for i in todo], scorer.preprocess, timeout_s, max_pixels)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                            shuffle=False, persistent_workers=False)
-        for batch in (progress(loader, total=len(loader)) if progress else loader):
-            good = [(todo[j], x) for j, x, r in batch if x is not None]
-            bad_rows = [(todo[j], r) for j, x, r in batch if x is None]
-            for i, r in bad_rows:
-                skipped[i] = r
-                log.warning("skipped %s: %s", paths[i], r)
-            emb = scorer._encode_pixels_batch(torch.stack([x for _, x in good])) if good else None
-            for n, (i, _) in enumerate(good):
-                vecs[i] = emb[n].cpu()
-            if cache is not None:
-                cache.put([(keys[i], vecs[i]) for i, _ in good], [(keys[i], r) for i, r in bad_rows])
-    order = [i for i in range(len(paths)) if i in vecs]
-    dim = next(iter(vecs.values())).numel() if vecs else 0
-    emb = torch.stack([vecs[i] for i in order]) if order else torch.zeros(0, dim)
-    return EmbedResult([str(paths[i]) for i in order], emb,
-                       [{"path": str(paths[i]), "reason": skipped[i]} for i in sorted(skipped)], cached)
+    """Embed image files (streaming; cache-aware) into one [N, D] matrix, in the order of ``paths``."""
+    stream = EmbeddingStream(paths, scorer, cache, batch_size, num_workers, timeout_s, max_pixels, progress)
+    out, have = None, torch.zeros(len(stream.paths), dtype=torch.bool)
+    for chunk in stream:
+        e = chunk.embeddings.detach().to("cpu", torch.float32)
+        if out is None:                                # one allocation, filled in place
+            out = torch.empty(len(stream.paths), e.shape[1])
+        out[chunk.index] = e
+        have[chunk.index] = True
+    keep = have.nonzero().flatten()
+    emb = torch.zeros(0, 0) if out is None else out if len(keep) == len(out) else out[keep]
+    return EmbedResult([stream.name(i) for i in keep.tolist()], emb, stream.skipped_list(), stream.cached)
 
 
 def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, num_workers: int = 0,

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -18,8 +19,11 @@ from clipkit.core.errors import InputError
 
 Query = Union[str, Sequence[str], Image.Image, os.PathLike]
 
+#: Most thumbnails on a contact sheet (a ranking of every file in a big folder stays drawable).
+SHEET_LIMIT = 100
 
-@dataclass
+
+@dataclass(slots=True)
 class RankedItem:
     rank: int
     score: float                 # cosine similarity with the query (or the weighted mean over queries)
@@ -42,7 +46,7 @@ class RerankResult:
     score: str = "cosine"
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, results=[]))          # not a deep copy of every result first
         d["results"] = [r.to_dict() for r in self.results]
         return d
 
@@ -55,12 +59,12 @@ class RerankResult:
                 w.writerow([r.rank, f"{r.score:.6f}", r.path or r.text])
         return path
 
-    def contact_sheet(self, path, thumb: int = 128, cols: int = 5) -> Path:
-        """Top results as a grid of thumbnails with rank and score under each."""
+    def contact_sheet(self, path, thumb: int = 128, cols: int = 5, limit: int = SHEET_LIMIT) -> Path:
+        """The ``limit`` best results as a grid of thumbnails with rank and score under each."""
         from PIL import ImageDraw
 
         from clipkit.core.io import load_image
-        items = [r for r in self.results if r.path]
+        items = [r for r in self.results[:limit] if r.path]
         if not items:
             raise InputError("a contact sheet needs image results")
         rows = (len(items) + cols - 1) // cols
@@ -79,10 +83,40 @@ class RerankResult:
         return path
 
 
-def order(names: Sequence[str], scores: torch.Tensor, top_k: int | None) -> list[RankedItem]:
-    keyed = sorted(range(len(names)), key=lambda i: (-round(float(scores[i]), 6), names[i]))
-    keyed = keyed[:top_k] if top_k else keyed
-    return [(i, r + 1) for r, i in enumerate(keyed)]
+def order(names: Sequence[str], scores: torch.Tensor, top_k: int | None) -> list[tuple[int, int]]:
+    """-> [(index, rank)] by score descending (rounded to 1e-6), ties by name; the ``top_k`` best only.
+
+    Exact top-K without sorting everything: keep the candidates whose rounded score reaches the K-th
+    best (K of them plus any tied at the boundary), then sort those by (score, name); only they touch
+    ``names``, so a top-K over N files builds O(K) Python objects.
+    """
+    keys = _rounded(scores)
+    if top_k and top_k < len(keys):
+        cand = torch.nonzero(keys >= torch.topk(keys, top_k).values[-1]).flatten()
+    else:
+        cand = torch.arange(len(keys))
+    ci, ck = cand.tolist(), keys[cand].tolist()
+    ranked = sorted(range(len(ci)), key=lambda j: (-ck[j], names[ci[j]]))[:top_k]
+    return [(ci[j], r + 1) for r, j in enumerate(ranked)]
+
+
+def _rounded(scores: torch.Tensor) -> torch.Tensor:
+    """[N] scores -> [N] int64 round(score * 1e6), half to even: the integer form of Python's
+    ``round(score, 6)`` (x * 1e6 is exact in fp64 for every fp32 x, so both round the same value)."""
+    return torch.round(scores.detach().cpu().double() * 1e6).long()
+
+
+def cosines(emb: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """[B, D] x [Q, D] unit vectors -> [B, Q] in ``q``'s dtype, on the CPU.
+
+    Each score is a NumPy sum over D of exact fp64 products, reduced row by row in a fixed order,
+    so it does not depend on how the rows were chunked (a matmul's blocking does): cache hits score
+    exactly like freshly encoded files, in any chunking. NumPy is single-threaded here, which keeps
+    small per-chunk products fast on a busy machine.
+    """
+    e = emb.detach().cpu().numpy().astype(np.float64)
+    sims = np.stack([(e * qj).sum(axis=1) for qj in q.detach().cpu().numpy().astype(np.float64)], axis=1)
+    return torch.from_numpy(sims).to(q.dtype)
 
 
 def _query_embeddings(scorer, queries: Sequence, kind: str) -> torch.Tensor:
@@ -127,31 +161,56 @@ def rerank(candidates, query: Query | None = None, scorer=None, top_k: int | Non
         queries, kind = list(query_images), "image"
         if not queries:
             raise InputError("no query images")
-    q = _query_embeddings(scorer, queries, kind)                           # [Q, D]
+    q = _query_embeddings(scorer, queries, kind).cpu()                     # [Q, D]
     skipped, cached = [], 0
     if isinstance(candidates, torch.Tensor) or (candidates and all(isinstance(c, Image.Image) for c in candidates)):
-        emb = scorer.encode_images(candidates)
-        names = [f"#{i}" for i in range(len(emb))]
+        sim = cosines(scorer.encode_images(candidates), q)                  # [N, Q]
+        names = [f"#{i}" for i in range(len(sim))]
     else:
-        from clipkit.core.io import scan_images
-        from clipkit.rerank.embed import embed_files
-        files = scan_images(candidates)
-        if not files:
-            raise InputError("no image files found among the candidates")
-        res = embed_files(files, scorer, cache=cache, batch_size=batch_size, num_workers=num_workers,
-                          timeout_s=timeout_s, progress=progress)
-        emb, names, skipped, cached = res.embeddings, res.paths, res.skipped, res.cached
-        if not names:
-            raise InputError(f"none of the {len(files)} candidate files could be read")
-    sim = emb.to(q.device) @ q.T                                            # [N, Q]
+        sim, names, skipped, cached = _score_files(candidates, scorer, q, cache, batch_size, num_workers,
+                                                   timeout_s, progress)
     qnames = [str(x) for x in queries]
 
     def make(scores, qs, w):
         items = [RankedItem(rank=r, score=float(scores[i]), path=names[i]) for i, r in order(names, scores, top_k)]
         return RerankResult(qs, scorer.spec, items, skipped, len(names) + len(skipped), cached, w)
     if per_query:
-        return [make(sim[:, j].cpu(), [qnames[j]], None) for j in range(len(qnames))]
-    return make(combine(sim.cpu(), weights), qnames, list(weights) if weights else None)
+        return [make(sim[:, j], [qnames[j]], None) for j in range(len(qnames))]
+    return make(combine(sim, weights), qnames, list(weights) if weights else None)
+
+
+class _Names:
+    """``files[index[i]]`` as a string, made on demand (no list of N strings)."""
+
+    def __init__(self, files: list, index: torch.Tensor):
+        self.files, self.index = files, index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return str(self.files[int(self.index[i])])
+
+
+def _score_files(candidates, scorer, q, cache, batch_size, num_workers, timeout_s, progress):
+    """Stream the candidates' embeddings (cache hits, then encoded batches) into [N, Q] scores;
+    -> (scores of the readable files in input order, their names, skipped, cached)."""
+    from clipkit.core.io import scan_images
+    from clipkit.rerank.embed import EmbeddingStream
+    files = scan_images(candidates)
+    if not files:
+        raise InputError("no image files found among the candidates")
+    stream = EmbeddingStream(files, scorer, cache=cache, batch_size=batch_size, num_workers=num_workers,
+                             timeout_s=timeout_s, progress=progress)
+    sim = torch.zeros(len(files), len(q), dtype=q.dtype)
+    have = torch.zeros(len(files), dtype=torch.bool)
+    for chunk in stream:
+        sim[chunk.index] = cosines(chunk.embeddings, q)
+        have[chunk.index] = True
+    keep = have.nonzero().flatten()
+    if not len(keep):
+        raise InputError(f"none of the {len(files)} candidate files could be read")
+    return sim[keep], _Names(files, keep), stream.skipped_list(), stream.cached
 
 
 def rank_texts(image, texts: Sequence[str], scorer=None, top_k: int | None = None) -> RerankResult:
@@ -163,7 +222,7 @@ def rank_texts(image, texts: Sequence[str], scorer=None, top_k: int | None = Non
         scorer = load_scorer("shapes")
     texts = check_texts(texts)
     img = image if isinstance(image, torch.Tensor) else [load_image(image)]
-    sim = (scorer.encode_images(img) @ scorer.encode_texts(texts).T)[0].cpu()
+    sim = cosines(scorer.encode_texts(texts), scorer.encode_images(img).cpu())[:, 0]
     items = [RankedItem(rank=r, score=float(sim[i]), text=texts[i]) for i, r in order(texts, sim, top_k)]
     return RerankResult([str(image) if not isinstance(image, torch.Tensor) else "<tensor>"], scorer.spec,
                         items, [], len(texts))

@@ -72,12 +72,12 @@ def test_train_on_jsonl_encodes_each_image_once_and_resumes(tmp_path, tiny_openc
 def test_shapes_recipe_learns_something(tmp_path):
     """A few hundred steps on Shapes embeddings lower the validation loss (the full recipe is the
     bundled model's; its measured quality is in its model card)."""
-    cfg = TrainCaptionerConfig(out_dir=str(tmp_path / "s"), shapes_train=512, shapes_val=64, epochs=4,
-                               batch_size=32, decoder_width=64, decoder_layers=2, decoder_heads=2,
-                               vocab_size=300, val_decode=16, warmup=10, lr=2e-3)
+    cfg = TrainCaptionerConfig(out_dir=str(tmp_path / "s"), shapes_train=256, shapes_val=32, epochs=3,
+                               batch_size=32, decoder_width=32, decoder_layers=1, decoder_heads=2,
+                               vocab_size=300, val_decode=8, warmup=5, lr=3e-3)
     res = train_captioner(cfg, progress=False)
     import csv
     rows = list(csv.DictReader(open(tmp_path / "s" / "eval_log.csv")))
-    assert len(rows) == 4
+    assert len(rows) == 3
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 0.3
     assert "exact_attr" in res.final_eval

@@ -1,0 +1,449 @@
+"""Latent-space (Stable Diffusion style) sampling with classifier-free guidance and CLIP guidance.
+
+Components: ``UNet2DConditionModel`` + ``AutoencoderKL`` + transformers ``CLIPTextModel`` + tokenizer + a
+diffusers scheduler. The denoiser handed to :func:`clipkit.guidance.wrapper.sample` is the CFG
+combination ``eps_u + s (eps_c - eps_u)`` of one batched UNet pass (Ho & Salimans 2022, eq. 6); CLIP
+guidance wraps it with :class:`LatentGuidedDenoiser`, whose CLIP loss is taken on the VAE-decoded x0
+estimate. Per guided step (FIELD_NOTES B, "Memory"):
+
+1. one UNet pass over [uncond; cond] (with grad only in ``grad_mode='unet'``; its output is reused for
+   the scheduler step, no second pass);
+2. x0 from the CFG output by ``prediction_type``; one VAE decode of x0 (with grad);
+3. CLIP loss over the views in mini-batches of ``view_batch``; the gradients are accumulated w.r.t. the
+   decoded image, so only one mini-batch of CLIP activations is alive at a time;
+4. one vector-Jacobian product through the VAE decoder (and the UNet in ``grad_mode='unet'``).
+
+Every network is frozen (``requires_grad_(False)``): no parameter ever gets a ``.grad``.
+Unlike diffusers' community ``clip_guided_stable_diffusion``: every scheduler of the wrapper works,
+v-prediction is handled, the unconditional batch matches the prompt batch, and CLIP runs in its own
+dtype whatever the pipeline's.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from clipkit.core.errors import InputError, ModelLoadError
+from clipkit.guidance.wrapper import GuidanceConfig, GuidanceStats, GuidedDenoiser, make_views, sample, tv_loss
+
+log = logging.getLogger(__name__)
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _schedulers() -> dict[str, Callable]:
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+    return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
+            "euler_a": EulerAncestralDiscreteScheduler, "lms": LMSDiscreteScheduler,
+            "dpmpp": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
+
+
+SCHEDULER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "lms", "dpmpp", "pndm")
+
+
+def make_scheduler(name: str, config) -> object:
+    """A scheduler of kind ``name`` with the noise schedule and ``prediction_type`` of ``config``.
+
+    Latents are not in [-1, 1]: sample clipping and thresholding are switched off where the class has them.
+    """
+    table = _schedulers()
+    if name not in table:
+        raise InputError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    cls = table[name]
+    params = inspect.signature(cls.__init__).parameters
+    over = {k: False for k in ("clip_sample", "thresholding") if k in params}
+    if name == "dpmpp":
+        over["algorithm_type"] = "dpmsolver++"
+    if name == "pndm":
+        over["skip_prk_steps"] = True
+    return cls.from_config(dict(config), **over)
+
+
+# --------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LatentComponents:
+    """The pieces of a Stable Diffusion pipeline; all networks are put in eval mode and frozen."""
+    unet: torch.nn.Module            # UNet2DConditionModel
+    vae: torch.nn.Module             # AutoencoderKL
+    text_encoder: torch.nn.Module    # transformers CLIPTextModel
+    tokenizer: object                # CLIP tokenizer
+    scheduler: object                # any scheduler of SCHEDULER_NAMES' kinds (DDPM family)
+    spec: str = "(in memory)"
+
+    def __post_init__(self):
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", None) or 0.18215)
+
+    @property
+    def shift_factor(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "LatentComponents":
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def with_scheduler(self, name: str) -> "LatentComponents":
+        """The same networks with a scheduler of another kind (same noise schedule and prediction type)."""
+        return LatentComponents(self.unet, self.vae, self.text_encoder, self.tokenizer,
+                                make_scheduler(name, self.scheduler.config), self.spec)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (scaled, as the UNet sees them) -> images [B,3,H,W] in about [-1, 1], fp32."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = z / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z.to(vae_dtype)).sample.float()
+
+
+def load_latent_pipeline(spec: str, device="cpu", dtype: torch.dtype = torch.float32,
+                         scheduler: str | None = None) -> LatentComponents:
+    """Load a Stable Diffusion pipeline from a local diffusers directory or ``hf:ORG/NAME``.
+
+    Raises :class:`ModelLoadError` (one line, with the fix) for bad paths, non-SD directories and hub
+    models that are neither cached nor downloadable; never hangs on the network.
+    """
+    from clipkit.core import registry
+    s = registry.parse_spec(spec, "diffusion")
+    if s.kind == "bundled":
+        raise ModelLoadError(spec, "the bundled Shapes diffusion model is a pixel model, not a latent one",
+                             "use clipkit.guidance.pipeline for it, or give a Stable Diffusion directory / hf:ORG/NAME")
+    if s.kind not in ("hf", "local-hf"):
+        raise ModelLoadError(spec, "not a diffusers pipeline", "give a Stable Diffusion directory or hf:ORG/NAME")
+    if s.kind == "local-hf":
+        missing = [f for f in SUBFOLDERS if not (Path(s.target) / f).is_dir()]
+        if missing:
+            raise ModelLoadError(spec, f"not a Stable Diffusion pipeline directory (missing {', '.join(missing)}/)",
+                                 "save one with StableDiffusionPipeline.save_pretrained")
+        local_only = True
+    else:
+        registry._require_cached_or_online(s)
+        local_only = registry._offline() or registry.is_available(s.raw, "diffusion")[0]
+    registry._short_timeouts()
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    kw = {"local_files_only": local_only}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(s.target, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(s.target, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(s.target, subfolder="text_encoder", **kw)
+        tokenizer = AutoTokenizer.from_pretrained(s.target, subfolder="tokenizer", **kw)
+        sched_cfg = diffusers.DDIMScheduler.load_config(s.target, subfolder="scheduler", **kw)
+        sched_cls = getattr(diffusers, sched_cfg.get("_class_name", ""), None)
+        if sched_cls is None:
+            raise ValueError(f"unknown scheduler class {sched_cfg.get('_class_name')!r}")
+        sched = sched_cls.from_config(sched_cfg)
+    except Exception as e:
+        fix = registry.OFFLINE_FIX if s.kind == "hf" else "check the directory's components"
+        raise ModelLoadError(spec, registry._one_line(e), fix) from e
+    comps = LatentComponents(unet, vae, text_encoder, tokenizer, sched, spec).to(device, dtype)
+    return comps.with_scheduler(scheduler) if scheduler else comps
+
+
+# --------------------------------------------------------------------------------------------
+# Text conditioning and classifier-free guidance
+# --------------------------------------------------------------------------------------------
+
+def encode_prompts(components: LatentComponents, texts: Sequence[str]) -> torch.Tensor:
+    """Strings -> text-encoder hidden states [N, L, C] (padded to the encoder's length; truncation warns)."""
+    tok, enc = components.tokenizer, components.text_encoder
+    max_len = min(int(getattr(tok, "model_max_length", 77) or 77), int(enc.config.max_position_embeddings))
+    ids = tok(list(texts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt").input_ids
+    full = tok(list(texts), padding=False, truncation=False).input_ids
+    for text, f in zip(texts, full):
+        if len(f) > max_len:
+            log.warning("prompt truncated to %d tokens: %r", max_len, text[:60])
+    with torch.no_grad():
+        return enc(ids.to(components.device)).last_hidden_state
+
+
+def make_cfg_model(unet, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float) -> Callable:
+    """``model(x, t)`` for the sampler: one UNet pass over [uncond; cond] combined as
+    ``u + cfg_scale * (c - u)`` (linear, so valid for eps, v and x0 outputs); ``uncond=None``: cond only.
+
+    ``cond``/``uncond``: [B, L, C] for a latent batch of B. The output is fp32.
+    """
+    if uncond is not None and uncond.shape != cond.shape:
+        raise InputError(f"unconditional batch {tuple(uncond.shape)} does not match the prompt batch "
+                         f"{tuple(cond.shape)}")
+    dtype = next(unet.parameters()).dtype
+    ctx = cond if uncond is None else torch.cat([uncond, cond])
+
+    def model(x: torch.Tensor, t) -> torch.Tensor:
+        if x.shape[0] != cond.shape[0]:
+            raise InputError(f"latent batch {x.shape[0]} does not match the prompt batch {cond.shape[0]}")
+        xin = x if uncond is None else torch.cat([x, x])
+        out = unet(xin.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample.float()
+        if uncond is None:
+            return out
+        u, c = out.chunk(2)
+        return u + cfg_scale * (c - u)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP guidance on decoded latents
+# --------------------------------------------------------------------------------------------
+
+class _ViewsLoss(torch.autograd.Function):
+    """Per-sample CLIP loss of an image batch; its backward returns d(loss)/d(image), accumulated in
+    ``forward`` over mini-batches of views, so the networks below the image get one VJP."""
+
+    @staticmethod
+    def forward(ctx, img, guide):
+        loss, cos, grad = guide.views_loss_and_grad(img)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(cos)
+        return loss, cos
+
+    @staticmethod
+    def backward(ctx, g_loss, g_cos):
+        (grad,) = ctx.saved_tensors
+        return grad * g_loss.to(grad.dtype).view(-1, *([1] * (grad.ndim - 1))), None
+
+
+class LatentGuidedDenoiser(GuidedDenoiser):
+    """:class:`GuidedDenoiser` whose CLIP loss is on the VAE-decoded x0 estimate.
+
+    Args (beyond the base class):
+        decode: latents -> images in about [-1, 1] (e.g. :meth:`LatentComponents.decode`).
+        view_batch: views per CLIP forward when accumulating the image gradient (0 = all at once).
+
+    The latent x0 is not clamped (latents are not in [-1, 1]); the decoded image is, straight-through.
+    ``tv_scale`` and ``range_scale`` act on the decoded image.
+    """
+
+    def __init__(self, model: Callable, scheduler, scorer, targets: torch.Tensor, cfg: GuidanceConfig,
+                 decode: Callable, generator: torch.Generator | None = None, view_batch: int = 0):
+        if view_batch < 0:
+            raise InputError(f"view_batch must be >= 0, got {view_batch}")
+        super().__init__(model, scheduler, scorer, targets, cfg, decode=decode, generator=generator)
+        self.view_batch = view_batch
+
+    def views_loss_and_grad(self, pix: torch.Tensor):
+        """pix [B,3,H,W] in [0,1] -> (scaled loss [B], mean cosine [B], d loss.sum() / d pix)."""
+        cfg, B = self.cfg, pix.shape[0]
+        tgt = self.targets if self.targets.ndim == 3 else self.targets[None].expand(B, -1, -1)
+        with torch.enable_grad():
+            leaf = pix.detach().float().requires_grad_(True)
+            views = make_views(leaf, cfg, self.generator)                    # [B*K,3,H,W], sample-major
+            K = views.shape[0] // B
+            owner = torch.arange(B, device=pix.device).repeat_interleave(K)  # [B*K] sample of each view
+            rows = tgt.to(pix.device, torch.float32).repeat_interleave(K, dim=0)  # [B*K,M,D]
+            flat = views.detach()
+            gviews = torch.zeros_like(flat)
+            loss = torch.zeros(B, device=pix.device)
+            cos = torch.zeros(B, device=pix.device)
+            step = self.view_batch or flat.shape[0]
+            for s in range(0, flat.shape[0], step):
+                v = flat[s:s + step].requires_grad_(True)
+                emb = self.scorer.embed_pixels(v).float()                   # [c,D] unit norm
+                r = rows[s:s + step]
+                row_loss = self.loss_fn(emb[:, None, :], r).mean(1) * (cfg.scale / K)   # [c]
+                (gviews[s:s + step],) = torch.autograd.grad(row_loss.sum(), v)
+                loss.index_add_(0, owner[s:s + step], row_loss.detach())
+                cos.index_add_(0, owner[s:s + step], (emb.detach()[:, None] * r).sum(-1).mean(1) / K)
+            (grad,) = torch.autograd.grad(views, leaf, grad_outputs=gviews)
+        return loss, cos, grad
+
+    def clip_loss(self, x0: torch.Tensor, xt: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        src = x0
+        if cfg.blend:
+            fac = (1 - a).sqrt()
+            src = x0 * fac + xt * (1 - fac)
+        img = self.decode(src).float()                                      # [B,3,H,W] about [-1,1]
+        pix = (img + 1) / 2
+        pix_st = pix + (pix.clamp(0, 1) - pix).detach()                     # clamp, straight-through
+        loss, cos = _ViewsLoss.apply(pix_st, self)
+        if cfg.tv_scale:
+            loss = loss + cfg.tv_scale * tv_loss(pix)
+        if cfg.range_scale:
+            loss = loss + cfg.range_scale * (img - img.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
+        return loss, cos
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LatentGenerateConfig:
+    """Every parameter of one :func:`generate_latent` call (saved beside the images)."""
+    spec: str
+    prompts: list[str]
+    negative_prompts: list[str] | None
+    n_per_prompt: int
+    steps: int
+    cfg_scale: float
+    height: int
+    width: int
+    seed: int | None
+    scheduler: str                      # class name
+    prediction_type: str
+    precision: str
+    view_batch: int
+    clip_spec: str | None
+    guidance: dict | None = None        # GuidanceConfig.to_dict(), None = no CLIP guidance
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LatentResult:
+    images: list[Image.Image]           # N = len(prompts) * n_per_prompt, prompt-major
+    prompts: list[str]                  # the prompt of each image
+    latents: torch.Tensor               # [N, C, h, w] final latents (fp32, CPU)
+    pixels: torch.Tensor                # [N, 3, H, W] decoded images in [0, 1] (fp32, CPU)
+    clip_scores: torch.Tensor | None    # [N] raw cosine of each saved image with its prompt (scorer's PIL path)
+    config: LatentGenerateConfig
+    history: list[GuidanceStats] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        scores = None if self.clip_scores is None else [float(s) for s in self.clip_scores]
+        return json.dumps({"config": self.config.to_dict(), "prompts": self.prompts, "clip_scores": scores})
+
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _as_list(x, name: str, n: int | None = None) -> list[str]:
+    items = [x] if isinstance(x, str) else list(x)
+    if not items or not all(isinstance(p, str) for p in items):
+        raise InputError(f"{name} must be a non-empty string or list of strings")
+    if n is not None and len(items) == 1:
+        items = items * n
+    if n is not None and len(items) != n:
+        raise InputError(f"{name}: got {len(items)}, expected 1 or one per prompt ({n})")
+    return items
+
+
+def _check_size(comps: LatentComponents, height: int | None, width: int | None) -> tuple[int, int]:
+    h = height or comps.default_size
+    w = width or comps.default_size
+    unit = comps.vae_scale_factor * 2 ** (len(comps.unet.config.block_out_channels) - 1)
+    if h <= 0 or w <= 0 or h % unit or w % unit:
+        raise InputError(f"height and width must be positive multiples of {unit} for this model, got {h}x{w}")
+    return h, w
+
+
+def _to_pil(pix: torch.Tensor) -> list[Image.Image]:
+    arr = (pix.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def generate_latent(components: LatentComponents, prompts: str | Sequence[str], n_per_prompt: int = 1,
+                    steps: int = 25, cfg_scale: float = 7.5, guidance: GuidanceConfig | None = None,
+                    scorer=None, negative_prompt: str | Sequence[str] | None = None, seed: int | None = 0,
+                    generator: torch.Generator | None = None, height: int | None = None,
+                    width: int | None = None, noise: torch.Tensor | None = None, precision: str = "fp32",
+                    view_batch: int = 0, callback: Callable | None = None) -> LatentResult:
+    """Sample ``n_per_prompt`` images per prompt with classifier-free guidance and (optionally) CLIP guidance.
+
+    Args:
+        components: the pipeline (see :func:`load_latent_pipeline`); its scheduler is used as given.
+        cfg_scale: classifier-free guidance scale; 1 = the conditional model alone (one UNet pass per step).
+        guidance: CLIP guidance settings (needs ``scorer``); None = CFG only.
+        scorer: a :class:`~clipkit.core.scorer.ClipScorer`; guides (if ``guidance``) and scores the results.
+        negative_prompt: the unconditional text(s): one for all, or one per prompt (default "").
+        seed / generator: the only randomness (initial noise, ancestral noise, guidance views);
+            a generator wins over the seed.
+        noise: initial latent noise [N, C, h, w] (unit variance) instead of drawing it.
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast around the networks (scores stay fp32).
+        view_batch: CLIP views per forward while accumulating the image gradient (0 = all at once).
+    """
+    # 1. validate
+    prompts = _as_list(prompts, "prompts")
+    negs = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt", len(prompts))
+    if not isinstance(n_per_prompt, int) or n_per_prompt < 1:
+        raise InputError(f"n_per_prompt must be an integer >= 1, got {n_per_prompt!r}")
+    if not cfg_scale >= 0:
+        raise InputError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
+    if precision not in _AUTOCAST:
+        raise InputError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
+    if guidance is not None:
+        guidance.validate()
+        if scorer is None:
+            raise InputError("CLIP guidance needs a scorer")
+    h, w = _check_size(components, height, width)
+    sched, dev = components.scheduler, components.device
+    own_generator = generator is not None
+    if generator is None:
+        if seed is None:
+            raise InputError("give a seed or a torch.Generator")
+        generator = torch.Generator().manual_seed(int(seed))
+    N = len(prompts) * n_per_prompt
+    shape = (N, int(components.unet.config.in_channels), h // components.vae_scale_factor,
+             w // components.vae_scale_factor)
+    per_image = [p for p in prompts for _ in range(n_per_prompt)]             # prompt-major
+
+    # 2. text conditioning: encode each distinct text once, expand to the latent batch (B = N)
+    cond = encode_prompts(components, prompts).repeat_interleave(n_per_prompt, dim=0)        # [N,L,C]
+    uncond = None
+    if cfg_scale != 1:
+        uncond = encode_prompts(components, negs or [""] * len(prompts)).repeat_interleave(n_per_prompt, dim=0)
+    model = make_cfg_model(components.unet, cond, uncond, cfg_scale)
+
+    # 3. CLIP guidance wraps the CFG denoiser
+    guide = None
+    if guidance is not None and guidance.scale > 0:
+        targets = scorer.text_embeddings(per_image)[:, None, :]                # [N,1,D]
+        view_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generator,
+                                                                     device=generator.device)))
+        guide = LatentGuidedDenoiser(model, sched, scorer, targets, guidance, decode=components.decode,
+                                     generator=view_gen, view_batch=view_batch)
+
+    # 4. sample in latent space, decode once
+    amp = _AUTOCAST[precision]
+    ac = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with ac:
+        z = sample(model, sched, shape, steps, generator, device=dev, guide=guide, callback=callback, noise=noise)
+        with torch.no_grad():
+            pix = ((components.decode(z) + 1) / 2).clamp(0, 1).float().cpu()
+    images = _to_pil(pix)
+
+    # 5. final scores: the saved (8-bit) images through the scorer's PIL path, fp32
+    scores = None
+    if scorer is not None:
+        emb = scorer.encode_images(images)
+        scores = (emb * scorer.text_embeddings(per_image).to(emb.device)).sum(-1).float().cpu()
+    config = LatentGenerateConfig(
+        spec=components.spec, prompts=prompts, negative_prompts=negs, n_per_prompt=n_per_prompt, steps=steps,
+        cfg_scale=float(cfg_scale), height=h, width=w, seed=None if own_generator else seed,
+        scheduler=type(sched).__name__, prediction_type=sched.config.get("prediction_type", "epsilon"),
+        precision=precision, view_batch=view_batch, clip_spec=getattr(scorer, "spec", None),
+        guidance=guidance.to_dict() if guidance is not None else None)
+    return LatentResult(images, per_image, z.float().cpu(), pix, scores, config,
+                        list(guide.history) if guide is not None else [])

@@ -1,0 +1,539 @@
+"""Text -> image: a diffusion model steered by CLIP guidance, reranked by CLIP (``clipkit generate``).
+
+:func:`generate` does, for each prompt:
+
+1. draw ``n * best_of`` candidates with seeds ``seed, seed + 1, ...``; every candidate is sampled on
+   its own, so its seed alone fixes it (``-n 1 --seed S`` regenerates the file ``<slug>-S.png``,
+   bit for bit on the same machine, torch build and thread count);
+2. score each candidate *as saved* (8-bit RGB) by cosine with the prompt under the guiding CLIP,
+   ranked with :func:`clipkit.rerank.rank.rerank` (score descending, ties by candidate);
+3. keep the ``n`` best; optionally write ``DIR/<slug>-<seed>.png`` and a ``.json`` sidecar.
+
+Diffusion models plug in through :func:`load_diffusion`: it reads the ``_class_name`` of a diffusers
+``model_index.json`` and calls the loader registered for it in :data:`LOADERS`. A loader returns an
+object with the :class:`DiffusionBackend` protocol; this module implements the pixel one
+(``DDPMPipeline``/``DDIMPipeline`` directories and repos, e.g. the bundled Shapes model or
+``google/ddpm-cifar10-32``). A latent (Stable Diffusion) backend registers itself the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+from PIL import Image
+
+from clipkit.core.errors import InputError, ModelLoadError
+from clipkit.guidance.wrapper import GuidanceConfig
+
+log = logging.getLogger(__name__)
+
+#: scheduler name -> (diffusers class, extra config); each is built with ``from_config`` of the
+#: model's own scheduler config, so the training schedule (betas, prediction type) carries over.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "pndm": ("PNDMScheduler", {}),
+}
+#: schedulers that keep their own sample history, so shifting the sample between steps
+#: (``apply="sample"``) diverges; they get the output correction (tests/guidance/test_wrapper.py).
+OUTPUT_ONLY = {"pndm"}
+
+#: model_index.json ``_class_name`` -> "module:function" returning a DiffusionBackend.
+#: Signature: ``fn(source: str, spec: str, local_only: bool, device, dtype) -> DiffusionBackend``,
+#: where ``source`` is a local directory or a hub repo id.
+LOADERS: dict[str, str] = {
+    "DDPMPipeline": "clipkit.guidance.pipeline:load_pixel",
+    "DDIMPipeline": "clipkit.guidance.pipeline:load_pixel",
+    # latent backend (a separate module); until it exists, loading such a model is a ModelLoadError
+    "StableDiffusionPipeline": "clipkit.guidance.latent:load_latent",
+}
+
+MAX_SEED = 2 ** 32        # seeds are in [0, 2^32); view noise uses seed + 2^32, so streams never collide
+SCORE_NOTE = ("cosine similarity between the image as saved and its prompt, under the guiding CLIP; "
+              "guidance optimises this number, so it overstates quality: judge with another CLIP or the oracle")
+
+
+def make_scheduler(name: str, config: dict):
+    """A diffusers scheduler by short name, from a model's scheduler config."""
+    if name not in SCHEDULERS:
+        raise InputError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    import diffusers
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(dict(config), **extra)
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling and guidance parameters (saved in every sidecar)."""
+    steps: int = 25                 # denoising steps
+    scheduler: str = "ddim"         # one of SCHEDULERS
+    clip_scale: float = 0.2         # CLIP guidance strength, 0 = off. step_mode "normalized": the RMS (x0 units,
+                                    # pixels in [-1, 1]) each guided step moves the x0 estimate along -grad;
+                                    # "scaled": the multiplier of the CLIP loss (classifier guidance, ~100-1000)
+    step_mode: str = "normalized"   # normalized | scaled
+    cfg_scale: float | None = None  # classifier-free guidance: text-conditioned (latent) models only
+    views: int = 4                  # augmented views of x0 per step, CLIP loss averaged over them
+    cutouts: int = 0                # random square crops per step, on top of the views
+    guide_start: float = 1.0        # guide while t/T is in [guide_stop, guide_start]
+    guide_stop: float = 0.3
+    apply: str | None = None        # None: "sample" ("output" for schedulers in OUTPUT_ONLY)
+    grad_mode: str = "x0"           # x0 (cheap) | unet (backprop through the denoiser)
+    size: int | None = None         # image side in pixels; None: the model's native size
+    best_of: int = 1                # candidates per kept image (kept: the best by CLIP score)
+
+    def validate(self) -> "GenerateConfig":
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        for name in ("clip_scale", "cfg_scale"):
+            v = getattr(self, name)
+            if v is None and name == "cfg_scale":
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise InputError(f"{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+        if self.step_mode not in ("normalized", "scaled"):
+            raise InputError(f"step_mode must be 'normalized' or 'scaled', got {self.step_mode!r}")
+        for name, lo in (("views", 1), ("cutouts", 0), ("best_of", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise InputError(f"{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        if self.size is not None and (not isinstance(self.size, int) or self.size < 8):
+            raise InputError(f"size must be an integer >= 8 pixels, got {self.size!r}")
+        self.guidance().validate()
+        return self
+
+    def resolved_apply(self) -> str:
+        if self.apply is not None:
+            if self.apply == "sample" and self.scheduler in OUTPUT_ONLY:
+                raise InputError(f"scheduler {self.scheduler!r} cannot take apply='sample' (it keeps its own "
+                                 "sample history); use apply='output' or another scheduler")
+            return self.apply
+        return "output" if self.scheduler in OUTPUT_ONLY else "sample"
+
+    def guidance(self) -> GuidanceConfig:
+        """The wrapper config these parameters mean."""
+        normalized = self.step_mode == "normalized"
+        return GuidanceConfig(scale=1.0 if normalized else float(self.clip_scale),
+                              x0_step=float(self.clip_scale) if normalized else None,
+                              views=self.views, cutouts=self.cutouts, start=self.guide_start,
+                              stop=self.guide_stop, apply=self.resolved_apply(), grad_mode=self.grad_mode)
+
+    @property
+    def guided(self) -> bool:
+        return self.clip_scale > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusion backends
+# --------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class DiffusionBackend(Protocol):
+    """What :func:`generate` needs from a diffusion model."""
+    spec: str            # the model spec it was loaded from
+    kind: str            # "pixel" | "latent"
+    conditional: bool    # takes text itself (then cfg_scale applies)
+    native_size: int     # default image side in pixels
+
+    def check(self, config: GenerateConfig) -> None:
+        """Raise InputError for parameters this model cannot take (before anything is generated)."""
+
+    def steps_per_image(self, config: GenerateConfig) -> int:
+        """How many times ``generate`` calls ``on_step`` per image (for progress bars)."""
+
+    def generate(self, prompt: str, seeds: Sequence[int], config: GenerateConfig, scorer,
+                 on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+        """One RGB image per seed; image i must depend only on (prompt, seeds[i], config)."""
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """[3,H,W] in [0,1] -> 8-bit RGB PIL image (rounded, as diffusers does)."""
+    arr = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+class PixelDiffusion:
+    """An unconditional pixel-space ``UNet2DModel`` + its scheduler config, guided by CLIP."""
+    kind = "pixel"
+    conditional = False
+
+    def __init__(self, unet, scheduler_config: dict, spec: str, device="cpu", dtype=torch.float32):
+        unet = unet.to(device) if unet.dtype == dtype else unet.to(device, dtype)
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler_config = dict(scheduler_config)
+        self.spec, self.device, self.dtype = spec, torch.device(device), dtype
+        size = unet.config.sample_size
+        self.native_size = int(size if isinstance(size, int) else size[0])
+        self.channels = int(unet.config.in_channels)
+        self._multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+
+    def _model(self, x: torch.Tensor, t) -> torch.Tensor:
+        return self.unet(x.to(self.dtype), t).sample.float()
+
+    def check(self, config: GenerateConfig) -> None:
+        if config.cfg_scale not in (None, 0):
+            raise InputError(f"--cfg-scale applies to text-conditioned (latent) models only; {self.spec!r} is an "
+                             "unconditional pixel model steered by CLIP guidance alone: drop --cfg-scale "
+                             "(use --clip-scale)")
+        size = config.size or self.native_size
+        if size % self._multiple:
+            raise InputError(f"size must be a multiple of {self._multiple} for {self.spec!r}, got {size}")
+        if self.channels != 3:
+            raise InputError(f"{self.spec!r} has {self.channels} channels; CLIP guidance needs RGB (3)")
+        self.steps_per_image(config)
+
+    def steps_per_image(self, config: GenerateConfig) -> int:
+        sched = make_scheduler(config.scheduler, self.scheduler_config)
+        try:
+            sched.set_timesteps(config.steps)
+        except Exception as e:   # e.g. PNDM needs >= 4 steps
+            from clipkit.core.registry import _one_line
+            raise InputError(f"scheduler {config.scheduler!r} cannot run {config.steps} steps for {self.spec!r} "
+                             f"({type(e).__name__}: {_one_line(e)}); try more steps or another scheduler") from None
+        return len(sched.timesteps)
+
+    def generate(self, prompt: str, seeds: Sequence[int], config: GenerateConfig, scorer,
+                 on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+        from clipkit.guidance.wrapper import GuidedDenoiser, sample
+        size = config.size or self.native_size
+        target = scorer.text_embeddings([prompt])[:, None, :] if config.guided else None   # [1,1,D]
+        gcfg = config.guidance()
+        out = []
+        for seed in seeds:
+            sched = make_scheduler(config.scheduler, self.scheduler_config)
+            noise = torch.Generator().manual_seed(int(seed))                  # CPU: same noise on any device
+            guide = None
+            if target is not None:
+                guide = GuidedDenoiser(self._model, sched, scorer, target, gcfg,
+                                       generator=torch.Generator().manual_seed(int(seed) + MAX_SEED))
+            x = sample(self._model, sched, (1, self.channels, size, size), config.steps, noise,
+                       device=self.device, guide=guide,
+                       callback=(lambda i, t, x: on_step()) if on_step else None)   # [1,3,H,W] in [-1,1]
+            out.append(tensor_to_pil((x[0] + 1) / 2))
+        return out
+
+
+def load_pixel(source: str, spec: str, local_only: bool, device="cpu", dtype=torch.float32) -> PixelDiffusion:
+    """A diffusers DDPM/DDIM pipeline (``unet/`` + ``scheduler/``) from a directory or a hub repo."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    where = {"pretrained_model_name_or_path": str(Path(source) / "unet")} if Path(source).is_dir() else \
+        {"pretrained_model_name_or_path": source, "subfolder": "unet", "local_files_only": local_only}
+    unet = UNet2DModel.from_pretrained(**where, dtype=torch.float32)
+    where = {"pretrained_model_name_or_path": str(Path(source) / "scheduler")} if Path(source).is_dir() else \
+        {"pretrained_model_name_or_path": source, "subfolder": "scheduler", "local_files_only": local_only}
+    sched_cfg = DDPMScheduler.load_config(**where)
+    return PixelDiffusion(unet, sched_cfg, spec, device=device, dtype=dtype)
+
+
+def _resolve_loader(class_name: str, spec: str) -> Callable:
+    if class_name not in LOADERS:
+        raise ModelLoadError(spec, f"unsupported diffusion pipeline {class_name!r}",
+                             f"supported: {', '.join(sorted(LOADERS))}")
+    module, _, attr = LOADERS[class_name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(spec, f"{class_name} support is not available in this installation ({e})",
+                             "use a DDPM pixel model such as 'shapes'") from None
+
+
+def load_diffusion(spec: str = "shapes", device="cpu", precision: str = "fp32") -> DiffusionBackend:
+    """Resolve a diffusion model spec -> a :class:`DiffusionBackend`.
+
+    ``shapes`` (bundled), a local diffusers pipeline directory (``model_index.json``) or ``hf:ORG/NAME``.
+    Failures raise :class:`ModelLoadError` naming the spec and the fix; hub loads fail fast offline.
+    """
+    from clipkit.core.registry import (OFFLINE_FIX, _offline, _one_line, _require_cached_or_online,
+                                       bundled_path, is_available, parse_spec)
+    from clipkit.core.scorer import resolve_device, resolve_dtype
+    s = parse_spec(spec, "diffusion")
+    device, dtype = resolve_device(device), resolve_dtype(precision)
+    local_only = True
+    if s.kind == "bundled":
+        source = str(bundled_path(s.target, "diffusion"))
+        if not (Path(source) / "model_index.json").is_file():
+            raise ModelLoadError(s.raw, f"bundled weights missing from {source}",
+                                 "reinstall clipkit, or train them with `clipkit train diffusion`")
+    elif s.kind == "local-hf":
+        source = s.target
+        if not (Path(source) / "model_index.json").is_file():
+            raise ModelLoadError(s.raw, "directory has no model_index.json",
+                                 "point at a saved diffusers pipeline directory (unet/ + scheduler/)")
+    elif s.kind == "hf":
+        source = s.target
+        _require_cached_or_online(s)
+        local_only = _offline() or is_available(s.raw, "diffusion")[0]
+    else:
+        raise ModelLoadError(s.raw, "not a diffusion model spec",
+                             "use 'shapes', 'hf:ORG/NAME' or a diffusers pipeline directory")
+    try:
+        if Path(source).is_dir():
+            index_path = Path(source) / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download
+            index_path = Path(hf_hub_download(source, "model_index.json", local_files_only=local_only))
+        class_name = json.loads(index_path.read_text()).get("_class_name", "?")
+    except Exception as e:
+        raise ModelLoadError(s.raw, _one_line(e), OFFLINE_FIX if s.kind == "hf" else "check the directory") from e
+    loader = _resolve_loader(class_name, s.raw)
+    try:
+        return loader(source, s.raw, local_only, device=device, dtype=dtype)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        fix = OFFLINE_FIX if s.kind == "hf" else "check the pipeline's unet/ and scheduler/ folders"
+        raise ModelLoadError(s.raw, _one_line(e), fix) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Results, file names, sidecars
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GeneratedImage:
+    prompt: str
+    seed: int
+    image: Image.Image
+    clip_score: float               # cosine(image as saved, prompt) under the guiding CLIP
+    rank: int                       # 1 = best of this prompt's candidates
+    path: str | None = None         # the PNG, when written
+    sidecar: str | None = None      # its JSON sidecar
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "image"}
+
+
+@dataclass
+class GenerateResult:
+    images: list[GeneratedImage]    # per prompt (in the order given), best first
+    config: GenerateConfig
+    models: dict                    # {"clip": spec, "diffusion": spec, "diffusion_kind": ...}
+    n: int
+    seed: int                       # first seed; candidate k of every prompt has seed + k
+    candidates: int                 # candidates per prompt (n * best_of)
+    wall_s: float = 0.0
+    out_dir: str | None = None
+    score: str = "cosine"
+    score_note: str = SCORE_NOTE
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "score_note": self.score_note, "models": self.models,
+                "parameters": parameters(self.config, self.n, self.seed), "candidates": self.candidates,
+                "out_dir": self.out_dir, "wall_s": round(self.wall_s, 3),
+                "images": [im.to_dict() for im in self.images]}
+
+
+def parameters(config: GenerateConfig, n: int, seed: int) -> dict:
+    return {"n": n, "seed": seed, **config.to_dict(), "guidance": config.guidance().to_dict()}
+
+
+def slugify(prompt: str, max_len: int = 60) -> str:
+    """File-name stem of a prompt: lowercase ASCII words joined by '-'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_len].rstrip("-")
+    return slug or "prompt"
+
+
+def plan_targets(prompts: Sequence[str], seeds: Sequence[int], out_dir: Path) -> dict[tuple[int, int], Path]:
+    """(prompt index, seed) -> PNG path, for every candidate that could be kept."""
+    owner: dict[str, str] = {}
+    for p in prompts:
+        slug = slugify(p)
+        if slug in owner:
+            raise InputError(f"prompts {owner[slug]!r} and {p!r} give the same file name stem {slug!r}: "
+                             "generate them in separate runs (with other seeds or --out)")
+        owner[slug] = p
+    return {(i, s): out_dir / f"{slugify(p)}-{s}.png" for i, p in enumerate(prompts) for s in seeds}
+
+
+def check_out_dir(out_dir: Path, targets: Sequence[Path], overwrite: bool) -> None:
+    """Fail before any work if the outputs cannot be written or would replace files (without overwrite)."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise InputError(f"output directory {out_dir} exists and is not a directory")
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise InputError(f"output directory {out_dir} is not writable")
+        if not overwrite:
+            taken = [p for t in targets for p in (t, t.with_suffix(".json")) if p.exists()]
+            if taken:
+                more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+                raise InputError(f"refusing to overwrite {taken[0]}{more}: pass --overwrite, or choose "
+                                 "another --seed or --out")
+        return
+    parent = out_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create output directory {out_dir}: {parent} is not a writable directory")
+
+
+def make_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output directory {out_dir}: {e.strerror or e}") from None
+
+
+def _write_bytes(path: Path, data: bytes, overwrite: bool) -> None:
+    try:
+        with open(path, "wb" if overwrite else "xb") as f:   # "xb": never replace a file that appeared meanwhile
+            f.write(data)
+    except FileExistsError:
+        raise InputError(f"refusing to overwrite {path} (it appeared during the run): pass --overwrite") from None
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def write_image(img: GeneratedImage, png: Path, sidecar: dict, overwrite: bool) -> None:
+    """PNG (with the sidecar in a ``clipkit`` text chunk) + ``.json`` beside it."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+    doc = json.dumps(sidecar, indent=2, ensure_ascii=False)
+    info = PngInfo()
+    info.add_itxt("clipkit", doc)
+    buf = io.BytesIO()
+    img.image.save(buf, format="PNG", pnginfo=info)
+    _write_bytes(png, buf.getvalue(), overwrite)
+    _write_bytes(png.with_suffix(".json"), (doc + "\n").encode("utf-8"), overwrite)
+    img.path, img.sidecar = str(png), str(png.with_suffix(".json"))
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """Words of ``prompt`` that no Shapes caption uses (in order, without repeats)."""
+    from clipkit.shapes.world import vocabulary
+    vocab = vocabulary()
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return list(dict.fromkeys(w for w in words if w not in vocab))
+
+
+def _spec_of(model) -> str:
+    return model if isinstance(model, str) else getattr(model, "spec", type(model).__name__)
+
+
+def warn_unknown_words(prompts: Sequence[str]) -> None:
+    for p in prompts:
+        unknown = unknown_words(p)
+        if unknown:
+            log.warning("%r: the bundled Shapes models do not know %s (they know only shapes, colours, sizes and "
+                        "positions); for real prompts use --profile sd, or --diffusion SPEC and --clip SPEC",
+                        p, ", ".join(repr(w) for w in unknown))
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+def _check_prompts(prompts) -> list[str]:
+    from clipkit.core.backends import check_texts
+    try:
+        return [p.strip() for p in check_texts([prompts] if isinstance(prompts, str) else list(prompts))]
+    except InputError as e:
+        raise InputError(str(e).replace("text", "prompt")) from None
+
+
+def make_config(config: GenerateConfig | None, options: dict) -> GenerateConfig:
+    names = {f.name for f in fields(GenerateConfig)}
+    bad = sorted(set(options) - names)
+    if bad:
+        raise InputError(f"unknown generate option(s) {', '.join(bad)}: choose from {', '.join(sorted(names))}")
+    base = asdict(config) if config is not None else {}
+    return GenerateConfig(**{**base, **options}).validate()
+
+
+def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = None,
+             config: GenerateConfig | None = None, diffusion="shapes", clip="shapes", device="auto",
+             precision: str = "fp32", out_dir=None, overwrite: bool = False,
+             on_step: Callable[[int, int], None] | None = None, **options) -> GenerateResult:
+    """Generate ``n`` images per prompt with CLIP guidance (and best-of-``best_of`` CLIP reranking).
+
+    Args:
+        prompts: a prompt or a list of prompts.
+        n: images kept per prompt.
+        seed: first seed (None: a random one, recorded); candidate k of each prompt uses ``seed + k``.
+        config / options: a :class:`GenerateConfig` and/or its fields as keywords
+            (``steps=``, ``clip_scale=``, ``best_of=``, ``scheduler=``, ``cutouts=``, ``size=``, ...).
+        diffusion: a spec (``shapes``, a diffusers directory, ``hf:ORG/NAME``) or a loaded DiffusionBackend.
+        clip: a spec or a loaded :class:`~clipkit.core.scorer.ClipScorer` (guides and scores).
+        out_dir: write ``<slug>-<seed>.png`` + ``.json`` sidecars there; existing files are an error
+            unless ``overwrite`` (checked before anything is generated).
+        on_step: ``on_step(done, total)`` after every denoising step of every candidate (progress bars).
+    """
+    t0 = time.time()
+    # 1. validate everything that needs no model
+    prompts = _check_prompts(prompts)
+    cfg = make_config(config, options)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"n must be a positive integer, got {n!r}")
+    n_cand = n * cfg.best_of
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED - n_cand)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - n_cand:
+        raise InputError(f"seed must be an integer in [0, {MAX_SEED - n_cand}], got {seed!r}")
+    seeds = list(range(seed, seed + n_cand))
+    if "shapes" in (_spec_of(clip), _spec_of(diffusion)):
+        warn_unknown_words(prompts)
+    # 2. outputs: every file that could be written, checked before any work
+    targets: dict = {}
+    if out_dir is not None:
+        out_dir = Path(out_dir).expanduser()
+        targets = plan_targets(prompts, seeds, out_dir)
+        check_out_dir(out_dir, list(targets.values()), overwrite)
+    # 3. models, and what they accept
+    if isinstance(clip, str):
+        from clipkit.core.scorer import load_scorer
+        scorer = load_scorer(clip, device=device, precision=precision)
+    else:
+        scorer = clip
+    pipe = load_diffusion(diffusion, device=scorer.device, precision=precision) if isinstance(diffusion, str) \
+        else diffusion
+    pipe.check(cfg)
+    models = {"clip": scorer.spec, "diffusion": pipe.spec, "diffusion_kind": pipe.kind}
+    step = None
+    if on_step is not None:
+        total, done = len(prompts) * n_cand * pipe.steps_per_image(cfg), [0]
+
+        def step():
+            done[0] += 1
+            on_step(done[0], total)
+    # 4. sample, score, keep the best, write
+    from clipkit import __version__
+    from clipkit.rerank.rank import rerank
+    if out_dir is not None:
+        make_out_dir(out_dir)
+    kept: list[GeneratedImage] = []
+    for pi, prompt in enumerate(prompts):
+        images = pipe.generate(prompt, seeds, cfg, scorer, on_step=step)
+        ranking = rerank(images, query=prompt, scorer=scorer, top_k=n)         # items "#k", best first
+        for item in ranking.results:
+            k = int(item.path[1:])
+            img = GeneratedImage(prompt, seeds[k], images[k], item.score, item.rank)
+            if out_dir is not None:
+                png = targets[(pi, seeds[k])]
+                sidecar = {"clipkit": __version__, "prompt": prompt, "seed": seeds[k], "image": png.name,
+                           "clip_score": item.score, "score": "cosine", "score_note": SCORE_NOTE,
+                           "rank": item.rank, "candidates": n_cand, "models": models,
+                           "parameters": parameters(cfg, n, seed),
+                           "device": str(scorer.device), "precision": precision,
+                           "size": list(img.image.size)}
+                write_image(img, png, sidecar, overwrite)
+            kept.append(img)
+    return GenerateResult(kept, cfg, models, n, seed, n_cand, time.time() - t0,
+                          str(out_dir) if out_dir is not None else None)

@@ -1,0 +1,241 @@
+"""generate(): seeds, best-of reranking, files and sidecars, the `clipkit generate` CLI contract."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from clipkit.cli.main import cli
+from clipkit.core.errors import InputError, ModelLoadError
+from clipkit.guidance.pipeline import (SCHEDULERS, GenerateConfig, PixelDiffusion, generate, load_diffusion,
+                                       slugify, unknown_words)
+
+PROMPT = "a red circle at the top left"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads stall at every barrier
+    (measured 16x slower under load); results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    return load_diffusion("shapes", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from clipkit.core.scorer import load_scorer
+    return load_scorer("shapes", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A random 16x16 UNet2DModel + DDPM scheduler saved as a diffusers DDPMPipeline directory."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    path = tmp_path_factory.mktemp("tiny_ddpm")
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    return path
+
+
+def pixels(im):
+    return np.asarray(im)
+
+
+def test_same_seed_same_image_whatever_n(shapes_pipe, scorer):
+    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=4)
+    a = generate(PROMPT, n=1, seed=5, **kw).images[0]
+    b = generate(PROMPT, n=1, seed=5, **kw).images[0]
+    batch = generate(PROMPT, n=3, seed=3, **kw).images
+    assert a.seed == 5 and np.array_equal(pixels(a.image), pixels(b.image))
+    by_seed = {im.seed: im for im in batch}
+    assert sorted(by_seed) == [3, 4, 5]
+    # a seed fixes its image alone: the same picture inside a run of 3 (so -n 1 --seed S regenerates it)
+    assert np.array_equal(pixels(by_seed[5].image), pixels(a.image))
+    assert math.isclose(by_seed[5].clip_score, a.clip_score, abs_tol=1e-6)
+    assert not np.array_equal(pixels(by_seed[3].image), pixels(a.image))
+    assert a.image.size == (32, 32) and a.image.mode == "RGB"
+
+
+def test_best_of_keeps_the_highest_scores(shapes_pipe, scorer):
+    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=3, seed=10)
+    every = generate(PROMPT, n=6, **kw)                       # all six candidates, each scored
+    best = generate(PROMPT, n=2, best_of=3, **kw)             # same six seeds, keep 2
+    scores = {im.seed: im.clip_score for im in every.images}
+    assert len(scores) == 6 and best.candidates == 6
+    top2 = sorted(scores, key=lambda s: -scores[s])[:2]
+    assert [im.seed for im in best.images] == top2
+    assert [im.rank for im in best.images] == [1, 2]
+    for im in best.images:
+        assert math.isclose(im.clip_score, scores[im.seed], abs_tol=1e-6)
+    # the recorded score is the cosine of the image as saved with the prompt
+    sim = scorer.similarity([best.images[0].image], [PROMPT])[0, 0]
+    assert math.isclose(float(sim), best.images[0].clip_score, abs_tol=1e-5)
+
+
+def test_guidance_moves_the_image(shapes_pipe, scorer):
+    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=4, seed=1, n=1)
+    plain = generate(PROMPT, clip_scale=0.0, **kw).images[0]
+    guided = generate(PROMPT, **kw).images[0]
+    assert not np.array_equal(pixels(plain.image), pixels(guided.image))
+
+
+def test_progress_counts_every_step(shapes_pipe, scorer):
+    calls = []
+    generate(["a blue square", "a green triangle"], n=1, best_of=2, seed=0, steps=2, diffusion=shapes_pipe,
+             clip=scorer, on_step=lambda done, total: calls.append((done, total)))
+    assert calls == [(i + 1, 8) for i in range(8)]               # 2 prompts x 2 candidates x 2 steps
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_generates(name, shapes_pipe, scorer):
+    res = generate(PROMPT, n=1, seed=2, steps=4, scheduler=name, diffusion=shapes_pipe, clip=scorer)
+    assert res.images[0].image.size == (32, 32) and math.isfinite(res.images[0].clip_score)
+    assert res.to_dict()["parameters"]["guidance"]["apply"] == ("output" if name == "pndm" else "sample")
+
+
+def test_local_diffusers_dir_and_size(tiny_pipeline_dir, scorer):
+    pipe = load_diffusion(str(tiny_pipeline_dir), device="cpu")
+    assert isinstance(pipe, PixelDiffusion) and pipe.native_size == 16 and pipe.spec == str(tiny_pipeline_dir)
+    res = generate("a red shape", n=1, seed=0, steps=2, size=24, diffusion=pipe, clip=scorer)
+    assert res.images[0].image.size == (24, 24)
+    with pytest.raises(InputError, match="multiple of 2"):
+        generate("a red shape", n=1, seed=0, steps=2, size=15, diffusion=pipe, clip=scorer)
+
+
+def test_unsupported_pipeline_and_offline_hub(tmp_path, monkeypatch):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ModelLoadError, match="unsupported diffusion pipeline 'KandinskyPipeline'.*DDPMPipeline"):
+        load_diffusion(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="hf:nobody/no-such-ddpm.*HF_HUB_OFFLINE"):
+        load_diffusion("hf:nobody/no-such-ddpm")
+
+
+def test_api_rejects_bad_input(shapes_pipe, scorer):
+    kw = dict(diffusion=shapes_pipe, clip=scorer)
+    for bad in [dict(prompts=""), dict(prompts=[]), dict(prompts=["ok", "  "]), dict(steps=0), dict(steps=2.5),
+                dict(clip_scale=-1.0), dict(clip_scale=float("nan")), dict(cfg_scale=float("inf")),
+                dict(scheduler="heun"), dict(best_of=0), dict(n=0), dict(seed=-1), dict(views=0),
+                dict(cfg_scale=7.5), dict(bogus=1), dict(apply="sample", scheduler="pndm"),
+                dict(steps=3, scheduler="pndm")]:
+        args = {"prompts": PROMPT, **kw, **bad}
+        with pytest.raises(InputError):
+            generate(**args)
+    with pytest.raises(InputError, match="ddim, ddpm, euler, euler_a, lms, dpmpp, pndm"):
+        GenerateConfig(scheduler="heun").validate()
+
+
+def test_unknown_words_and_slugs():
+    assert unknown_words("A red DOG on the beach, red dog!") == ["dog", "beach"]
+    assert unknown_words("a small cyan triangle in the center") == []
+    assert slugify("  A Red circle, top-left!  ") == "a-red-circle-top-left"
+    assert slugify("!!!") == "prompt" and len(slugify("x " * 100)) <= 60
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def run(args):
+    res = CliRunner().invoke(cli, args)
+    return res
+
+
+def test_cli_writes_png_and_sidecar_and_json(tmp_path, scorer):
+    out = tmp_path / "out"
+    res = run(["generate", PROMPT, "-n", "2", "--steps", "3", "--seed", "7", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)                                  # one JSON document, nothing else
+    assert doc["score"] == "cosine" and doc["models"]["diffusion"] == "shapes"
+    assert "note: using the bundled" in res.stderr
+    slug = "a-red-circle-at-the-top-left"
+    assert sorted(p.name for p in out.iterdir()) == [f"{slug}-7.json", f"{slug}-7.png", f"{slug}-8.json",
+                                                     f"{slug}-8.png"]
+    assert sorted(im["seed"] for im in doc["images"]) == [7, 8]
+    for im in doc["images"]:
+        side = json.loads((out / f"{slug}-{im['seed']}.json").read_text())
+        assert side["prompt"] == PROMPT and side["seed"] == im["seed"] and side["score"] == "cosine"
+        assert side["models"] == {"clip": "shapes", "diffusion": "shapes", "diffusion_kind": "pixel"}
+        p = side["parameters"]
+        assert (p["steps"], p["n"], p["seed"], p["best_of"], p["scheduler"], p["clip_scale"]) == (3, 2, 7, 1, "ddim", 0.2)
+        assert p["guidance"]["x0_step"] == 0.2 and p["cfg_scale"] is None
+        # the sidecar's score is what `clipkit score` reports for the saved file
+        sim = float(scorer.similarity([im["path"]], [PROMPT])[0, 0])
+        assert math.isclose(side["clip_score"], sim, abs_tol=1e-5) and im["clip_score"] == side["clip_score"]
+
+
+def test_cli_never_overwrites_silently(tmp_path):
+    out = tmp_path / "o"
+    args = ["-q", "generate", PROMPT, "-n", "2", "--steps", "2", "--seed", "3", "--out", str(out)]
+    assert run(args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = run(args)
+    assert res.exit_code == 2 and "refusing to overwrite" in res.stderr and "--overwrite" in res.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # one stray sidecar among the targets (seeds 8, 9) blocks the run before anything is generated
+    (out / "a-red-circle-at-the-top-left-9.json").write_text("{}")
+    res = run(["-q", "generate", PROMPT, "-n", "2", "--steps", "2", "--seed", "8", "--out", str(out)])
+    assert res.exit_code == 2 and "a-red-circle-at-the-top-left-9.json" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(before) + ["a-red-circle-at-the-top-left-9.json"]
+    res = run(args[:1] + ["generate", "--overwrite"] + args[2:] + ["--clip-scale", "0"])
+    assert res.exit_code == 0, res.output
+    side = json.loads((out / "a-red-circle-at-the-top-left-3.json").read_text())
+    assert side["parameters"]["clip_scale"] == 0
+
+
+@pytest.mark.parametrize("bad", [
+    ["", "--steps", "2"], ["   "], [PROMPT, "--steps", "0"], [PROMPT, "--steps", "-3"],
+    [PROMPT, "--clip-scale", "-1"], [PROMPT, "--clip-scale", "nan"], [PROMPT, "--cfg-scale", "nan"],
+    [PROMPT, "--cfg-scale", "7.5"], [PROMPT, "--scheduler", "heun"], [PROMPT, "-n", "0"],
+    [PROMPT, "--best-of", "0"], [PROMPT, "--cutouts", "-1"], [PROMPT, "--scheduler", "pndm", "--steps", "3"],
+])
+def test_cli_bad_input_exit_2_nothing_written(tmp_path, bad):
+    out = tmp_path / "o"
+    res = run(["-q", "generate", *bad, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    assert not out.exists()
+
+
+def test_cli_unwritable_out(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        res = run(["-q", "generate", PROMPT, "--steps", "2", "--out", str(out)])
+        assert res.exit_code == 2 and res.stderr.startswith("Error: ") and len(res.stderr.strip().splitlines()) == 1
+    assert blocker.read_text() == "x"
+
+
+def test_cli_unknown_words_warning(tmp_path):
+    res = run(["generate", "a dog on the beach", "-n", "1", "--steps", "1", "--seed", "0",
+               "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "'dog', 'beach'" in res.stderr and "--profile sd" in res.stderr and "--clip" in res.stderr
+    assert (tmp_path / "o" / "a-dog-on-the-beach-0.png").is_file()
+    assert "image" in res.stdout and "a-dog-on-the-beach-0.png" in res.stdout
+
+
+def test_real_subprocess(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "clipkit", "generate", "a green square", "-n", "1", "--steps", "2",
+                          "--seed", "11", "--out", str(tmp_path), "--json"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["images"][0]["path"] == str(tmp_path / "a-green-square-11.png")
+    assert "note: using the bundled" in out.stderr
