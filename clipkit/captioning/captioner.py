@@ -1,10 +1,11 @@
 """``Captioner``: CLIP scorer + ClipCap model + tokenizer -> captions, optionally CLIP-reranked.
 
-Candidates (``DecodeConfig.candidates`` > 1) are reranked against their image by
+Candidates (``DecodeConfig.candidates`` > 1) are reranked against their image with the rerank
+core (:mod:`clipkit.rerank.rank`: same cosine, same ordering rule, ties by text) by
 
     rank_score = cos(image, caption) + lm_weight * mean token log-prob
 
-with the scoring core's cosine (raw, in [-1, 1]). ``lm_weight = 0`` is pure CLIP reranking; a small
+with the raw cosine in [-1, 1]. ``lm_weight = 0`` is pure CLIP reranking; a small
 weight (the default 0.1) breaks ties between captions CLIP finds equally good in favour of fluent ones.
 """
 from __future__ import annotations
@@ -75,20 +76,25 @@ class Captioner:
         return out
 
     def _finish(self, img: torch.Tensor, seqs, lm_weight: float) -> list[CaptionResult]:
+        """Score every candidate with the rerank core (cosine with its image, + lm_weight * mean
+        log-prob) and order them by it, ties broken by the caption text."""
+        from clipkit.rerank.rank import cosines, order
         texts = [[self.tokenizer.decode(s.tokens, skip_special_tokens=True).strip() for s in row]
                  for row in seqs]
         flat = [t if t else " " for row in texts for t in row]
-        txt = self.scorer.encode_texts(flat).to(img.device)
+        txt = self.scorer.encode_texts(flat).cpu()
         results, j = [], 0
         for r, (row, caps) in enumerate(zip(seqs, texts)):
-            cos = (txt[j:j + len(row)] @ img[r].to(txt.dtype)).tolist()
+            cos = cosines(txt[j:j + len(row)], img[r:r + 1].cpu().to(txt.dtype))[:, 0]
             j += len(row)
-            cands = [Candidate(c, s.mean_logprob, float(cs), float(cs) + lm_weight * s.mean_logprob)
-                     for c, s, cs in zip(caps, row, cos)]
-            best = max(cands, key=lambda c: c.rank_score) if len(cands) > 1 else cands[0]
-            cands.sort(key=lambda c: -c.rank_score)
+            lp = torch.tensor([s.mean_logprob for s in row], dtype=cos.dtype)
+            rank = cos + lm_weight * lp
+            cands = [Candidate(c, s.mean_logprob, float(cs), float(rs))
+                     for c, s, cs, rs in zip(caps, row, cos.tolist(), rank.tolist())]
+            ordered = [cands[i] for i, _ in order(caps, rank, None)]
+            best = ordered[0]
             results.append(CaptionResult(best.caption, best.clip_score, best.logprob,
-                                         cands if len(cands) > 1 else []))
+                                         ordered if len(ordered) > 1 else []))
         return results
 
     def caption(self, images, cfg: DecodeConfig | None = None, lm_weight: float = 0.1,

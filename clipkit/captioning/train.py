@@ -291,12 +291,14 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCa
     scorer = load_scorer(cfg.clip, device=acc.device)
     shapes = cfg.data == "shapes"
     cache = out / "clip_embeddings"
-    if shapes:
-        train = shapes_data(scorer, "train", cfg.shapes_train, cache / "train.safetensors")
-        val = shapes_data(scorer, "val", cfg.shapes_val, cache / "val.safetensors")
-    else:
-        pairs, _ = read_caption_pairs(cfg.data, cfg.images)
-        data = file_data(scorer, pairs, cache / "all.safetensors")
+    with acc.main_process_first():      # the main process encodes and caches; the others read the cache
+        if shapes:
+            train = shapes_data(scorer, "train", cfg.shapes_train, cache / "train.safetensors")
+            val = shapes_data(scorer, "val", cfg.shapes_val, cache / "val.safetensors")
+        else:
+            pairs, _ = read_caption_pairs(cfg.data, cfg.images)
+            data = file_data(scorer, pairs, cache / "all.safetensors")
+    if not shapes:
         n_val = int(len(data.keys) * cfg.val_fraction) if len(data.keys) >= 20 else 0
         perm = torch.randperm(len(data.keys), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         pick = lambda idx: CaptionData(data.embeds[idx], [data.captions[i] for i in idx],

@@ -81,3 +81,20 @@ def test_shapes_recipe_learns_something(tmp_path):
     assert len(rows) == 3
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 0.3
     assert "exact_attr" in res.final_eval
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_openclip_dir):
+    import subprocess
+    import sys
+    path = _shapes_folder(tmp_path)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "clipkit.cli.main", "-q", "train", "captioner", "--data", str(path), "--clip",
+           str(tiny_openclip_dir), "--out", str(out), "--epochs", "2", "--batch-size", "2", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    # 6 images, 2 per process per step, 2 processes: 1 step per epoch
+    assert doc["processes"] == 2 and doc["steps"] == 2
+    assert (out / "model" / "model.safetensors").is_file()
