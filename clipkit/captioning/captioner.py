@@ -52,9 +52,15 @@ class Captioner:
                                  f"the captioner's {cfg.clip_dim}",
                                  f"use the CLIP the captioner was trained with ({cfg.clip_spec})")
         self.eos_id = tokenizer.eos_token_id
+        self.set_stop_token(cfg.stop_token)
+
+    def set_stop_token(self, text: str | None) -> None:
+        """End captions at this string's (last) token too, besides EOS (official models: ".")."""
         self.stop_ids = ()
-        if cfg.stop_token:
-            ids = tokenizer(cfg.stop_token, add_special_tokens=False)["input_ids"]
+        if text:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise InputError(f"stop token {text!r} encodes to no token")
             self.stop_ids = tuple(ids[-1:])
 
     @torch.inference_mode()

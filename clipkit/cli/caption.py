@@ -23,6 +23,8 @@ from clipkit.cli.common import batch_size_option, clip_option, emit_json, json_o
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for nucleus sampling.")
+@click.option("--stop-token", default=None, metavar="TEXT",
+              help="Also end a caption at this token (default: the checkpoint's; official ClipCap: '.').")
 @click.option("--eval", "refs_path", type=click.Path(dir_okay=False), default=None,
               help="Score the captions against references: JSON {image path or file name: [captions]}.")
 @clip_option
@@ -30,7 +32,7 @@ from clipkit.cli.common import batch_size_option, clip_option, emit_json, json_o
 @json_option
 @click.pass_obj
 def caption(settings, images, captioner_spec, tokenizer, strategy, beams, candidates, lm_weight, max_tokens,
-            temperature, top_p, top_k, seed, refs_path, clip_spec, batch_size, as_json):
+            temperature, top_p, top_k, seed, stop_token, refs_path, clip_spec, batch_size, as_json):
     """Caption IMAGES (files or folders, walked recursively): one line per image (path, caption, score).
 
     The score is the cosine between the image and its caption under the captioner's CLIP.
@@ -58,6 +60,8 @@ def caption(settings, images, captioner_spec, tokenizer, strategy, beams, candid
     refs = _read_refs(refs_path) if refs_path else None
     cap = load_captioner(spec, clip=clip_spec, device=settings.device, precision=settings.precision,
                          tokenizer=tokenizer, batch_size=batch_size)
+    if stop_token is not None:
+        cap.set_stop_token(stop_token)
     loaded = load_images_tolerant(images, quiet=quiet)
     results = []
     chunk = max(1, batch_size)
