@@ -53,6 +53,18 @@ def _config_from_dict(d: dict) -> CaptionerConfig:
     return CaptionerConfig(**{k: v for k, v in d.items() if k in names})
 
 
+def _build_with_weights(cfg: CaptionerConfig, sd: dict[str, torch.Tensor]) -> ClipCapModel:
+    """A ClipCapModel for ``cfg`` holding exactly the weights ``sd`` (fp32; lm_head tied to wte)."""
+    model = ClipCapModel(cfg)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "gpt.lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"keys do not match a ClipCap model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.gpt.tie_weights()
+    return model
+
+
 def load_captioner_dir(path) -> tuple[ClipCapModel, object]:
     """Load our directory format -> (model, tokenizer)."""
     from safetensors.torch import load_file
@@ -61,15 +73,7 @@ def load_captioner_dir(path) -> tuple[ClipCapModel, object]:
     path = Path(path)
     try:
         cfg = _config_from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        model = ClipCapModel(cfg)
-        sd = load_file(str(path / WEIGHTS_NAME))
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if k != "gpt.lm_head.weight"]
-        if missing or unexpected:
-            raise ValueError(f"weights do not match the config (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-        model.gpt.tie_weights()
+        model = _build_with_weights(cfg, load_file(str(path / WEIGHTS_NAME)))
         tokenizer = load_tokenizer(path)
     except ModelLoadError:
         raise
@@ -141,15 +145,8 @@ def import_official(path, tokenizer: str | Path | None = None, clip_spec: str = 
     sd = read_official_state_dict(path)
     try:
         cfg = config_from_official(sd, mapper_heads, clip_spec)
-        model = ClipCapModel(cfg)
-        renamed = {("mapper." + k[len("clip_project."):]) if k.startswith("clip_project.") else k: v.float()
-                   for k, v in sd.items()}
-        missing, unexpected = model.load_state_dict(renamed, strict=False)
-        missing = [k for k in missing if k != "gpt.lm_head.weight"]
-        if missing or unexpected:
-            raise ValueError(f"keys do not match a ClipCap model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-        model.gpt.tie_weights()
+        model = _build_with_weights(cfg, {("mapper." + k[len("clip_project."):])
+                                           if k.startswith("clip_project.") else k: v for k, v in sd.items()})
     except Exception as e:
         raise ModelLoadError(str(path), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
                              "expected an official ClipCap .pt (MLP or transformer mapper)") from e

@@ -279,7 +279,7 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCa
     from clipkit.captioning.tokenizer import encode_captions
     from clipkit.core.dist import accelerator
     from clipkit.core.scorer import load_scorer
-    from clipkit.core.training import CsvLog, load_checkpoint, plan_steps, plot_curves, save_checkpoint, warmup_cosine
+    from clipkit.core.training import CsvLog, plan_steps, plot_curves, resume_step, save_checkpoint, warmup_cosine
 
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise InputError("epochs and batch_size must be >= 1 and lr > 0")
@@ -321,13 +321,8 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCa
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(loader) // acc.num_processes)
     total = cfg.epochs * steps_per_epoch
-    step = 0
-    if cfg.resume:
-        if not (ckpt_dir / "state.json").is_file():
-            raise InputError(f"--resume: no checkpoint in {ckpt_dir}")
-        step = load_checkpoint(ckpt_dir, model, opt)["step"]
-        log.info("resumed from step %d", step)
-    elif acc.is_main_process:
+    step = resume_step(ckpt_dir, model, opt, cfg.resume)
+    if not cfg.resume and acc.is_main_process:
         tokenizer.save_pretrained(str(out / "tokenizer"))
     model, opt, loader = acc.prepare(model, opt, loader)
     unwrapped = acc.unwrap_model(model)

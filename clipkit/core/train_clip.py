@@ -310,7 +310,7 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     from tqdm.auto import tqdm
 
     from clipkit.core.artifacts import save_openclip_dir
-    from clipkit.core.training import CsvLog, load_checkpoint, plan_steps, plot_curves, save_checkpoint, warmup_cosine
+    from clipkit.core.training import CsvLog, plan_steps, plot_curves, resume_step, save_checkpoint, warmup_cosine
     from clipkit.shapes.render import render
 
     if cfg.augment not in ("robust", "none"):
@@ -337,13 +337,8 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
                         num_workers=cfg.num_workers, collate_fn=_collate, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    step = 0
-    if cfg.resume:
-        if not (ckpt_dir / "state.json").is_file():
-            raise InputError(f"--resume: no checkpoint in {ckpt_dir}")
-        step = load_checkpoint(ckpt_dir, model, opt)["step"]
-        log.info("resumed from step %d", step)
-    elif acc.is_main_process:
+    step = resume_step(ckpt_dir, model, opt, cfg.resume)
+    if not cfg.resume and acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     model, opt, loader = acc.prepare(model, opt, loader)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -56,6 +56,20 @@ def load_checkpoint(ckpt_dir, model: torch.nn.Module, optimizer=None) -> dict:
     return json.loads((ckpt_dir / "state.json").read_text())
 
 
+def resume_step(ckpt_dir, model: torch.nn.Module, optimizer, resume: bool) -> int:
+    """The step to start from: 0, or (``resume``) the step of the checkpoint in ``ckpt_dir``, whose
+    model and optimizer states are restored. A missing checkpoint is a clear error."""
+    if not resume:
+        return 0
+    from clipkit.core.errors import InputError
+    if not (Path(ckpt_dir) / "state.json").is_file():
+        raise InputError(f"--resume: no checkpoint in {ckpt_dir}")
+    step = load_checkpoint(ckpt_dir, model, optimizer)["step"]
+    import logging
+    logging.getLogger(__name__).info("resumed from step %d", step)
+    return step
+
+
 def config_from_dict(cls, d: dict):
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})

@@ -112,7 +112,7 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
     from tqdm.auto import tqdm
 
-    from clipkit.core.training import CsvLog, load_checkpoint, plan_steps, plot_curves, save_checkpoint, warmup_cosine
+    from clipkit.core.training import CsvLog, load_checkpoint, plan_steps, resume_step, plot_curves, save_checkpoint, warmup_cosine
     from clipkit.shapes.data import ShapesCaptions, collate
     from clipkit.shapes.render import render
 
@@ -137,11 +137,8 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                         collate_fn=collate, drop_last=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step = 0
+    step = resume_step(ckpt_dir, unet, opt, cfg.resume)
     if cfg.resume:
-        if not (ckpt_dir / "state.json").is_file():
-            raise InputError(f"--resume: no checkpoint in {ckpt_dir}")
-        step = load_checkpoint(ckpt_dir, unet, opt)["step"]
         load_checkpoint(ema_dir, ema)
     elif acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
