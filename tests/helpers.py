@@ -57,3 +57,48 @@ def make_hf_clip_dir(path: Path, seed: int = 0) -> Path:
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "image_processor_type": "CLIPImageProcessor"}))
     return path
+
+
+def sd_scheduler_config(prediction_type: str = "epsilon"):
+    """The noise schedule of Stable Diffusion 1.x (scaled linear betas, PNDM without PRK steps)."""
+    from diffusers import PNDMScheduler
+    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                         steps_offset=1, set_alpha_to_one=False, prediction_type=prediction_type).config
+
+
+def make_sd_components(tok_dir: Path, prediction_type: str = "epsilon", scheduler: str = "ddim", seed: int = 0):
+    """A tiny random Stable Diffusion pipeline (UNet2DConditionModel 8x8 latents, AutoencoderKL x4,
+    CLIPTextModel) as :class:`~clipkit.guidance.latent.LatentComponents`: 32x32 images.
+    ``tok_dir``: where the CLIP tokenizer files are (written there if missing)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from clipkit.guidance.latent import LatentComponents
+    from clipkit.guidance.schedulers import make_scheduler
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        norm_num_groups=8, sample_size=32)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
+                                        eos_token_id=49407, pad_token_id=49407))
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    if not (tok_dir / "vocab.json").is_file():
+        write_clip_tokenizer_files(tok_dir)
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    sched = make_scheduler(scheduler, sd_scheduler_config(prediction_type), latent=True)
+    return LatentComponents(unet, vae, text, tok, sched)
+
+
+def save_sd_pipeline(comps, path: Path) -> Path:
+    """Save LatentComponents as a diffusers StableDiffusionPipeline directory (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                   unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path

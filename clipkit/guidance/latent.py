@@ -17,13 +17,17 @@ Every network is frozen (``requires_grad_(False)``): no parameter ever gets a ``
 Unlike diffusers' community ``clip_guided_stable_diffusion``: every scheduler of the wrapper works,
 v-prediction is handled, the unconditional batch matches the prompt batch, and CLIP runs in its own
 dtype whatever the pipeline's.
+
+:class:`LatentDiffusion` (loaded by :func:`load_latent`, registered for ``StableDiffusionPipeline`` in
+:data:`clipkit.guidance.pipeline.LOADERS`) is the backend of ``clipkit generate --diffusion <SD pipeline>``.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,40 +36,13 @@ import torch
 from PIL import Image
 
 from clipkit.core.errors import InputError, ModelLoadError
+from clipkit.guidance.schedulers import count_timesteps, make_scheduler
 from clipkit.guidance.wrapper import GuidanceConfig, GuidanceStats, GuidedDenoiser, make_views, sample, tv_loss
 
 log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def _schedulers() -> dict[str, Callable]:
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
-    return {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
-            "euler_a": EulerAncestralDiscreteScheduler, "lms": LMSDiscreteScheduler,
-            "dpmpp": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}
-
-
-SCHEDULER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "lms", "dpmpp", "pndm")
-
-
-def make_scheduler(name: str, config) -> object:
-    """A scheduler of kind ``name`` with the noise schedule and ``prediction_type`` of ``config``.
-
-    Latents are not in [-1, 1]: sample clipping and thresholding are switched off where the class has them.
-    """
-    table = _schedulers()
-    if name not in table:
-        raise InputError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-    cls = table[name]
-    params = inspect.signature(cls.__init__).parameters
-    over = {k: False for k in ("clip_sample", "thresholding") if k in params}
-    if name == "dpmpp":
-        over["algorithm_type"] = "dpmsolver++"
-    if name == "pndm":
-        over["skip_prk_steps"] = True
-    return cls.from_config(dict(config), **over)
+DEFAULT_CFG_SCALE = 7.5     # Stable Diffusion's own default, used when no cfg_scale is given
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +56,7 @@ class LatentComponents:
     vae: torch.nn.Module             # AutoencoderKL
     text_encoder: torch.nn.Module    # transformers CLIPTextModel
     tokenizer: object                # CLIP tokenizer
-    scheduler: object                # any scheduler of SCHEDULER_NAMES' kinds (DDPM family)
+    scheduler: object                # DDPM family (clipkit.guidance.schedulers.SCHEDULERS)
     spec: str = "(in memory)"
 
     def __post_init__(self):
@@ -108,13 +85,17 @@ class LatentComponents:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "LatentComponents":
         for m in (self.unet, self.vae, self.text_encoder):
-            m.to(device=device, dtype=dtype)
+            kw = {} if device is None else {"device": device}
+            if dtype is not None and next(m.parameters()).dtype != dtype:   # diffusers warns on any dtype cast
+                kw["dtype"] = dtype
+            if kw:
+                m.to(**kw)
         return self
 
     def with_scheduler(self, name: str) -> "LatentComponents":
         """The same networks with a scheduler of another kind (same noise schedule and prediction type)."""
         return LatentComponents(self.unet, self.vae, self.text_encoder, self.tokenizer,
-                                make_scheduler(name, self.scheduler.config), self.spec)
+                                make_scheduler(name, self.scheduler.config, latent=True), self.spec)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (scaled, as the UNet sees them) -> images [B,3,H,W] in about [-1, 1], fp32."""
@@ -137,15 +118,25 @@ def load_latent_pipeline(spec: str, device="cpu", dtype: torch.dtype = torch.flo
                              "use clipkit.guidance.pipeline for it, or give a Stable Diffusion directory / hf:ORG/NAME")
     if s.kind not in ("hf", "local-hf"):
         raise ModelLoadError(spec, "not a diffusers pipeline", "give a Stable Diffusion directory or hf:ORG/NAME")
-    if s.kind == "local-hf":
-        missing = [f for f in SUBFOLDERS if not (Path(s.target) / f).is_dir()]
+    local_only = True
+    if s.kind == "hf":
+        registry._require_cached_or_online(s)
+        local_only = registry._offline() or registry.is_available(s.raw, "diffusion")[0]
+    comps = load_components(s.target, spec, local_only, device, dtype)
+    return comps.with_scheduler(scheduler) if scheduler else comps
+
+
+def load_components(source: str, spec: str, local_only: bool, device="cpu",
+                    dtype: torch.dtype = torch.float32) -> LatentComponents:
+    """The components of a Stable Diffusion pipeline in ``source`` (a directory or a hub repo id),
+    with its own scheduler; failures are one-line :class:`ModelLoadError` naming ``spec``."""
+    from clipkit.core import registry
+    is_dir = Path(source).is_dir()
+    if is_dir:
+        missing = [f for f in SUBFOLDERS if not (Path(source) / f).is_dir()]
         if missing:
             raise ModelLoadError(spec, f"not a Stable Diffusion pipeline directory (missing {', '.join(missing)}/)",
                                  "save one with StableDiffusionPipeline.save_pretrained")
-        local_only = True
-    else:
-        registry._require_cached_or_online(s)
-        local_only = registry._offline() or registry.is_available(s.raw, "diffusion")[0]
     registry._short_timeouts()
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -154,21 +145,21 @@ def load_latent_pipeline(spec: str, device="cpu", dtype: torch.dtype = torch.flo
     hf_logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
     kw = {"local_files_only": local_only}
+    nets = {**kw, "torch_dtype": dtype}     # cast while loading (the name both libraries' supported versions take)
     try:
-        unet = UNet2DConditionModel.from_pretrained(s.target, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(s.target, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(s.target, subfolder="text_encoder", **kw)
-        tokenizer = AutoTokenizer.from_pretrained(s.target, subfolder="tokenizer", **kw)
-        sched_cfg = diffusers.DDIMScheduler.load_config(s.target, subfolder="scheduler", **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **nets)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **nets)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **nets)
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        sched_cfg = diffusers.DDIMScheduler.load_config(source, subfolder="scheduler", **kw)
         sched_cls = getattr(diffusers, sched_cfg.get("_class_name", ""), None)
         if sched_cls is None:
             raise ValueError(f"unknown scheduler class {sched_cfg.get('_class_name')!r}")
         sched = sched_cls.from_config(sched_cfg)
     except Exception as e:
-        fix = registry.OFFLINE_FIX if s.kind == "hf" else "check the directory's components"
+        fix = "check the directory's components" if is_dir else registry.OFFLINE_FIX
         raise ModelLoadError(spec, registry._one_line(e), fix) from e
-    comps = LatentComponents(unet, vae, text_encoder, tokenizer, sched, spec).to(device, dtype)
-    return comps.with_scheduler(scheduler) if scheduler else comps
+    return LatentComponents(unet, vae, text_encoder, tokenizer, sched, spec).to(device, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,10 +341,15 @@ def _as_list(x, name: str, n: int | None = None) -> list[str]:
     return items
 
 
+def _size_unit(comps: LatentComponents) -> int:
+    """Image sides must be multiples of this (VAE downsampling x UNet downsampling)."""
+    return comps.vae_scale_factor * 2 ** (len(comps.unet.config.block_out_channels) - 1)
+
+
 def _check_size(comps: LatentComponents, height: int | None, width: int | None) -> tuple[int, int]:
     h = height or comps.default_size
     w = width or comps.default_size
-    unit = comps.vae_scale_factor * 2 ** (len(comps.unet.config.block_out_channels) - 1)
+    unit = _size_unit(comps)
     if h <= 0 or w <= 0 or h % unit or w % unit:
         raise InputError(f"height and width must be positive multiples of {unit} for this model, got {h}x{w}")
     return h, w
@@ -365,21 +361,23 @@ def _to_pil(pix: torch.Tensor) -> list[Image.Image]:
 
 
 def generate_latent(components: LatentComponents, prompts: str | Sequence[str], n_per_prompt: int = 1,
-                    steps: int = 25, cfg_scale: float = 7.5, guidance: GuidanceConfig | None = None,
+                    steps: int = 25, cfg_scale: float = DEFAULT_CFG_SCALE, guidance: GuidanceConfig | None = None,
                     scorer=None, negative_prompt: str | Sequence[str] | None = None, seed: int | None = 0,
                     generator: torch.Generator | None = None, height: int | None = None,
                     width: int | None = None, noise: torch.Tensor | None = None, precision: str = "fp32",
-                    view_batch: int = 0, callback: Callable | None = None) -> LatentResult:
+                    view_batch: int = 0, callback: Callable | None = None, score: bool = True) -> LatentResult:
     """Sample ``n_per_prompt`` images per prompt with classifier-free guidance and (optionally) CLIP guidance.
 
     Args:
         components: the pipeline (see :func:`load_latent_pipeline`); its scheduler is used as given.
         cfg_scale: classifier-free guidance scale; 1 = the conditional model alone (one UNet pass per step).
         guidance: CLIP guidance settings (needs ``scorer``); None = CFG only.
-        scorer: a :class:`~clipkit.core.scorer.ClipScorer`; guides (if ``guidance``) and scores the results.
+        scorer: a :class:`~clipkit.core.scorer.ClipScorer`; guides (if ``guidance``) and scores the results
+            (unless ``score=False``: then ``clip_scores`` is None).
         negative_prompt: the unconditional text(s): one for all, or one per prompt (default "").
         seed / generator: the only randomness (initial noise, ancestral noise, guidance views);
-            a generator wins over the seed.
+            a generator wins over the seed. The initial noise is drawn first, so a seed gives the same
+            starting noise with and without CLIP guidance.
         noise: initial latent noise [N, C, h, w] (unit variance) instead of drawing it.
         precision: ``fp32``, or ``bf16``/``fp16`` autocast around the networks (scores stay fp32).
         view_batch: CLIP views per forward while accumulating the image gradient (0 = all at once).
@@ -389,8 +387,8 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
     negs = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt", len(prompts))
     if not isinstance(n_per_prompt, int) or n_per_prompt < 1:
         raise InputError(f"n_per_prompt must be an integer >= 1, got {n_per_prompt!r}")
-    if not cfg_scale >= 0:
-        raise InputError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
+    if not (isinstance(cfg_scale, (int, float)) and math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise InputError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
     if precision not in _AUTOCAST:
         raise InputError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
     if guidance is not None:
@@ -408,6 +406,8 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
     shape = (N, int(components.unet.config.in_channels), h // components.vae_scale_factor,
              w // components.vae_scale_factor)
     per_image = [p for p in prompts for _ in range(n_per_prompt)]             # prompt-major
+    if noise is None:                                                         # before any other draw
+        noise = torch.randn(shape, generator=generator, device=generator.device)
 
     # 2. text conditioning: encode each distinct text once, expand to the latent batch (B = N)
     cond = encode_prompts(components, prompts).repeat_interleave(n_per_prompt, dim=0)        # [N,L,C]
@@ -436,7 +436,7 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
 
     # 5. final scores: the saved (8-bit) images through the scorer's PIL path, fp32
     scores = None
-    if scorer is not None:
+    if scorer is not None and score:
         emb = scorer.encode_images(images)
         scores = (emb * scorer.text_embeddings(per_image).to(emb.device)).sum(-1).float().cpu()
     config = LatentGenerateConfig(
@@ -447,3 +447,62 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
         guidance=guidance.to_dict() if guidance is not None else None)
     return LatentResult(images, per_image, z.float().cpu(), pix, scores, config,
                         list(guide.history) if guide is not None else [])
+
+
+# --------------------------------------------------------------------------------------------
+# Backend of clipkit.guidance.pipeline.generate (`clipkit generate --diffusion <SD pipeline>`)
+# --------------------------------------------------------------------------------------------
+
+class LatentDiffusion:
+    """A Stable Diffusion pipeline as a :class:`~clipkit.guidance.pipeline.DiffusionBackend`:
+    classifier-free guidance (``cfg_scale``) plus CLIP guidance on the decoded x0 estimate.
+
+    Every image is sampled alone (a batch of one, every random draw from a generator seeded with its
+    seed), so its seed alone fixes it. ``clip_scale`` in step_mode "normalized" is the RMS each guided
+    step moves the *latent* x0 estimate (scaled latents, about unit variance, like pixels in [-1, 1]).
+    """
+    kind = "latent"
+    conditional = True
+
+    def __init__(self, components: LatentComponents, spec: str | None = None, view_batch: int = 0):
+        self.components = components
+        self.spec = spec or components.spec
+        self.native_size = components.default_size
+        self.view_batch = view_batch
+
+    @staticmethod
+    def cfg_scale(config) -> float:
+        return DEFAULT_CFG_SCALE if config.cfg_scale is None else float(config.cfg_scale)
+
+    def check(self, config):
+        """InputError for sizes and step counts this model cannot take; the config with cfg_scale filled in."""
+        size = config.size or self.native_size
+        unit = _size_unit(self.components)
+        if size % unit:
+            raise InputError(f"size must be a multiple of {unit} for {self.spec!r}, got {size}")
+        self.steps_per_image(config)
+        return dataclasses.replace(config, cfg_scale=self.cfg_scale(config))
+
+    def steps_per_image(self, config) -> int:
+        return count_timesteps(config.scheduler, self.components.scheduler.config, config.steps, self.spec,
+                               latent=True)
+
+    def generate(self, prompt: str, seeds: Sequence[int], config, scorer,
+                 on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+        size = config.size or self.native_size
+        guidance = config.guidance() if config.guided else None
+        callback = (lambda i, t, x: on_step()) if on_step else None
+        out = []
+        for seed in seeds:
+            comps = self.components.with_scheduler(config.scheduler)     # fresh scheduler state per image
+            r = generate_latent(comps, prompt, 1, steps=config.steps, cfg_scale=self.cfg_scale(config),
+                                guidance=guidance, scorer=scorer, seed=int(seed), height=size, width=size,
+                                view_batch=self.view_batch, callback=callback, score=False)
+            out.append(r.images[0])
+        return out
+
+
+def load_latent(source: str, spec: str, local_only: bool, device="cpu",
+                dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    """Loader registered in :data:`clipkit.guidance.pipeline.LOADERS` for ``StableDiffusionPipeline``."""
+    return LatentDiffusion(load_components(source, spec, local_only, device, dtype), spec)

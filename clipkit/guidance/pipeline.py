@@ -13,7 +13,8 @@ Diffusion models plug in through :func:`load_diffusion`: it reads the ``_class_n
 ``model_index.json`` and calls the loader registered for it in :data:`LOADERS`. A loader returns an
 object with the :class:`DiffusionBackend` protocol; this module implements the pixel one
 (``DDPMPipeline``/``DDIMPipeline`` directories and repos, e.g. the bundled Shapes model or
-``google/ddpm-cifar10-32``). A latent (Stable Diffusion) backend registers itself the same way.
+``google/ddpm-cifar10-32``); the latent one (``StableDiffusionPipeline``: classifier-free + CLIP
+guidance) is :class:`clipkit.guidance.latent.LatentDiffusion`.
 """
 from __future__ import annotations
 
@@ -33,24 +34,10 @@ import torch
 from PIL import Image
 
 from clipkit.core.errors import InputError, ModelLoadError
+from clipkit.guidance.schedulers import OUTPUT_ONLY, SCHEDULERS, count_timesteps, make_scheduler
 from clipkit.guidance.wrapper import GuidanceConfig
 
 log = logging.getLogger(__name__)
-
-#: scheduler name -> (diffusers class, extra config); each is built with ``from_config`` of the
-#: model's own scheduler config, so the training schedule (betas, prediction type) carries over.
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "pndm": ("PNDMScheduler", {}),
-}
-#: schedulers that keep their own sample history, so shifting the sample between steps
-#: (``apply="sample"``) diverges; they get the output correction (tests/guidance/test_wrapper.py).
-OUTPUT_ONLY = {"pndm"}
 
 #: model_index.json ``_class_name`` -> "module:function" returning a DiffusionBackend.
 #: Signature: ``fn(source: str, spec: str, local_only: bool, device, dtype) -> DiffusionBackend``,
@@ -58,22 +45,12 @@ OUTPUT_ONLY = {"pndm"}
 LOADERS: dict[str, str] = {
     "DDPMPipeline": "clipkit.guidance.pipeline:load_pixel",
     "DDIMPipeline": "clipkit.guidance.pipeline:load_pixel",
-    # latent backend (a separate module); until it exists, loading such a model is a ModelLoadError
-    "StableDiffusionPipeline": "clipkit.guidance.latent:load_latent",
+    "StableDiffusionPipeline": "clipkit.guidance.latent:load_latent",   # latent: CFG + CLIP guidance
 }
 
 MAX_SEED = 2 ** 32        # seeds are in [0, 2^32); view noise uses seed + 2^32, so streams never collide
 SCORE_NOTE = ("cosine similarity between the image as saved and its prompt, under the guiding CLIP; "
               "guidance optimises this number, so it overstates quality: judge with another CLIP or the oracle")
-
-
-def make_scheduler(name: str, config: dict):
-    """A diffusers scheduler by short name, from a model's scheduler config."""
-    if name not in SCHEDULERS:
-        raise InputError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    import diffusers
-    cls_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(dict(config), **extra)
 
 
 @dataclass
@@ -85,7 +62,8 @@ class GenerateConfig:
                                     # pixels in [-1, 1]) each guided step moves the x0 estimate along -grad;
                                     # "scaled": the multiplier of the CLIP loss (classifier guidance, ~100-1000)
     step_mode: str = "normalized"   # normalized | scaled
-    cfg_scale: float | None = None  # classifier-free guidance: text-conditioned (latent) models only
+    cfg_scale: float | None = None  # classifier-free guidance: text-conditioned (latent) models only;
+                                    # None: the model's default (latent: 7.5, recorded in the sidecar)
     views: int = 4                  # augmented views of x0 per step, CLIP loss averaged over them
     cutouts: int = 0                # random square crops per step, on top of the views
     guide_start: float = 1.0        # guide while t/T is in [guide_stop, guide_start]
@@ -153,8 +131,9 @@ class DiffusionBackend(Protocol):
     conditional: bool    # takes text itself (then cfg_scale applies)
     native_size: int     # default image side in pixels
 
-    def check(self, config: GenerateConfig) -> None:
-        """Raise InputError for parameters this model cannot take (before anything is generated)."""
+    def check(self, config: GenerateConfig) -> GenerateConfig:
+        """Raise InputError for parameters this model cannot take (before anything is generated);
+        return the config with this model's defaults filled in (what is used and recorded)."""
 
     def steps_per_image(self, config: GenerateConfig) -> int:
         """How many times ``generate`` calls ``on_step`` per image (for progress bars)."""
@@ -188,7 +167,7 @@ class PixelDiffusion:
     def _model(self, x: torch.Tensor, t) -> torch.Tensor:
         return self.unet(x.to(self.dtype), t).sample.float()
 
-    def check(self, config: GenerateConfig) -> None:
+    def check(self, config: GenerateConfig) -> GenerateConfig:
         if config.cfg_scale not in (None, 0):
             raise InputError(f"--cfg-scale applies to text-conditioned (latent) models only; {self.spec!r} is an "
                              "unconditional pixel model steered by CLIP guidance alone: drop --cfg-scale "
@@ -199,16 +178,10 @@ class PixelDiffusion:
         if self.channels != 3:
             raise InputError(f"{self.spec!r} has {self.channels} channels; CLIP guidance needs RGB (3)")
         self.steps_per_image(config)
+        return config
 
     def steps_per_image(self, config: GenerateConfig) -> int:
-        sched = make_scheduler(config.scheduler, self.scheduler_config)
-        try:
-            sched.set_timesteps(config.steps)
-        except Exception as e:   # e.g. PNDM needs >= 4 steps
-            from clipkit.core.registry import _one_line
-            raise InputError(f"scheduler {config.scheduler!r} cannot run {config.steps} steps for {self.spec!r} "
-                             f"({type(e).__name__}: {_one_line(e)}); try more steps or another scheduler") from None
-        return len(sched.timesteps)
+        return count_timesteps(config.scheduler, self.scheduler_config, config.steps, self.spec)
 
     def generate(self, prompt: str, seeds: Sequence[int], config: GenerateConfig, scorer,
                  on_step: Callable[[], None] | None = None) -> list[Image.Image]:
@@ -504,7 +477,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         scorer = clip
     pipe = load_diffusion(diffusion, device=scorer.device, precision=precision) if isinstance(diffusion, str) \
         else diffusion
-    pipe.check(cfg)
+    cfg = pipe.check(cfg)
     models = {"clip": scorer.spec, "diffusion": pipe.spec, "diffusion_kind": pipe.kind}
     step = None
     if on_step is not None:

@@ -4,9 +4,11 @@ import torch
 import torch.nn.functional as F
 
 from clipkit.core.errors import InputError, ModelLoadError
-from clipkit.guidance.latent import (SCHEDULER_NAMES, LatentComponents, LatentGuidedDenoiser, encode_prompts,
-                                     generate_latent, load_latent_pipeline, make_cfg_model, make_scheduler)
+from clipkit.guidance.latent import (LatentGuidedDenoiser, encode_prompts, generate_latent, load_latent_pipeline,
+                                     make_cfg_model)
+from clipkit.guidance.schedulers import SCHEDULER_NAMES, make_scheduler
 from clipkit.guidance.wrapper import GuidanceConfig, abar_at, make_views, sample
+from helpers import make_sd_components, save_sd_pipeline   # tests/ is on sys.path (conftest.py)
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -20,35 +22,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def sd_scheduler_config(prediction_type="epsilon"):
-    """The noise schedule of Stable Diffusion 1.x (scaled linear betas, PNDM without PRK steps)."""
-    from diffusers import PNDMScheduler
-    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                         steps_offset=1, set_alpha_to_one=False, prediction_type=prediction_type).config
-
-
-def build_components(tok_dir, prediction_type="epsilon", scheduler="ddim") -> LatentComponents:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from helpers import write_clip_tokenizer_files
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        norm_num_groups=8, sample_size=32)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
-                                        eos_token_id=49407, pad_token_id=49407))
-    if not (tok_dir / "vocab.json").is_file():
-        write_clip_tokenizer_files(tok_dir)
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
-    sched = make_scheduler(scheduler, sd_scheduler_config(prediction_type))
-    return LatentComponents(unet, vae, text, tok, sched)
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("sd_tok")
@@ -56,7 +29,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def comps(tok_dir):
-    return build_components(tok_dir)
+    return make_sd_components(tok_dir)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +78,7 @@ def test_cfg_combination_and_scale_one_is_the_conditional_model(comps):
         make_cfg_model(comps.unet, cond, uncond[:1], 2.0)
     # the generate path at cfg_scale 1 is the plain conditional sampler
     r = generate_latent(comps, PROMPTS, 1, steps=4, cfg_scale=1.0, seed=3)
-    sched = make_scheduler("ddim", comps.scheduler.config)
+    sched = make_scheduler("ddim", comps.scheduler.config, latent=True)
     ref = sample(lambda x, t: comps.unet(x, t, encoder_hidden_states=cond).sample, sched, (2, 4, 8, 8), 4,
                  torch.Generator().manual_seed(3))
     assert torch.allclose(r.latents, ref, atol=1e-5)
@@ -113,7 +86,7 @@ def test_cfg_combination_and_scale_one_is_the_conditional_model(comps):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_clip_guidance_raises_the_guiding_clip_similarity(tok_dir, scorer, prediction_type):
-    comps = build_components(tok_dir, prediction_type)
+    comps = make_sd_components(tok_dir, prediction_type)
     kw = dict(prompts=PROMPTS, n_per_prompt=1, steps=4, cfg_scale=3.0, scorer=scorer, seed=0)
     base = generate_latent(comps, **kw)
     guided = generate_latent(comps, guidance=guided_cfg(), **kw)
@@ -126,7 +99,7 @@ def test_clip_guidance_raises_the_guiding_clip_similarity(tok_dir, scorer, predi
 
 
 def test_v_prediction_x0_is_the_schedulers_x0(tok_dir, scorer):
-    comps = build_components(tok_dir, "v_prediction")
+    comps = make_sd_components(tok_dir, "v_prediction")
     sched = comps.scheduler
     sched.set_timesteps(5)
     t = sched.timesteps[1]
@@ -223,7 +196,7 @@ def test_same_seed_same_output(comps, scorer):
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_every_scheduler_runs_guided(tok_dir, comps, scorer, name, prediction_type):
-    c = comps if prediction_type == "epsilon" else build_components(tok_dir, prediction_type)
+    c = comps if prediction_type == "epsilon" else make_sd_components(tok_dir, prediction_type)
     c = c.with_scheduler(name)
     assert c.scheduler.config.prediction_type == prediction_type
     r = generate_latent(c, PROMPTS, 1, steps=3, cfg_scale=3.0, guidance=guided_cfg(grad_mode="unet"),
@@ -264,11 +237,7 @@ def test_bad_input(comps, scorer):
 
 
 def test_load_pipeline_directory_and_errors(comps, scorer, tmp_path, monkeypatch):
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                                   unet=comps.unet, scheduler=comps.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(tmp_path / "sd")
+    save_sd_pipeline(comps, tmp_path / "sd")
     loaded = load_latent_pipeline(str(tmp_path / "sd"))
     assert type(loaded.scheduler).__name__ == "DDIMScheduler" and loaded.spec == str(tmp_path / "sd")
     assert not any(p.requires_grad for p in loaded.unet.parameters())

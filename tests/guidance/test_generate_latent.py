@@ -1,0 +1,207 @@
+"""`clipkit generate` with a Stable Diffusion pipeline directory: the latent backend behind LOADERS
+(classifier-free + CLIP guidance), seeds, best-of, sidecars, bad input; tiny random models."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from clipkit.cli.main import cli
+from clipkit.core.errors import InputError, ModelLoadError
+from clipkit.guidance.latent import DEFAULT_CFG_SCALE, LatentDiffusion, generate_latent
+from clipkit.guidance.pipeline import DiffusionBackend, generate, load_diffusion
+from clipkit.guidance.schedulers import SCHEDULER_NAMES
+from helpers import make_sd_components, save_sd_pipeline   # tests/ is on sys.path (conftest.py)
+
+PROMPT = "a red circle"
+SLUG = "a-red-circle"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # two OpenMP threads on a shared, busy CPU stall tiny convolutions by ~100x; results don't depend on it
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline directory (32x32 images, 8x8x4 latents)."""
+    root = tmp_path_factory.mktemp("tiny_sd")
+    return save_sd_pipeline(make_sd_components(root / "tok"), root / "sd")
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_dir):
+    return load_diffusion(str(sd_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_openclip_dir):
+    from clipkit.core.scorer import load_scorer
+    return load_scorer(str(tiny_openclip_dir), device="cpu")
+
+
+def pixels(im):
+    return np.asarray(im)
+
+
+def test_loader_registry_gives_the_latent_backend(pipe, sd_dir, tmp_path):
+    assert isinstance(pipe, LatentDiffusion) and isinstance(pipe, DiffusionBackend)
+    assert (pipe.kind, pipe.conditional, pipe.native_size, pipe.spec) == ("latent", True, 32, str(sd_dir))
+    assert not any(p.requires_grad for p in pipe.components.unet.parameters())
+    # a model_index.json that names StableDiffusionPipeline but has no components: one-line load error
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ModelLoadError, match="missing unet") as e:
+        load_diffusion(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_precision_casts_the_pipeline_weights(sd_dir, pipe, scorer):
+    half = load_diffusion(str(sd_dir), device="cpu", precision="bf16")
+    c = half.components
+    assert {next(m.parameters()).dtype for m in (c.unet, c.vae, c.text_encoder)} == {torch.bfloat16}
+    kw = dict(n=1, seed=2, steps=2, cfg_scale=3.0, clip=scorer)
+    im = generate(PROMPT, diffusion=half, **kw).images[0]
+    ref = generate(PROMPT, diffusion=pipe, **kw).images[0]
+    assert math.isfinite(im.clip_score) and im.image.size == (32, 32)
+    diff = np.abs(pixels(im.image).astype(int) - pixels(ref.image).astype(int))
+    assert 0 < diff.mean() < 5          # bf16 really ran, and tracks fp32 (another seed differs by ~45)
+
+
+def test_backend_samples_the_cfg_model_seed_by_seed(pipe, scorer):
+    """Unguided, the backend's image for seed S is generate_latent's for seed S with the same CFG scale."""
+    kw = dict(diffusion=pipe, clip=scorer, steps=3, clip_scale=0.0, n=2, seed=4)
+    res = generate(PROMPT, cfg_scale=3.0, **kw)
+    by_seed = {im.seed: im.image for im in res.images}
+    comps = pipe.components.with_scheduler("ddim")
+    for s in (4, 5):
+        ref = generate_latent(comps, PROMPT, 1, steps=3, cfg_scale=3.0, seed=s).images[0]
+        assert np.array_equal(pixels(by_seed[s]), pixels(ref))
+    cond_only = {im.seed: im.image for im in generate(PROMPT, cfg_scale=1.0, **kw).images}
+    assert not np.array_equal(pixels(cond_only[4]), pixels(by_seed[4]))       # the CFG scale is applied
+
+
+def test_same_seed_same_image_whatever_n(pipe, scorer):
+    kw = dict(diffusion=pipe, clip=scorer, steps=3, cfg_scale=5.0, scheduler="euler_a")   # ancestral noise too
+    a = generate(PROMPT, n=1, seed=5, **kw).images[0]
+    b = generate(PROMPT, n=1, seed=5, **kw).images[0]
+    batch = {im.seed: im for im in generate(PROMPT, n=3, seed=3, **kw).images}
+    assert np.array_equal(pixels(a.image), pixels(b.image))
+    assert sorted(batch) == [3, 4, 5]
+    assert np.array_equal(pixels(batch[5].image), pixels(a.image))
+    assert math.isclose(batch[5].clip_score, a.clip_score, abs_tol=1e-6)
+    assert not np.array_equal(pixels(batch[4].image), pixels(a.image))
+    assert a.image.size == (32, 32) and a.image.mode == "RGB"
+
+
+def test_clip_guidance_raises_the_guiding_score(pipe, scorer):
+    kw = dict(diffusion=pipe, clip=scorer, steps=4, cfg_scale=3.0, n=3, seed=0)
+    for prompt in (PROMPT, "a blue square"):
+        plain = {im.seed: im.clip_score for im in generate(prompt, clip_scale=0.0, **kw).images}
+        guided = {im.seed: im.clip_score for im in generate(prompt, clip_scale=1.0, **kw).images}
+        gain = np.mean([guided[s] - plain[s] for s in plain])
+        assert gain > 0.02, (prompt, plain, guided)
+
+
+def test_default_cfg_scale_is_used_and_recorded(pipe, scorer):
+    kw = dict(diffusion=pipe, clip=scorer, steps=2, n=1, seed=9)
+    default = generate(PROMPT, **kw)
+    explicit = generate(PROMPT, cfg_scale=DEFAULT_CFG_SCALE, **kw)
+    assert default.config.cfg_scale == DEFAULT_CFG_SCALE == 7.5
+    assert default.to_dict()["parameters"]["cfg_scale"] == 7.5
+    assert default.models["diffusion_kind"] == "latent"
+    assert np.array_equal(pixels(default.images[0].image), pixels(explicit.images[0].image))
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_every_scheduler_and_progress(pipe, scorer, name):
+    calls = []
+    res = generate(PROMPT, n=1, best_of=2, seed=1, steps=3, scheduler=name, diffusion=pipe, clip=scorer,
+                   on_step=lambda done, total: calls.append((done, total)))
+    per_image = 4 if name == "pndm" else 3                      # PLMS without PRK steps: one extra timestep
+    assert calls == [(i + 1, 2 * per_image) for i in range(2 * per_image)]
+    assert res.images[0].image.size == (32, 32) and math.isfinite(res.images[0].clip_score)
+    assert res.to_dict()["parameters"]["guidance"]["apply"] == ("output" if name == "pndm" else "sample")
+
+
+def test_api_rejects_what_the_model_cannot_take(pipe, scorer):
+    for bad in [dict(size=36), dict(cfg_scale=-1.0), dict(cfg_scale=float("nan")), dict(scheduler="heun")]:
+        with pytest.raises(InputError):
+            generate(PROMPT, diffusion=pipe, clip=scorer, steps=2, **bad)
+    res = generate(PROMPT, n=1, seed=0, steps=2, size=64, diffusion=pipe, clip=scorer)
+    assert res.images[0].image.size == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def run(sd_dir, clip_dir, *args, quiet=False):
+    return CliRunner().invoke(cli, ["-q"] * quiet + ["generate", PROMPT, "--diffusion", str(sd_dir),
+                                                     "--clip", str(clip_dir), "--steps", "2", *args])
+
+
+def test_cli_writes_png_and_sidecar_with_cfg_scale(sd_dir, tiny_openclip_dir, scorer, tmp_path):
+    out = tmp_path / "out"
+    res = run(sd_dir, tiny_openclip_dir, "--cfg-scale", "7.5", "-n", "2", "--seed", "7", "--out", str(out), "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)                                  # one JSON document, nothing else
+    assert "note: using the bundled" not in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [f"{SLUG}-7.json", f"{SLUG}-7.png", f"{SLUG}-8.json",
+                                                     f"{SLUG}-8.png"]
+    assert doc["models"] == {"clip": str(tiny_openclip_dir), "diffusion": str(sd_dir), "diffusion_kind": "latent"}
+    for im in doc["images"]:
+        side = json.loads((out / f"{SLUG}-{im['seed']}.json").read_text())
+        assert side["prompt"] == PROMPT and side["size"] == [32, 32] and side["models"] == doc["models"]
+        p = side["parameters"]
+        assert (p["cfg_scale"], p["steps"], p["n"], p["seed"], p["best_of"]) == (7.5, 2, 2, 7, 1)
+        sim = float(scorer.similarity([im["path"]], [PROMPT])[0, 0])   # the score of the file as saved
+        assert math.isclose(side["clip_score"], sim, abs_tol=1e-5) and im["clip_score"] == side["clip_score"]
+
+
+def test_cli_same_seed_same_bytes(sd_dir, tiny_openclip_dir, tmp_path):
+    from PIL import Image
+    args = ("--cfg-scale", "4", "-n", "1", "--seed", "8")
+    for name in ("a", "b"):
+        assert run(sd_dir, tiny_openclip_dir, *args, "--out", str(tmp_path / name), quiet=True).exit_code == 0
+    a, b = (tmp_path / "a" / f"{SLUG}-8.png").read_bytes(), (tmp_path / "b" / f"{SLUG}-8.png").read_bytes()
+    assert a == b
+    # the seed alone fixes the picture: seed 8 inside a run of seeds 7, 8 is the same image
+    res = run(sd_dir, tiny_openclip_dir, "--cfg-scale", "4", "-n", "2", "--seed", "7", "--out", str(tmp_path / "c"),
+              quiet=True)
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(pixels(Image.open(tmp_path / "a" / f"{SLUG}-8.png")),
+                          pixels(Image.open(tmp_path / "c" / f"{SLUG}-8.png")))
+    assert not np.array_equal(pixels(Image.open(tmp_path / "c" / f"{SLUG}-7.png")),
+                              pixels(Image.open(tmp_path / "c" / f"{SLUG}-8.png")))
+
+
+def test_cli_best_of_keeps_the_best_candidate(sd_dir, tiny_openclip_dir, tmp_path):
+    every = run(sd_dir, tiny_openclip_dir, "-n", "3", "--seed", "0", "--out", str(tmp_path / "all"), "--json")
+    best = run(sd_dir, tiny_openclip_dir, "-n", "1", "--best-of", "3", "--seed", "0", "--out", str(tmp_path / "b"),
+               "--json")
+    assert every.exit_code == 0 and best.exit_code == 0, (every.output, best.output)
+    scores = {im["seed"]: im["clip_score"] for im in json.loads(every.stdout)["images"]}
+    doc = json.loads(best.stdout)
+    (kept,) = doc["images"]
+    assert kept["seed"] == max(scores, key=scores.get) and math.isclose(kept["clip_score"], scores[kept["seed"]],
+                                                                         abs_tol=1e-6)
+    assert doc["candidates"] == 3 and doc["parameters"]["best_of"] == 3
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [f"{SLUG}-{kept['seed']}.json",
+                                                                  f"{SLUG}-{kept['seed']}.png"]
+
+
+@pytest.mark.parametrize("bad", [["--cfg-scale", "-1"], ["--cfg-scale", "nan"], ["--cfg-scale", "inf"],
+                                 ["--size", "36"], ["--scheduler", "heun"]])
+def test_cli_bad_input_exit_2_nothing_written(sd_dir, tiny_openclip_dir, tmp_path, bad):
+    out = tmp_path / "o"
+    res = run(sd_dir, tiny_openclip_dir, *bad, "--out", str(out), quiet=True)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    assert not out.exists()
