@@ -14,8 +14,8 @@ from clipkit.cli.common import clip_option, emit_json, fmt_table, json_option, p
               help="CLIP guidance strength, 0 = unguided: the RMS distance (pixels in [-1, 1]) each guided "
                    "step moves the denoised estimate along the CLIP gradient.")
 @click.option("--cfg-scale", type=float, default=None,
-              help="Classifier-free guidance scale: text-conditioned (latent, --profile sd) models only; "
-                   "an error with the unconditional pixel models.")
+              help="Classifier-free guidance scale for text-conditioned (latent, --profile sd) models "
+                   "(default 7.5 there); an error with the unconditional pixel models.")
 @click.option("--cutouts", type=int, default=0, show_default=True,
               help="Random crops per step that CLIP also sees (on top of 4 jittered views).")
 @click.option("--seed", type=int, default=None,

@@ -431,6 +431,16 @@ def make_config(config: GenerateConfig | None, options: dict) -> GenerateConfig:
     return GenerateConfig(**{**base, **options}).validate()
 
 
+def _step_counter(on_step, total: int):
+    """A no-argument callback that reports (steps done, total) to ``on_step``."""
+    done = [0]
+
+    def step():
+        done[0] += 1
+        on_step(done[0], total)
+    return step
+
+
 def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = None,
              config: GenerateConfig | None = None, diffusion="shapes", clip="shapes", device="auto",
              precision: str = "fp32", out_dir=None, overwrite: bool = False,
@@ -479,13 +489,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         else diffusion
     cfg = pipe.check(cfg)
     models = {"clip": scorer.spec, "diffusion": pipe.spec, "diffusion_kind": pipe.kind}
-    step = None
-    if on_step is not None:
-        total, done = len(prompts) * n_cand * pipe.steps_per_image(cfg), [0]
-
-        def step():
-            done[0] += 1
-            on_step(done[0], total)
+    step = None if on_step is None else _step_counter(on_step, len(prompts) * n_cand * pipe.steps_per_image(cfg))
     # 4. sample, score, keep the best, write
     from clipkit import __version__
     from clipkit.rerank.rank import rerank

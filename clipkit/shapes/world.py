@@ -7,7 +7,7 @@ plus a small sub-cell jitter. Everything is deterministic from an integer seed.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {

@@ -1,7 +1,6 @@
 """ClipCap model and batched decoding, on tiny random GPT-2s built from configs."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from clipkit.captioning.decode import DecodeConfig, decode, reference_beam_search
 from clipkit.captioning.model import CaptionerConfig, ClipCapModel

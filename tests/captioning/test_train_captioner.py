@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from clipkit.captioning.train import TrainCaptionerConfig, read_caption_pairs, train_captioner
 from clipkit.core.errors import InputError
