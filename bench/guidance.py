@@ -10,8 +10,9 @@ x_t target without noise-aware training).
 
 Prompts name a colour and a position ("a red shape at the top left"); both arms use the same seeds.
 Success = the oracle finds an object with that colour at that position. Also: validity (the oracle
-explains every object, at most two), strict success (success in a valid image), the guiding CLIP's cosine, an independent judge CLIP's cosine (--judge-clip,
-e.g. a CLIP trained with another recipe/seed), and seconds per image.
+explains every object, at most two), strict success (success in a valid image), the guiding CLIP's
+cosine, an independent judge CLIP's cosine (--judge-clip, e.g. a CLIP trained with another recipe/seed),
+and seconds per image. --save DIR writes one PNG grid per config (10 per row, prompt order).
 """
 from __future__ import annotations
 
@@ -41,8 +42,11 @@ CONFIGS = {
     "xt-step0.4-v4": GuidanceConfig(scale=1.0, x0_step=0.4, views=4, apply="sample", target="xt"),
     "xt-step0.2-v1": GuidanceConfig(scale=1.0, x0_step=0.2, views=1, apply="sample", target="xt"),
     "xt-scale300-output-v4": GuidanceConfig(scale=300.0, views=4, apply="output", target="xt"),
-    "xt-scale1000-output-v4": GuidanceConfig(scale=1000.0, views=4, apply="output", target="xt", grad_rms_max=None),
+    "xt-scale1000-output-v4": GuidanceConfig(scale=1000.0, views=4, apply="output", target="xt",
+                                             grad_rms_max=None),
     "xt-bundled-step0.2-v4": GuidanceConfig(scale=1.0, x0_step=0.2, views=4, apply="sample", target="xt"),
+    "xt-bundled-step0.2-v4-stop0.3": GuidanceConfig(scale=1.0, x0_step=0.2, views=4, stop=0.3, apply="sample",
+                                                    target="xt"),
 }
 
 

@@ -22,6 +22,9 @@ from clipkit.cli.common import clip_option, emit_json, fmt_table, json_option, p
               help="First seed (default: random, printed and saved); candidate k uses SEED+k.")
 @click.option("--best-of", "best_of", type=int, default=1, show_default=True,
               help="Draw M candidates per kept image; keep the N best by CLIP score.")
+@click.option("--guide-target", type=click.Choice(["x0", "xt"]), default="x0", show_default=True,
+              help="What the CLIP sees: x0 = the denoised estimate (any CLIP); xt = the noisy sample itself "
+                   "(GLIDE-style: use a noise-aware CLIP from `clipkit train clip --noise-aware`; pixel models).")
 @click.option("--scheduler", default="ddim", show_default=True,
               help="ddim, ddpm, euler, euler_a, lms, dpmpp or pndm.")
 @click.option("--size", type=int, default=None, help="Image side in pixels (default: the model's own, 32 for shapes).")
@@ -33,7 +36,7 @@ from clipkit.cli.common import clip_option, emit_json, fmt_table, json_option, p
 @clip_option
 @json_option
 @click.pass_obj
-def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, scheduler, size,
+def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, guide_target, scheduler, size,
              out_dir, overwrite, diffusion_spec, clip_spec, as_json):
     """Generate images for each PROMPT (quote each one) with CLIP-guided diffusion.
 
@@ -67,7 +70,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         res = do_generate(list(prompts), n, seed=seed, diffusion=diffusion, clip=clip, device=settings.device,
                           precision=settings.precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step,
                           steps=steps, clip_scale=clip_scale, cfg_scale=cfg_scale, cutouts=cutouts,
-                          best_of=best_of, scheduler=scheduler, size=size)
+                          best_of=best_of, scheduler=scheduler, size=size, guide_target=guide_target)
     finally:
         for b in bars:
             b.close()

@@ -476,6 +476,9 @@ class LatentDiffusion:
 
     def check(self, config):
         """InputError for sizes and step counts this model cannot take; the config with cfg_scale filled in."""
+        if getattr(config, "guide_target", "x0") != "x0":
+            raise InputError("--guide-target xt needs a pixel-space model (a noise-aware CLIP sees x_t); "
+                             "latent models guide on the decoded x0 estimate")
         size = config.size or self.native_size
         unit = _size_unit(self.components)
         if size % unit:

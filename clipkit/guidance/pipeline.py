@@ -70,6 +70,8 @@ class GenerateConfig:
     guide_stop: float = 0.3
     apply: str | None = None        # None: "sample" ("output" for schedulers in OUTPUT_ONLY)
     grad_mode: str = "x0"           # x0 (cheap) | unet (backprop through the denoiser)
+    guide_target: str = "x0"        # what the CLIP sees: x0 (the x0 estimate, any CLIP) | xt (the noisy
+                                    # input itself: a noise-aware CLIP, `train clip --noise-aware`)
     size: int | None = None         # image side in pixels; None: the model's native size
     best_of: int = 1                # candidates per kept image (kept: the best by CLIP score)
 
@@ -109,7 +111,8 @@ class GenerateConfig:
         return GuidanceConfig(scale=1.0 if normalized else float(self.clip_scale),
                               x0_step=float(self.clip_scale) if normalized else None,
                               views=self.views, cutouts=self.cutouts, start=self.guide_start,
-                              stop=self.guide_stop, apply=self.resolved_apply(), grad_mode=self.grad_mode)
+                              stop=self.guide_stop, apply=self.resolved_apply(), grad_mode=self.grad_mode,
+                              target=self.guide_target)
 
     @property
     def guided(self) -> bool:

@@ -14,6 +14,14 @@ parametrisation (FIELD_NOTES B)::
 
 The scheduler then steps with the corrected output; no switch on scheduler classes, and the step
 size is the same for DDIM, DDPM, Euler, LMS, PNDM and DPM-Solver.
+
+Two targets for the CLIP loss (``GuidanceConfig.target``):
+
+- ``"x0"`` (default): the CLIP sees the decoded x0 estimate (any CLIP; k-diffusion / Disco style).
+- ``"xt"``: the CLIP sees the network input x_t itself, as ``(x_t + 1) / 2`` unclamped, exactly what
+  ``train_clip(noise_aware=True)`` feeds it (GLIDE-style noise-aware CLIP, no timestep input). The
+  gradient is taken w.r.t. x_t directly: no x0 estimate in the CLIP loss and no backprop through the
+  network. Pixel models only.
 """
 from __future__ import annotations
 
@@ -51,6 +59,8 @@ class GuidanceConfig:
                                     # output only (classifier-guidance form; most of it cancels in DDIM)
     start: float = 1.0              # guide while t/T is in [stop, start] (1 = from pure noise)
     stop: float = 0.0
+    target: str = "x0"              # what the CLIP sees: "x0" the x0 estimate | "xt" the noisy input x_t
+                                    # (a noise-aware CLIP from `train clip --noise-aware`; pixel models)
 
     def validate(self) -> "GuidanceConfig":
         for name in ("scale", "tv_scale", "range_scale", "view_noise", "cut_power"):
@@ -61,6 +71,11 @@ class GuidanceConfig:
             raise InputError(f"apply must be 'sample' or 'output', got {self.apply!r}")
         if self.grad_mode not in ("x0", "unet"):
             raise InputError(f"grad_mode must be 'x0' or 'unet', got {self.grad_mode!r}")
+        if self.target not in ("x0", "xt"):
+            raise InputError(f"target must be 'x0' or 'xt', got {self.target!r}")
+        if self.target == "xt" and (self.grad_mode != "x0" or self.blend):
+            raise InputError("target='xt' takes the CLIP gradient w.r.t. x_t itself: grad_mode='unet' and "
+                             "blend need target='x0'")
         if self.views < 1 or self.cutouts < 0 or self.jitter < 0:
             raise InputError("views must be >= 1, cutouts and jitter >= 0")
         if not (0 <= self.stop <= self.start <= 1):
@@ -181,6 +196,9 @@ class GuidedDenoiser:
     def __init__(self, model: Callable, scheduler, scorer, targets: torch.Tensor, cfg: GuidanceConfig,
                  decode: Callable | None = None, generator: torch.Generator | None = None):
         self.model, self.scorer, self.cfg = model, scorer, cfg.validate()
+        if cfg.target == "xt" and decode is not None:
+            raise InputError("target='xt' feeds the CLIP the pixel-space x_t (a noise-aware CLIP); a latent "
+                             "model (decode=...) needs target='x0'")
         self.abar = check_scheduler(scheduler)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.T = len(self.abar)
@@ -204,21 +222,38 @@ class GuidedDenoiser:
         if cfg.blend:
             fac = (1 - a).sqrt()
             src = src * fac + xt * (1 - fac)
-        img = self.decode(src).float()                                   # [B,3,H,W] in [0,1]
+        loss, cos = self.views_loss(self.decode(src).float())            # [B,3,H,W] in [0,1]
+        return self.add_regularisers(loss, x0), cos
+
+    def xt_loss(self, xt: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """target='xt': per-sample loss [B] (scaled) and mean cosine [B] of the CLIP on x_t itself.
+
+        The CLIP sees ``(x_t + 1) / 2`` unclamped, as ``train_clip``'s ``noise_images`` feeds it;
+        tv/range act on ``x0`` (pass it as a function of x_t with the network output held fixed).
+        """
+        loss, cos = self.views_loss((xt.float() + 1) / 2)
+        return self.add_regularisers(loss, x0), cos
+
+    def views_loss(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """img [B,3,H,W] (about [0,1]) -> scaled CLIP loss [B] and mean cosine [B] over views and targets."""
         B = img.shape[0]
-        views = make_views(img, cfg, self.generator)                     # [B*K,...]
+        views = make_views(img, self.cfg, self.generator)                # [B*K,...]
         K = views.shape[0] // B
         emb = self.scorer.embed_pixels(views).view(B, K, -1)             # [B,K,D]
         tgt = self.targets if self.targets.ndim == 3 else self.targets[None].expand(B, -1, -1)
         tgt = tgt.to(emb.device, emb.dtype)                              # [B,M,D]
         dist = self.loss_fn(emb[:, :, None, :], tgt[:, None, :, :])      # [B,K,M]
-        loss = dist.mean(dim=(1, 2)) * cfg.scale
+        loss = dist.mean(dim=(1, 2)) * self.cfg.scale
         cos = (F.normalize(emb, dim=-1)[:, :, None, :] * tgt[:, None]).sum(-1).mean(dim=(1, 2))
+        return loss, cos
+
+    def add_regularisers(self, loss: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
         if cfg.tv_scale:
             loss = loss + cfg.tv_scale * tv_loss(self.decode(x0))
         if cfg.range_scale:
             loss = loss + cfg.range_scale * (x0 - x0.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
-        return loss, cos
+        return loss
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         a = abar_at(self.abar, t, x.shape[0], x.device)
@@ -227,7 +262,15 @@ class GuidedDenoiser:
                 return self.model(x, t)
         pt = self.prediction_type
         with torch.enable_grad():
-            if self.cfg.grad_mode == "unet":
+            if self.cfg.target == "xt":
+                with torch.no_grad():
+                    out = self.model(x, t)
+                eps, _ = split_output(out.float(), x.float(), a, pt)
+                xg = x.detach().float().requires_grad_(True)
+                x0 = (xg - (1 - a).sqrt() * eps) / a.sqrt()                  # for tv/range only; eps fixed
+                loss, cos = self.xt_loss(xg, x0)
+                (grad,) = torch.autograd.grad(loss.sum(), xg)               # d/dx_t through the CLIP only
+            elif self.cfg.grad_mode == "unet":
                 xg = x.detach().requires_grad_(True)
                 out = self.model(xg, t)
                 eps, x0 = split_output(out.float(), xg.float(), a, pt)

@@ -239,3 +239,18 @@ def test_real_subprocess(tmp_path):
     doc = json.loads(out.stdout)
     assert doc["images"][0]["path"] == str(tmp_path / "a-green-square-11.png")
     assert "note: using the bundled" in out.stderr
+
+
+def test_cli_guide_target_xt_is_recorded_and_changes_the_image(tmp_path):
+    """--guide-target xt: the CLIP sees x_t (noise-aware mode); same seed, different image from x0."""
+    outs = {}
+    for target in ("x0", "xt"):
+        out = tmp_path / target
+        res = run(["-q", "generate", PROMPT, "-n", "1", "--steps", "4", "--seed", "5", "--out", str(out),
+                   "--guide-target", target])
+        assert res.exit_code == 0, res.output
+        side = json.loads(next(out.glob("*.json")).read_text())
+        assert side["parameters"]["guide_target"] == target
+        assert side["parameters"]["guidance"]["target"] == target
+        outs[target] = next(out.glob("*.png")).read_bytes()
+    assert outs["x0"] != outs["xt"]

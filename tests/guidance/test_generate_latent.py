@@ -205,3 +205,11 @@ def test_cli_bad_input_exit_2_nothing_written(sd_dir, tiny_openclip_dir, tmp_pat
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
     assert not out.exists()
+
+
+def test_latent_refuses_the_xt_target(tmp_path):
+    from clipkit.guidance.pipeline import GenerateConfig
+    check = LatentDiffusion.check
+    with pytest.raises(InputError, match="guide-target"):
+        check(type("Fake", (), {"native_size": 32, "components": None, "spec": "x"})(),
+              GenerateConfig(guide_target="xt"))

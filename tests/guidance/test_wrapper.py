@@ -131,3 +131,78 @@ def test_same_seed_same_output_and_batch_views(unet, tiny_scorer_oc):
 def tiny_scorer_oc(tiny_openclip_dir):
     from clipkit.core.scorer import load_scorer
     return load_scorer(str(tiny_openclip_dir), device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# target="xt": a noise-aware CLIP on x_t itself (GLIDE-style)
+# --------------------------------------------------------------------------------------------
+
+def test_xt_gradient_is_the_clip_gradient_on_xt(tiny_scorer_oc):
+    """One guided call: the x0 shift is -(1-a)/sqrt(a) * d(scale * L(CLIP((x_t+1)/2)))/dx_t."""
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    model = gaussian_denoiser(sched)
+    tg = tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None, :]
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = GuidanceConfig(target="xt", scale=10.0, views=1, grad_rms_max=None, apply="sample")
+    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg)
+    out = guide(x, 500)
+    assert torch.allclose(out, model(x, 500))                      # apply="sample": output untouched
+    a = abar_at(guide.abar, 500, 2, "cpu")
+    lg = tiny_scorer_oc.loss_and_grad((x + 1) / 2, tg)             # unclamped, as train_clip feeds it
+    expected = -(1 - a) / a.sqrt() * (10.0 * 0.5 * lg.grad)
+    assert guide.pending_x0_shift.abs().max() > 0
+    assert torch.allclose(guide.pending_x0_shift, expected, rtol=1e-4, atol=1e-7)
+    # the x0 target takes a different gradient (through the x0 estimate): the modes really differ
+    g0 = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, GuidanceConfig(scale=10.0, views=1, grad_rms_max=None))
+    g0(x, 500)
+    assert not torch.allclose(g0.pending_x0_shift, expected, rtol=1e-2)
+
+
+@pytest.mark.parametrize("apply", ["sample", "output"])
+def test_xt_never_backprops_through_the_model(apply, tiny_scorer_oc):
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    inner = gaussian_denoiser(sched)
+    calls = []
+
+    def model(x, t):   # records every call; its output has no grad_fn, so any backprop through it would fail
+        calls.append((torch.is_grad_enabled(), x.requires_grad))
+        return inner(x.detach(), t).detach()
+    tg = tiny_scorer_oc.text_embeddings(["a red circle"])[:, None, :]
+    cfg = GuidanceConfig(target="xt", scale=1.0, x0_step=0.1, views=2, apply=apply, tv_scale=0.1, range_scale=1.0)
+    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg, generator=torch.Generator().manual_seed(1))
+    x = sample(model, sched, (1, 3, 16, 16), 6, torch.Generator().manual_seed(0), guide=guide)
+    assert torch.isfinite(x).all()
+    assert len(calls) == 6 and len(guide.history) == 6             # one network call per step, no second pass
+    assert not any(grad_on or req for grad_on, req in calls)       # never called with grad, never on a graph leaf
+    assert all(h.grad_rms > 0 for h in guide.history)
+
+
+@pytest.mark.parametrize("apply", ["sample", "output"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "dpmpp"])
+def test_xt_raises_similarity(name, apply, tiny_scorer_oc):
+    sched = SCHEDULERS[name](num_train_timesteps=1000)
+    model = gaussian_denoiser(sched)
+    tg = tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None, :]
+    base = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0))
+    cfg = GuidanceConfig(target="xt", scale=30.0, views=1, grad_rms_max=None, apply=apply)
+    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg, generator=torch.Generator().manual_seed(1))
+    guided = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0), guide=guide)
+    assert torch.isfinite(guided).all() and len(guide.history) >= 8
+
+    def sim(x):
+        e = tiny_scorer_oc.embed_pixels(((x + 1) / 2).clamp(0, 1)).detach()
+        return (e * tg[:, 0]).sum(-1)
+    assert (sim(guided) - sim(base) > 0.05).all()
+
+
+def test_xt_rejects_what_it_cannot_mean(tiny_scorer_oc):
+    with pytest.raises(InputError, match="target must be"):
+        GuidanceConfig(target="x1").validate()
+    for bad in ({"grad_mode": "unet"}, {"blend": True}):
+        with pytest.raises(InputError, match="target='xt'"):
+            GuidanceConfig(target="xt", **bad).validate()
+    sched = DDIMScheduler()
+    tg = tiny_scorer_oc.text_embeddings(["a red circle"])[:, None, :]
+    with pytest.raises(InputError, match="latent"):
+        GuidedDenoiser(gaussian_denoiser(sched), sched, tiny_scorer_oc, tg, GuidanceConfig(target="xt"),
+                       decode=lambda z: z)
