@@ -15,16 +15,6 @@ from clipkit.guidance.pipeline import (SCHEDULERS, GenerateConfig, PixelDiffusio
 PROMPT = "a red circle at the top left"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads stall at every barrier
-    (measured 16x slower under load); results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def shapes_pipe():
     return load_diffusion("shapes", device="cpu")

@@ -19,15 +19,6 @@ PROMPT = "a red circle"
 SLUG = "a-red-circle"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two OpenMP threads on a shared, busy CPU stall tiny convolutions by ~100x; results don't depend on it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """A tiny random StableDiffusionPipeline directory (32x32 images, 8x8x4 latents)."""

@@ -13,15 +13,6 @@ from helpers import make_sd_components, save_sd_pipeline   # tests/ is on sys.pa
 PROMPTS = ["a red circle", "a blue square"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two OpenMP threads on a shared, busy CPU stall tiny convolutions by ~100x; results don't depend on it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("sd_tok")

@@ -82,24 +82,29 @@ KNOWN_BAD = {
 }
 
 
+def _guided_gain(name, apply, scorer, target):
+    """Similarity gain of guided over unguided sampling (same seeds) on the Gaussian denoiser."""
+    sched = SCHEDULERS[name](num_train_timesteps=1000)
+    model = gaussian_denoiser(sched)
+    tg = scorer.text_embeddings(["a red circle", "a blue square"])[:, None, :]
+    base = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0))
+    cfg = GuidanceConfig(target=target, scale=30.0, views=1, grad_rms_max=None, apply=apply)
+    guide = GuidedDenoiser(model, sched, scorer, tg, cfg, generator=torch.Generator().manual_seed(1))
+    guided = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0), guide=guide)
+    assert torch.isfinite(guided).all() and len(guide.history) >= 8
+
+    def sim(x):
+        e = scorer.embed_pixels(((x + 1) / 2).clamp(0, 1)).detach()
+        return (e * tg[:, 0]).sum(-1)
+    return sim(guided) - sim(base)
+
+
 @pytest.mark.parametrize("apply", ["sample", "output"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_every_scheduler_runs_guided_and_raises_similarity(name, apply, tiny_scorer_oc, request):
     if (name, apply) in KNOWN_BAD:
         request.applymarker(pytest.mark.xfail(strict=True, reason="known: " + KNOWN_BAD[(name, apply)]))
-    sched = SCHEDULERS[name](num_train_timesteps=1000)
-    model = gaussian_denoiser(sched)
-    tg = tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None, :]
-    base = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0))
-    cfg = GuidanceConfig(scale=30.0, views=1, grad_rms_max=None, apply=apply)
-    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg, generator=torch.Generator().manual_seed(1))
-    guided = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0), guide=guide)
-    assert torch.isfinite(guided).all() and len(guide.history) >= 8
-
-    def sim(x):
-        e = tiny_scorer_oc.embed_pixels(((x + 1) / 2).clamp(0, 1)).detach()
-        return (e * tg[:, 0]).sum(-1)
-    assert (sim(guided) - sim(base) > 0.05).all()
+    assert (_guided_gain(name, apply, tiny_scorer_oc, "x0") > 0.05).all()
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
@@ -180,19 +185,7 @@ def test_xt_never_backprops_through_the_model(apply, tiny_scorer_oc):
 @pytest.mark.parametrize("apply", ["sample", "output"])
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "dpmpp"])
 def test_xt_raises_similarity(name, apply, tiny_scorer_oc):
-    sched = SCHEDULERS[name](num_train_timesteps=1000)
-    model = gaussian_denoiser(sched)
-    tg = tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None, :]
-    base = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0))
-    cfg = GuidanceConfig(target="xt", scale=30.0, views=1, grad_rms_max=None, apply=apply)
-    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg, generator=torch.Generator().manual_seed(1))
-    guided = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0), guide=guide)
-    assert torch.isfinite(guided).all() and len(guide.history) >= 8
-
-    def sim(x):
-        e = tiny_scorer_oc.embed_pixels(((x + 1) / 2).clamp(0, 1)).detach()
-        return (e * tg[:, 0]).sum(-1)
-    assert (sim(guided) - sim(base) > 0.05).all()
+    assert (_guided_gain(name, apply, tiny_scorer_oc, "xt") > 0.05).all()
 
 
 def test_xt_rejects_what_it_cannot_mean(tiny_scorer_oc):
