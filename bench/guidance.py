@@ -1,18 +1,20 @@
 """CLIP-guided vs unguided sampling of the bundled Shapes diffusion model, judged by the oracle.
 
-    python bench/guidance.py [--prompts 50] [--steps 25] [--judge-clip DIR] [--configs NAME ...]
-                             [--noise-clip DIR]
+    python bench/guidance.py [--prompts 50] [--prompt-seed 0] [--seed 0] [--name-shape] [--steps 25]
+                             [--noise-clip SPEC] [--judge-clip SPEC ...] [--configs NAME ...] [--save DIR]
 
-Configs named ``xt-*`` guide with ``target="xt"``: the CLIP sees the noisy x_t itself (GLIDE-style), so
-they need a noise-aware CLIP (``clipkit train clip --init shapes --noise-aware``), given by --noise-clip
-(default: the bundled CLIP). ``xt-bundled-*`` configs always guide with the bundled CLIP (ablation: the
-x_t target without noise-aware training).
+Configs named ``x0*`` guide the x0 estimate with the bundled clean CLIP (``shapes``). Configs named
+``xt-*`` guide with ``target="xt"``: the CLIP sees the noisy x_t itself (GLIDE-style), so they use a
+noise-aware CLIP, --noise-clip (default: the bundled ``shapes-noised``). ``xt-bundled-*`` configs guide
+x_t with the clean bundled CLIP (ablation: the x_t target without noise-aware training).
 
-Prompts name a colour and a position ("a red shape at the top left"); both arms use the same seeds.
-Success = the oracle finds an object with that colour at that position. Also: validity (the oracle
-explains every object, at most two), strict success (success in a valid image), the guiding CLIP's
-cosine, an independent judge CLIP's cosine (--judge-clip, e.g. a CLIP trained with another recipe/seed),
-and seconds per image. --save DIR writes one PNG grid per config (10 per row, prompt order).
+Prompts name a colour and a position ("a red shape at the top left"; with --name-shape also a shape:
+"a red circle at the top left"), drawn with random.Random(--prompt-seed); both arms use the same
+sampling seeds (--seed). Success = the oracle finds an object with that colour at that position;
+"+shape" = and with the named shape. Also: validity (the oracle explains every object, at most two),
+strict success (success in a valid image), the guiding CLIP's cosine, each --judge-clip's cosine (use
+CLIPs that did not guide, e.g. one trained from scratch with another seed), and seconds per image.
+--save DIR writes one PNG grid per config (10 per row, prompt order).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from clipkit.core.registry import bundled_path
 from clipkit.core.scorer import load_scorer
 from clipkit.guidance.wrapper import GuidanceConfig, GuidedDenoiser, sample
 from clipkit.shapes.oracle import matches, read_attributes
-from clipkit.shapes.world import AT, COLOR_NAMES, POSITIONS
+from clipkit.shapes.world import AT, COLOR_NAMES, POSITIONS, SHAPES
 
 CONFIGS = {
     "unguided": None,
@@ -55,8 +57,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--judge-clip", default=None)
-    ap.add_argument("--noise-clip", default=None, help="guiding CLIP of the xt-* configs (noise-aware)")
+    ap.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt draw")
+    ap.add_argument("--seed", type=int, default=0, help="first sampling seed (batch i uses seed + i)")
+    ap.add_argument("--name-shape", action="store_true", help="prompts also name a shape")
+    ap.add_argument("--judge-clip", nargs="*", default=[], help="CLIPs that report a cosine but never guide")
+    ap.add_argument("--noise-clip", default="shapes-noised", help="guiding CLIP of the xt-* configs (noise-aware)")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--save", default=None, help="write one PNG grid per config into this folder")
@@ -65,44 +70,50 @@ def main():
     unet = pipe.unet.eval().requires_grad_(False)
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     scorer = load_scorer("shapes", device="cpu")
-    judge = load_scorer(args.judge_clip, device="cpu") if args.judge_clip else None
-    noise_scorer = load_scorer(args.noise_clip, device="cpu") if args.noise_clip else scorer
-    rng = random.Random(0)
-    prompts = [(rng.choice(COLOR_NAMES), rng.choice(POSITIONS)) for _ in range(args.prompts)]
-    texts = [f"a {c} shape {AT[p]}" for c, p in prompts]
+    judges = [load_scorer(j, device="cpu") for j in args.judge_clip]
+    noise_scorer = load_scorer(args.noise_clip, device="cpu")
+    rng = random.Random(args.prompt_seed)
+    prompts = [(rng.choice(COLOR_NAMES), rng.choice(SHAPES) if args.name_shape else "shape", rng.choice(POSITIONS))
+               for _ in range(args.prompts)]
+    texts = [f"a {c} {s} {AT[p]}" for c, s, p in prompts]
     model = lambda x, t: unet(x, t).sample  # noqa: E731
-    print(f"# guidance benchmark: {args.prompts} prompts, DDIM {args.steps} steps, 32x32, CPU "
-          f"({torch.get_num_threads()} threads); xt-* guided by {args.noise_clip or 'the bundled CLIP'}\n")
-    print("| config | success (colour+position) | valid | strict success | guide cos | judge cos | s/image |\n"
-          "|---|---|---|---|---|---|---|")
+    print(f"# guidance benchmark: {args.prompts} prompts (prompt seed {args.prompt_seed}, sampling seed "
+          f"{args.seed}), DDIM {args.steps} steps, 32x32, CPU ({torch.get_num_threads()} threads); "
+          f"x0* guided by shapes, xt-* by {args.noise_clip}\n")
+    jcols = "".join(f" {j} cos |" for j in args.judge_clip)
+    print(f"| config | success (colour+position) | +shape | valid | strict success | guide cos |{jcols} s/image |\n"
+          "|---|---|---|---|---|---|" + "---|" * len(judges) + "---|")
     for name in args.configs:
         cfg = CONFIGS[name]
         xt = cfg is not None and cfg.target == "xt" and not name.startswith("xt-bundled")
         guide_scorer = noise_scorer if xt else scorer
-        ok = valid = strict = 0
+        ok = valid = strict = shape_ok = 0
         grid = []
-        cos_g, cos_j, t0 = [], [], time.time()
+        cos_g, cos_j, t0 = [], [[] for _ in judges], time.time()
         for i in range(0, len(texts), args.batch):
             tb, pb = texts[i:i + args.batch], prompts[i:i + args.batch]
             tg = guide_scorer.text_embeddings(tb)[:, None, :]
             guide = None if cfg is None else GuidedDenoiser(model, sched, guide_scorer, tg, cfg,
                                                             generator=torch.Generator().manual_seed(1000 + i))
-            x = sample(model, sched, (len(tb), 3, 32, 32), args.steps, torch.Generator().manual_seed(i), guide=guide)
+            x = sample(model, sched, (len(tb), 3, 32, 32), args.steps, torch.Generator().manual_seed(args.seed + i),
+                       guide=guide)
             img = ((x + 1) / 2).clamp(0, 1)
-            for (c, p), im in zip(pb, img):
+            for (c, sh, p), im in zip(pb, img):
                 found = read_attributes(im)
                 hit = matches(found, {"color": c, "position": p})
+                shape_ok += hit and (sh == "shape" or matches(found, {"color": c, "position": p, "shape": sh}))
                 good = bool(found) and all(o.valid for o in found) and len(found) <= 2
                 ok, valid, strict = ok + hit, valid + good, strict + (hit and good)
             grid.append(img)
             cos_g.append((guide_scorer.encode_images(img) * tg[:, 0]).sum(-1))
-            if judge is not None:
-                cos_j.append((judge.encode_images(img) * judge.encode_texts(tb)).sum(-1))
+            for j, judge in enumerate(judges):
+                cos_j[j].append((judge.encode_images(img) * judge.encode_texts(tb)).sum(-1))
         dt = (time.time() - t0) / len(texts)
         n = len(texts)
-        jc = f"{torch.cat(cos_j).mean():.3f}" if cos_j else "-"
-        print(f"| {name} | {ok / n:.3f} ({ok}/{n}) | {valid / n:.3f} | {strict / n:.3f} ({strict}/{n}) | "
-              f"{torch.cat(cos_g).mean():.3f} | {jc} | {dt:.2f} |", flush=True)
+        jc = "".join(f" {torch.cat(c).mean():.3f} |" for c in cos_j)
+        sc = f"{shape_ok / n:.3f} ({shape_ok}/{n})" if args.name_shape else "-"
+        print(f"| {name} | {ok / n:.3f} ({ok}/{n}) | {sc} | {valid / n:.3f} | {strict / n:.3f} ({strict}/{n}) | "
+              f"{torch.cat(cos_g).mean():.3f} |{jc} {dt:.2f} |", flush=True)
         if args.save:
             from pathlib import Path
 

@@ -2,7 +2,8 @@
 
     python bench/shapes_clip.py [--clip shapes] [--compare DIR ...] [--n 1000]
 
-Prints markdown tables: zero-shot accuracy per attribute (clean and degraded images), text->image
+Prints markdown tables: zero-shot accuracy per attribute (clean and degraded images, and x_t: renders
+noised by the DDPM forward process at step t, what a noise-aware CLIP guides on), text->image
 retrieval R@1/R@10 (a hit = an image whose attributes all match the query scene), two-object probes,
 and the oracle's accuracy.
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clipkit.core.scorer import load_scorer
-from clipkit.core.train_clip import _gaussian_blur
+from clipkit.core.train_clip import _gaussian_blur, ddpm_alphas_cumprod
 from clipkit.shapes.data import single_object_scenes, two_object_scenes
 from clipkit.shapes.oracle import matches, read_attributes
 from clipkit.shapes.probes import zero_shot_accuracy
@@ -32,6 +33,9 @@ def degrade(x, kind, g):
         return (x + float(kind[5:]) * torch.randn(x.shape, generator=g)).clamp(0, 1)
     if kind == "blur1":
         return _gaussian_blur(x, torch.full((len(x),), 1.0))
+    if kind.startswith("xt"):      # DDPM-noised at step t of the bundled diffusion model's schedule
+        ab = ddpm_alphas_cumprod()[int(kind.split("=")[1])]
+        return ((ab.sqrt() * (2 * x - 1) + (1 - ab).sqrt() * torch.randn(x.shape, generator=g) + 1) / 2)
     if kind == "lowres8":
         return F.interpolate(F.interpolate(x, size=(8, 8), mode="area"), size=x.shape[-2:], mode="bilinear")
     raise ValueError(kind)
@@ -42,7 +46,8 @@ def zero_shot_table(scorer, n):
     rows = []
     for size in (32, 64):
         x = render_scenes(scenes, size)
-        for kind in (["clean", "noise0.1", "noise0.2", "blur1", "lowres8"] if size == 32 else ["clean"]):
+        kinds = ["clean", "noise0.1", "noise0.2", "blur1", "lowres8", "xt t=200", "xt t=400", "xt t=600"]
+        for kind in (kinds if size == 32 else ["clean"]):
             xd = degrade(x, kind, torch.Generator().manual_seed(0))
             acc = zero_shot_accuracy(scorer.encode_images(xd), scenes, scorer.encode_texts)
             rows.append((f"{size}px {kind}", acc))

@@ -37,7 +37,8 @@ def resolve_spec(settings, component: str, override: str | None) -> str:
         return override
     if settings.profile is None and not settings.quiet:
         click.echo(NOTICE, err=True)
-    spec = getattr(PROFILES[settings.profile or DEFAULT_PROFILE], component)
+    profile = PROFILES[settings.profile or DEFAULT_PROFILE]
+    spec = getattr(profile, component) or (profile.clip if component == "guide" else None)
     if spec is None:
         raise click.UsageError(f"profile {settings.profile!r} has no default {component}: "
                                f"pass --{component} SPEC")

@@ -22,9 +22,10 @@ from clipkit.cli.common import clip_option, emit_json, fmt_table, json_option, p
               help="First seed (default: random, printed and saved); candidate k uses SEED+k.")
 @click.option("--best-of", "best_of", type=int, default=1, show_default=True,
               help="Draw M candidates per kept image; keep the N best by CLIP score.")
-@click.option("--guide-target", type=click.Choice(["x0", "xt"]), default="x0", show_default=True,
+@click.option("--guide-target", type=click.Choice(["auto", "x0", "xt"]), default="auto", show_default=True,
               help="What the CLIP sees: x0 = the denoised estimate (any CLIP); xt = the noisy sample itself "
-                   "(GLIDE-style: use a noise-aware CLIP from `clipkit train clip --noise-aware`; pixel models).")
+                   "(GLIDE-style: a noise-aware CLIP from `clipkit train clip --noise-aware`; pixel models); "
+                   "auto = xt when the CLIP is noise-aware and the model is pixel-space, else x0.")
 @click.option("--scheduler", default="ddim", show_default=True,
               help="ddim, ddpm, euler, euler_a, lms, dpmpp or pndm.")
 @click.option("--size", type=int, default=None, help="Image side in pixels (default: the model's own, 32 for shapes).")
@@ -57,7 +58,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
 
     from clipkit.cli.common import resolve_spec
     from clipkit.guidance.pipeline import generate as do_generate
-    clip = resolve_spec(settings, "clip", clip_spec)
+    clip = resolve_spec(settings, "guide", clip_spec)
     # one notice at most: the first lookup printed it if the default profile was implicit
     diffusion = resolve_spec(dataclasses.replace(settings, quiet=True), "diffusion", diffusion_spec)
     bars = []

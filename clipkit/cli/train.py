@@ -47,19 +47,25 @@ def train():
 @click.option("--augment", type=click.Choice(["robust", "none"]), default="robust", show_default=True,
               help="robust: noise/blur/low-res/tint augmentations (x0-estimate-like inputs).")
 @click.option("--noise-aware", is_flag=True, help="Also train on DDPM-noised images x_t (GLIDE-style).")
+@click.option("--train-only", "train_only", multiple=True, metavar="PREFIX",
+              help="Train only parameters whose names start with PREFIX (repeatable; the rest frozen). With "
+                   "--init, the saved model is an overlay: just those weights + the base spec.")
 @_common
 @click.pass_obj
-def clip(settings, data, init, augment, noise_aware, as_json, **kw):
+def clip(settings, data, init, augment, noise_aware, train_only, as_json, **kw):
     """Contrastive CLIP training (symmetric cross-entropy, learned temperature).
 
     \b
     Examples:
       clipkit train clip --out runs/clip --steps 20000            # the bundled Shapes CLIP
       clipkit train clip --data captions.jsonl --init shapes --out runs/ft --steps 500
+      clipkit train clip --init shapes --noise-aware --train-only visual.conv1 \\
+          --train-only visual.transformer.resblocks.0. --out runs/noised --steps 600   # an overlay
       accelerate launch --multi_gpu --num_processes 2 -m clipkit.cli.main train clip --out runs/clip
     """
     from clipkit.core.train_clip import TrainClipConfig, train_clip
-    cfg = _config(TrainClipConfig, data=data, init=init, augment=augment, noise_aware=noise_aware, **kw)
+    cfg = _config(TrainClipConfig, data=data, init=init, augment=augment, noise_aware=noise_aware,
+                  train_only=tuple(train_only) or None, **kw)
     res = train_clip(cfg, progress=not (settings.quiet or as_json))
     _report(res, as_json)
 

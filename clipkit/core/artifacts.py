@@ -3,6 +3,10 @@
 An open_clip model is saved in open_clip's own local-directory layout
 (``open_clip_config.json`` with ``model_cfg``/``preprocess_cfg`` + ``open_clip_model.safetensors``),
 so both open_clip (``local-dir:``) and clipkit load it from the directory alone.
+
+An *overlay* is a partial fine-tune of another CLIP: the same layout, but the safetensors hold only
+the weights that changed and ``open_clip_config.json`` names the base spec (``clipkit.base``);
+clipkit loads the base and replaces those weights (:func:`apply_overlay`).
 """
 from __future__ import annotations
 
@@ -41,3 +45,39 @@ def save_openclip_dir(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: d
     save_file(_state_for_save(model, dtype), str(out / "open_clip_model.safetensors"),
               metadata={"format": "pt", "config": json.dumps(cfg)})
     return out
+
+
+def save_openclip_overlay(model: torch.nn.Module, names, base: str, model_cfg: dict, preprocess_cfg: dict,
+                          out_dir, dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
+    """Like :func:`save_openclip_dir`, but only the weights ``names`` (on top of the CLIP ``base``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "clipkit": {**(extra or {}), "base": base}}
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    names = set(names)
+    sd = {k: v for k, v in _state_for_save(model, dtype).items() if k in names}
+    save_file(sd, str(out / "open_clip_model.safetensors"), metadata={"format": "pt", "config": json.dumps(cfg)})
+    return out
+
+
+def overlay_base(directory) -> str | None:
+    """The base spec of an overlay directory, or None for a complete model."""
+    p = Path(directory) / "open_clip_config.json"
+    try:
+        return json.loads(p.read_text()).get("clipkit", {}).get("base")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def apply_overlay(module: torch.nn.Module, directory) -> list[str]:
+    """Replace ``module``'s weights by the overlay's; every key must exist with the same shape."""
+    from safetensors.torch import load_file
+    sd = load_file(str(Path(directory) / "open_clip_model.safetensors"))
+    own = module.state_dict()
+    bad = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"overlay weights do not fit the base model: {bad[:3]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return sorted(sd)

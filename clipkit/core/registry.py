@@ -22,22 +22,27 @@ from pathlib import Path
 from clipkit.core.errors import ModelLoadError
 
 BUNDLED = "shapes"
+#: bundled model names: ``shapes`` (every component) and ``shapes-noised`` (the noise-aware guide
+#: CLIP: an overlay of the bundled CLIP whose early image layers were fine-tuned on DDPM-noised x_t)
+BUNDLED_NAMES = (BUNDLED, "shapes-noised")
 OFFLINE_FIX = "check the network, or download it once and set HF_HUB_OFFLINE=1 to use the cache"
 
 
 @dataclass(frozen=True)
 class Profile:
-    """The three model choices that go together."""
+    """The model choices that go together."""
     name: str
     clip: str
     diffusion: str | None
     captioner: str | None
     description: str
+    guide: str | None = None     # the CLIP that steers `generate` (None: ``clip``)
 
 
 PROFILES: dict[str, Profile] = {
     "shapes": Profile("shapes", "shapes", "shapes", "shapes",
-                      "bundled, offline demo models; they know only the Shapes world"),
+                      "bundled, offline demo models; they know only the Shapes world",
+                      guide="shapes-noised"),
     "sd": Profile("sd", "openclip:ViT-B-32/laion2b_s34b_b79k",
                   "hf:stable-diffusion-v1-5/stable-diffusion-v1-5", None,
                   "real models from the hub (needs a network once, or a cache); "
@@ -69,7 +74,7 @@ def parse_spec(spec: str, component: str = "clip") -> ModelSpec:
         raise ModelLoadError(str(spec), "empty model spec", "use 'shapes', 'openclip:ARCH/TAG', "
                              "'hf:ORG/NAME' or a local directory")
     spec = spec.strip()
-    if spec == BUNDLED:
+    if spec in BUNDLED_NAMES:
         return ModelSpec(spec, "bundled", spec)
     if spec.startswith("openclip:"):
         body = spec[len("openclip:"):]
@@ -98,6 +103,28 @@ def parse_spec(spec: str, component: str = "clip") -> ModelSpec:
     raise ModelLoadError(spec, "unknown model spec",
                          "use 'shapes', 'openclip:ARCH/TAG', 'hf:ORG/NAME' or a local directory; "
                          "`clipkit models` lists them")
+
+
+def clip_training_info(spec: str) -> dict:
+    """The training config saved inside a clipkit-trained CLIP (bundled or a local open_clip
+    directory); {} for anything else (hub models, other formats)."""
+    try:
+        s = parse_spec(spec)
+    except ModelLoadError:
+        return {}
+    path = bundled_path(s.target, "clip") if s.kind == "bundled" else Path(s.target)
+    if s.kind not in ("bundled", "local-openclip"):
+        return {}
+    try:
+        info = json.loads((path / "open_clip_config.json").read_text()).get("clipkit", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return info.get("training", {}) if isinstance(info, dict) else {}
+
+
+def is_noise_aware(spec: str) -> bool:
+    """Whether a CLIP was trained on noised images x_t (``clipkit train clip --noise-aware``)."""
+    return bool(clip_training_info(spec).get("noise_aware"))
 
 
 def _short_timeouts() -> None:
@@ -183,6 +210,10 @@ def _load_openclip(spec: ModelSpec):
         else:
             kwargs = {}
     else:
+        from clipkit.core.artifacts import overlay_base
+        base = overlay_base(spec.target)
+        if base is not None:
+            return _load_overlay(spec, base)
         # open_clip only *warns* when a local dir has no weights and returns a random model: refuse.
         if not any(any(Path(spec.target).glob(g)) for g in ("*.safetensors", "*.bin", "*.pth")):
             raise ModelLoadError(spec.raw, "no weights file (*.safetensors, *.bin, *.pth) in the directory",
@@ -242,6 +273,20 @@ def _load_hf_clip(spec: ModelSpec):
     return HFClipBackend(model, tokenizer, _hf_preprocess(spec.target, model, local_only), spec.raw)
 
 
+def _load_overlay(spec: ModelSpec, base: str):
+    """A partial fine-tune: load its base CLIP, then replace the weights the overlay holds."""
+    from clipkit.core.artifacts import apply_overlay
+    if base in (spec.raw, spec.target):
+        raise ModelLoadError(spec.raw, "overlay names itself as its base", "check open_clip_config.json")
+    backend = load_clip(base)
+    try:
+        apply_overlay(backend.module, spec.target)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(spec.raw, _one_line(e), f"the overlay must come from fine-tuning {base!r}") from e
+    backend.spec = spec.raw
+    return backend
+
+
 def load_clip(spec: str | ModelSpec = BUNDLED):
     """Resolve and load a CLIP model -> a :class:`~clipkit.core.backends.ClipBackend` (CPU, fp32)."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
@@ -268,7 +313,7 @@ def load_clip(spec: str | ModelSpec = BUNDLED):
 @dataclass
 class ModelEntry:
     spec: str
-    component: str      # clip | diffusion | captioner
+    component: str      # clip | guide (the CLIP that steers generate) | diffusion | captioner
     profile: str | None
     available: bool     # loadable right now without a network
     note: str = ""
@@ -314,8 +359,14 @@ def list_models() -> list[ModelEntry]:
     """Every profile's models, with whether each is available offline."""
     out = []
     for prof in PROFILES.values():
-        for comp in ("clip", "diffusion", "captioner"):
+        for comp in ("clip", "guide", "diffusion", "captioner"):
             spec = getattr(prof, comp)
+            if comp == "guide":
+                if spec is None:
+                    continue
+                ok, note = is_available(spec, "clip")
+                out.append(ModelEntry(spec, comp, prof.name, ok, note + "; guides `generate`"))
+                continue
             if spec is None:
                 out.append(ModelEntry("-", comp, prof.name, False, "user supplies --" + comp))
                 continue

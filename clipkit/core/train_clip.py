@@ -58,6 +58,8 @@ class TrainClipConfig:
     augment: str = "robust"              # "robust" | "none"
     noise_aware: bool = False            # also train on DDPM-noised x_t (GLIDE-style)
     noise_fraction: float = 0.5          # fraction of each batch noised when noise_aware
+    train_only: tuple | None = None      # parameter-name prefixes to train, the rest frozen; with
+                                         # `init`, the export is an overlay (these weights + the base spec)
     render_sizes: tuple = (32, 48, 64)   # Shapes renders are drawn at one of these sizes per batch
     p_two: float = 0.35                  # fraction of two-object scenes
     eval_every: int = 500
@@ -252,6 +254,20 @@ def _build_model(cfg: TrainClipConfig):
     return model, tokenizer, model_cfg, preprocess
 
 
+def freeze_except(model: torch.nn.Module, prefixes) -> list[str]:
+    """Train only the parameters whose names start with one of ``prefixes``; -> their names."""
+    names = []
+    for n, p in model.named_parameters():
+        keep = any(n.startswith(pfx) for pfx in prefixes)
+        p.requires_grad_(keep)
+        if keep:
+            names.append(n)
+    if not names:
+        raise InputError(f"train_only {list(prefixes)} matches no parameter "
+                         f"(names look like {next(iter(dict(model.named_parameters())))!r})")
+    return names
+
+
 def _param_groups(model, weight_decay):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -309,7 +325,7 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     from clipkit.core.dist import accelerator
     from tqdm.auto import tqdm
 
-    from clipkit.core.artifacts import save_openclip_dir
+    from clipkit.core.artifacts import save_openclip_dir, save_openclip_overlay
     from clipkit.core.training import CsvLog, plan_steps, plot_curves, resume_step, save_checkpoint, warmup_cosine
     from clipkit.shapes.render import render
 
@@ -322,6 +338,7 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoint"
     model, tokenizer, model_cfg, pp_dict = _build_model(cfg)
+    trained = freeze_except(model, cfg.train_only) if cfg.train_only else None
     pp = PreprocessConfig.from_dict({**pp_dict, "image_size": pp_dict["size"]})
     shapes = cfg.data == "shapes"
     if shapes:
@@ -418,8 +435,12 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     model_dir = out / "model"
     if acc.is_main_process:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[cfg.export_dtype]
-        save_openclip_dir(unwrapped, model_cfg, pp_dict, model_dir, dtype=dtype,
-                          extra={"training": asdict(cfg), "eval": last_eval})
+        extra = {"training": asdict(cfg), "eval": last_eval}
+        if trained is not None and cfg.init:
+            save_openclip_overlay(unwrapped, trained, cfg.init, model_cfg, pp_dict, model_dir, dtype=dtype,
+                                  extra=extra)
+        else:
+            save_openclip_dir(unwrapped, model_cfg, pp_dict, model_dir, dtype=dtype, extra=extra)
         if evalf is not None:
             evalf.close()
             plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="zero-shot accuracy (val)")

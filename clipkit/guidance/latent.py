@@ -463,6 +463,7 @@ class LatentDiffusion:
     """
     kind = "latent"
     conditional = True
+    guide_targets = ("x0",)
 
     def __init__(self, components: LatentComponents, spec: str | None = None, view_batch: int = 0):
         self.components = components

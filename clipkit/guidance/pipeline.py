@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -34,6 +35,7 @@ import torch
 from PIL import Image
 
 from clipkit.core.errors import InputError, ModelLoadError
+from clipkit.core.registry import BUNDLED_NAMES
 from clipkit.guidance.schedulers import OUTPUT_ONLY, SCHEDULERS, count_timesteps, make_scheduler
 from clipkit.guidance.wrapper import GuidanceConfig
 
@@ -53,6 +55,10 @@ SCORE_NOTE = ("cosine similarity between the image as saved and its prompt, unde
               "guidance optimises this number, so it overstates quality: judge with another CLIP or the oracle")
 
 
+#: guidance stops at t/T = this when GenerateConfig.guide_stop is None (measured in BENCHMARKS.md)
+DEFAULT_STOP = {"x0": 0.3, "xt": 0.0}
+
+
 @dataclass
 class GenerateConfig:
     """Sampling and guidance parameters (saved in every sidecar)."""
@@ -67,11 +73,13 @@ class GenerateConfig:
     views: int = 4                  # augmented views of x0 per step, CLIP loss averaged over them
     cutouts: int = 0                # random square crops per step, on top of the views
     guide_start: float = 1.0        # guide while t/T is in [guide_stop, guide_start]
-    guide_stop: float = 0.3
+    guide_stop: float | None = None # None: 0.3 guiding the x0 estimate (the model cleans up after), 0.0 guiding
+                                    # x_t (a noise-aware CLIP guides to the end without speckle; BENCHMARKS.md)
     apply: str | None = None        # None: "sample" ("output" for schedulers in OUTPUT_ONLY)
     grad_mode: str = "x0"           # x0 (cheap) | unet (backprop through the denoiser)
-    guide_target: str = "x0"        # what the CLIP sees: x0 (the x0 estimate, any CLIP) | xt (the noisy
-                                    # input itself: a noise-aware CLIP, `train clip --noise-aware`)
+    guide_target: str = "auto"      # what the CLIP sees: x0 (the x0 estimate, any CLIP) | xt (the noisy
+                                    # input itself: a noise-aware CLIP, `train clip --noise-aware`) |
+                                    # auto: xt for a noise-aware CLIP on a model that takes it, else x0
     size: int | None = None         # image side in pixels; None: the model's native size
     best_of: int = 1                # candidates per kept image (kept: the best by CLIP score)
 
@@ -94,8 +102,19 @@ class GenerateConfig:
                 raise InputError(f"{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
         if self.size is not None and (not isinstance(self.size, int) or self.size < 8):
             raise InputError(f"size must be an integer >= 8 pixels, got {self.size!r}")
+        if self.guide_target not in ("auto", "x0", "xt"):
+            raise InputError(f"guide_target must be 'auto', 'x0' or 'xt', got {self.guide_target!r}")
         self.guidance().validate()
         return self
+
+    def resolve_target(self, noise_aware: bool, targets: Sequence[str]) -> "GenerateConfig":
+        """Settle ``guide_target="auto"`` (xt when the CLIP is noise-aware and the model takes xt) and
+        the default ``guide_stop`` of that target."""
+        target = self.guide_target
+        if target == "auto":
+            target = "xt" if noise_aware and "xt" in targets else "x0"
+        stop = self.guide_stop if self.guide_stop is not None else DEFAULT_STOP[target]
+        return dataclasses.replace(self, guide_target=target, guide_stop=stop)
 
     def resolved_apply(self) -> str:
         if self.apply is not None:
@@ -106,7 +125,10 @@ class GenerateConfig:
         return "output" if self.scheduler in OUTPUT_ONLY else "sample"
 
     def guidance(self) -> GuidanceConfig:
-        """The wrapper config these parameters mean."""
+        """The wrapper config these parameters mean (an unsettled "auto" target means x0 here:
+        :func:`generate` settles it with :meth:`resolve_target`, knowing the CLIP)."""
+        if self.guide_target == "auto" or self.guide_stop is None:
+            return self.resolve_target(False, ("x0",)).guidance()
         normalized = self.step_mode == "normalized"
         return GuidanceConfig(scale=1.0 if normalized else float(self.clip_scale),
                               x0_step=float(self.clip_scale) if normalized else None,
@@ -133,6 +155,7 @@ class DiffusionBackend(Protocol):
     kind: str            # "pixel" | "latent"
     conditional: bool    # takes text itself (then cfg_scale applies)
     native_size: int     # default image side in pixels
+    guide_targets: tuple  # what its CLIP guidance can show the CLIP: ("x0", "xt") or ("x0",)
 
     def check(self, config: GenerateConfig) -> GenerateConfig:
         """Raise InputError for parameters this model cannot take (before anything is generated);
@@ -156,6 +179,7 @@ class PixelDiffusion:
     """An unconditional pixel-space ``UNet2DModel`` + its scheduler config, guided by CLIP."""
     kind = "pixel"
     conditional = False
+    guide_targets = ("x0", "xt")
 
     def __init__(self, unet, scheduler_config: dict, spec: str, device="cpu", dtype=torch.float32):
         unet = unet.to(device) if unet.dtype == dtype else unet.to(device, dtype)
@@ -445,7 +469,7 @@ def _step_counter(on_step, total: int):
 
 
 def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = None,
-             config: GenerateConfig | None = None, diffusion="shapes", clip="shapes", device="auto",
+             config: GenerateConfig | None = None, diffusion="shapes", clip="shapes-noised", device="auto",
              precision: str = "fp32", out_dir=None, overwrite: bool = False,
              on_step: Callable[[int, int], None] | None = None, **options) -> GenerateResult:
     """Generate ``n`` images per prompt with CLIP guidance (and best-of-``best_of`` CLIP reranking).
@@ -457,7 +481,8 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         config / options: a :class:`GenerateConfig` and/or its fields as keywords
             (``steps=``, ``clip_scale=``, ``best_of=``, ``scheduler=``, ``cutouts=``, ``size=``, ...).
         diffusion: a spec (``shapes``, a diffusers directory, ``hf:ORG/NAME``) or a loaded DiffusionBackend.
-        clip: a spec or a loaded :class:`~clipkit.core.scorer.ClipScorer` (guides and scores).
+        clip: a spec or a loaded :class:`~clipkit.core.scorer.ClipScorer` (guides and scores); the
+            default is the bundled noise-aware Shapes CLIP (``shapes-noised``), guiding x_t.
         out_dir: write ``<slug>-<seed>.png`` + ``.json`` sidecars there; existing files are an error
             unless ``overwrite`` (checked before anything is generated).
         on_step: ``on_step(done, total)`` after every denoising step of every candidate (progress bars).
@@ -474,7 +499,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - n_cand:
         raise InputError(f"seed must be an integer in [0, {MAX_SEED - n_cand}], got {seed!r}")
     seeds = list(range(seed, seed + n_cand))
-    if "shapes" in (_spec_of(clip), _spec_of(diffusion)):
+    if {_spec_of(clip), _spec_of(diffusion)} & set(BUNDLED_NAMES):
         warn_unknown_words(prompts)
     # 2. outputs: every file that could be written, checked before any work
     targets: dict = {}
@@ -490,7 +515,8 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         scorer = clip
     pipe = load_diffusion(diffusion, device=scorer.device, precision=precision) if isinstance(diffusion, str) \
         else diffusion
-    cfg = pipe.check(cfg)
+    from clipkit.core.registry import is_noise_aware
+    cfg = pipe.check(cfg.resolve_target(is_noise_aware(scorer.spec), pipe.guide_targets))
     models = {"clip": scorer.spec, "diffusion": pipe.spec, "diffusion_kind": pipe.kind}
     step = None if on_step is None else _step_counter(on_step, len(prompts) * n_cand * pipe.steps_per_image(cfg))
     # 4. sample, score, keep the best, write

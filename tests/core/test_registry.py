@@ -59,3 +59,20 @@ def test_bundled_and_listing():
     assert rows[("shapes", "clip")].available
     assert rows[("shapes", "diffusion")].available
     assert is_available("hf:org/name")[0] in (True, False)
+
+
+def test_bundled_noised_guide_is_an_overlay_of_the_bundled_clip():
+    """`shapes-noised` shares the bundled CLIP's text tower exactly and is marked noise-aware."""
+    import torch
+
+    from clipkit.core.registry import is_noise_aware
+    from clipkit.core.scorer import load_scorer
+    base, noised = load_scorer("shapes", device="cpu"), load_scorer("shapes-noised", device="cpu")
+    assert noised.spec == "shapes-noised" and is_noise_aware("shapes-noised") and not is_noise_aware("shapes")
+    assert not is_noise_aware("hf:org/name") and not is_noise_aware("nonsense spec")
+    texts = ["a red circle at the top left", "a small blue square"]
+    assert torch.equal(base.encode_texts(texts), noised.encode_texts(texts))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(base.encode_images(x), noised.encode_images(x), atol=1e-3)
+    rows = {(e.profile, e.component): e for e in list_models()}
+    assert rows[("shapes", "guide")].spec == "shapes-noised" and rows[("shapes", "guide")].available

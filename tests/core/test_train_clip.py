@@ -91,3 +91,48 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert doc["steps"] == 2 and doc["processes"] == 2
     from clipkit.core.scorer import load_scorer
     assert load_scorer(str(out / "model"), device="cpu").encode_texts(["a red circle"]).shape[0] == 1
+
+
+def test_train_only_exports_an_overlay_of_the_base(tmp_path):
+    """A partial fine-tune saves only the weights it trained and loads on top of its base: the frozen
+    text tower gives the same text embeddings, the fine-tuned image layers different image embeddings."""
+    from safetensors import safe_open
+
+    from clipkit.core.registry import is_noise_aware
+    from clipkit.core.scorer import load_scorer
+    base = train_clip(TrainClipConfig(out_dir=str(tmp_path / "base"), model_cfg=TINY, steps=2, batch_size=8,
+                                      render_sizes=(24,), eval_every=100), progress=False).model_dir
+    trained = ("visual.conv1", "visual.transformer.resblocks.0.")
+    res = train_clip(TrainClipConfig(out_dir=str(tmp_path / "ft"), init=base, train_only=trained, noise_aware=True,
+                                     steps=3, batch_size=8, lr=1e-2, warmup=1, render_sizes=(24,), eval_every=100),
+                     progress=False)
+    with safe_open(f"{res.model_dir}/open_clip_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert keys and all(k.startswith(trained) for k in keys)
+    assert "visual.conv1.weight" in keys and not any(k.startswith("transformer.") for k in keys)
+    b, o = load_scorer(base, device="cpu"), load_scorer(res.model_dir, device="cpu")
+    texts = ["a red circle", "a blue square at the top"]
+    assert torch.equal(b.encode_texts(texts), o.encode_texts(texts))
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(b.encode_images(x), o.encode_images(x), atol=1e-4)
+    bsd, osd = b.backend.module.state_dict(), o.backend.module.state_dict()
+    assert torch.equal(bsd["visual.proj"], osd["visual.proj"])
+    assert not torch.equal(bsd["visual.conv1.weight"], osd["visual.conv1.weight"])
+    assert is_noise_aware(res.model_dir) and not is_noise_aware(base)
+
+
+def test_overlay_that_does_not_fit_its_base_is_a_clear_error(tmp_path):
+    from clipkit.core.errors import ModelLoadError
+    from clipkit.core.registry import load_clip
+    base = train_clip(TrainClipConfig(out_dir=str(tmp_path / "base"), model_cfg=TINY, steps=1, batch_size=4,
+                                      render_sizes=(24,), eval_every=100), progress=False).model_dir
+    ft = train_clip(TrainClipConfig(out_dir=str(tmp_path / "ft"), init=base, train_only=("visual.conv1",),
+                                    steps=1, batch_size=4, render_sizes=(24,), eval_every=100), progress=False)
+    cfg = json.loads((tmp_path / "ft" / "model" / "open_clip_config.json").read_text())
+    cfg["clipkit"]["base"] = "shapes"                       # a base the weights do not fit
+    (tmp_path / "ft" / "model" / "open_clip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="do not fit"):
+        load_clip(ft.model_dir)
+    with pytest.raises(InputError, match="matches no parameter"):
+        train_clip(TrainClipConfig(out_dir=str(tmp_path / "x"), init=base, train_only=("nope.",), steps=1,
+                                   batch_size=4, render_sizes=(24,)), progress=False)

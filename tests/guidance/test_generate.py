@@ -143,7 +143,9 @@ def run(args):
     return res
 
 
-def test_cli_writes_png_and_sidecar_and_json(tmp_path, scorer):
+def test_cli_writes_png_and_sidecar_and_json(tmp_path):
+    from clipkit.core.scorer import load_scorer
+    noised_scorer = load_scorer("shapes-noised", device="cpu")
     out = tmp_path / "out"
     res = run(["generate", PROMPT, "-n", "2", "--steps", "3", "--seed", "7", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
@@ -157,12 +159,14 @@ def test_cli_writes_png_and_sidecar_and_json(tmp_path, scorer):
     for im in doc["images"]:
         side = json.loads((out / f"{slug}-{im['seed']}.json").read_text())
         assert side["prompt"] == PROMPT and side["seed"] == im["seed"] and side["score"] == "cosine"
-        assert side["models"] == {"clip": "shapes", "diffusion": "shapes", "diffusion_kind": "pixel"}
+        # the bundled profile guides with the noise-aware overlay CLIP, on x_t ("auto" target)
+        assert side["models"] == {"clip": "shapes-noised", "diffusion": "shapes", "diffusion_kind": "pixel"}
         p = side["parameters"]
+        assert p["guide_target"] == "xt" and p["guidance"]["target"] == "xt"
         assert (p["steps"], p["n"], p["seed"], p["best_of"], p["scheduler"], p["clip_scale"]) == (3, 2, 7, 1, "ddim", 0.2)
         assert p["guidance"]["x0_step"] == 0.2 and p["cfg_scale"] is None
-        # the sidecar's score is what `clipkit score` reports for the saved file
-        sim = float(scorer.similarity([im["path"]], [PROMPT])[0, 0])
+        # the sidecar's score is what `clipkit score --clip shapes-noised` reports for the saved file
+        sim = float(noised_scorer.similarity([im["path"]], [PROMPT])[0, 0])
         assert math.isclose(side["clip_score"], sim, abs_tol=1e-5) and im["clip_score"] == side["clip_score"]
 
 
@@ -229,6 +233,23 @@ def test_real_subprocess(tmp_path):
     doc = json.loads(out.stdout)
     assert doc["images"][0]["path"] == str(tmp_path / "a-green-square-11.png")
     assert "note: using the bundled" in out.stderr
+
+
+def test_auto_target_is_xt_only_for_a_noise_aware_clip_on_a_model_that_takes_it(tmp_path):
+    cfg = GenerateConfig()
+    assert cfg.guide_target == "auto"
+    assert cfg.resolve_target(True, ("x0", "xt")).guide_target == "xt"
+    assert cfg.resolve_target(False, ("x0", "xt")).guide_target == "x0"
+    assert cfg.resolve_target(True, ("x0",)).guide_target == "x0"            # latent models
+    assert GenerateConfig(guide_target="x0").resolve_target(True, ("x0", "xt")).guide_target == "x0"
+    # the clean bundled CLIP guides the x0 estimate
+    res = run(["-q", "generate", PROMPT, "-n", "1", "--steps", "2", "--seed", "5", "--out", str(tmp_path),
+               "--clip", "shapes"])
+    assert res.exit_code == 0, res.output
+    side = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert side["models"]["clip"] == "shapes" and side["parameters"]["guide_target"] == "x0"
+    with pytest.raises(InputError, match="guide_target"):
+        GenerateConfig(guide_target="x1").validate()
 
 
 def test_cli_guide_target_xt_is_recorded_and_changes_the_image(tmp_path):
