@@ -1,6 +1,6 @@
 """Reranking: quality on Shapes, throughput and memory, measured side by side in one run.
 
-    python bench/rerank.py [--n-quality 1000] [--n-speed 2000] [--n-memory 20000] [--parts quality,speed,memory]
+    python bench/rerank.py [--n-quality 1000] [--n-speed 2000] [--n-memory 20000] [--parts quality,breakdown,speed,memory]
 
 1. precision@10 (oracle-judged) of text queries naming 1, 2 or 3 attributes over 1,000 rendered
    test images (bundled CLIP).
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import resource
 import shutil
@@ -110,6 +111,39 @@ def speed(scorer, n, tmp, workers, batch):
     return n / t_plain, n / t_cold, n / t_warm, t_cold / t_warm, diff
 
 
+def breakdown(scorer, n, tmp, batch):
+    """CPU time per image of each stage, to bound what any pipelining can reach on this machine."""
+    folder = tmp / "speed"
+    write_scenes(folder, n, 256, "jpg", start=50_000)
+    files = sorted(folder.glob("*.jpg"))[:n]
+    be, threads = scorer.backend, torch.get_num_threads()
+    t = time.process_time()
+    px = [pil_to_tensor(load_image(p), scorer.preprocess) for p in files]
+    decode = (time.process_time() - t) / n * 1e3                        # CPU ms per image (one thread)
+    x = torch.stack(px[:batch])
+    rows = {}
+    for k in sorted({1, threads}):
+        torch.set_num_threads(k)
+        with torch.inference_mode():
+            be.encode_image(x)                                           # warm-up
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(5):
+                be.encode_image(x)
+            rows[k] = ((time.perf_counter() - t) / (5 * batch) * 1e3, (time.process_time() - c) / (5 * batch) * 1e3)
+    torch.set_num_threads(threads)
+    print(f"\nCPU cost per image ({n} JPEGs 256x256 -> {scorer.preprocess.image_size} px; forward at batch {batch}):\n")
+    print("| stage | wall ms/image | CPU ms/image |\n|---|---|---|")
+    print(f"| decode + resize + to tensor (PIL, 1 process) | {decode:.2f} | {decode:.2f} |")
+    for k, (w, c) in rows.items():
+        print(f"| image tower forward, {k} torch thread(s) | {w:.2f} | {c:.2f} |")
+    cores = os.cpu_count()
+    serial = decode + rows[threads][0]
+    bound = cores / (decode + rows[1][1])
+    print(f"\nplain loop (decode, then forward on {threads} threads): ~{1e3 / serial:.0f} images/s; "
+          f"perfect pipelining on {cores} cores (every core busy, forward at its 1-thread cost): "
+          f"<= {1e3 * bound:.0f} images/s = {serial * bound:.2f}x the plain loop")
+
+
 def peak_rss(folder: Path, cache_dir: Path) -> float:
     code = ("import resource, sys; from clipkit.cli.main import cli; "
             "sys.argv=['clipkit','-q','rerank',sys.argv[1],'-q','a red circle','--top','5','--cache',sys.argv[2]];\n"
@@ -164,6 +198,8 @@ def main():
             print("| queries | n | mean P@10 | min P@10 | best achievable mean P@10 |\n|---|---|---|---|---|")
             for name, n, mean, mn, best in quality(scorer, args.n_quality, tmp):
                 print(f"| {name} | {n} | {mean:.3f} | {mn:.2f} | {best:.3f} |")
+        if "breakdown" in parts:
+            breakdown(scorer, min(args.n_speed, 500), tmp, args.batch)
         if "speed" in parts:
             speed_report(scorer, args, tmp)
         if "memory" in parts:

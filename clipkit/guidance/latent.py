@@ -355,11 +355,6 @@ def _check_size(comps: LatentComponents, height: int | None, width: int | None) 
     return h, w
 
 
-def _to_pil(pix: torch.Tensor) -> list[Image.Image]:
-    arr = (pix.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
 def generate_latent(components: LatentComponents, prompts: str | Sequence[str], n_per_prompt: int = 1,
                     steps: int = 25, cfg_scale: float = DEFAULT_CFG_SCALE, guidance: GuidanceConfig | None = None,
                     scorer=None, negative_prompt: str | Sequence[str] | None = None, seed: int | None = 0,
@@ -432,7 +427,8 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
         z = sample(model, sched, shape, steps, generator, device=dev, guide=guide, callback=callback, noise=noise)
         with torch.no_grad():
             pix = ((components.decode(z) + 1) / 2).clamp(0, 1).float().cpu()
-    images = _to_pil(pix)
+    from clipkit.guidance.pipeline import tensor_to_pil
+    images = [tensor_to_pil(p) for p in pix]
 
     # 5. final scores: the saved (8-bit) images through the scorer's PIL path, fp32
     scores = None
