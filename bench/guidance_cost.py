@@ -3,8 +3,9 @@
     python bench/guidance_cost.py [--steps 25] [--n 4] [--threads 1]
 
 Arms (each measured in its own subprocess, so peak RSS is per arm):
-  pixel  : the bundled 32x32 Shapes DDPM (DDIM) unguided; guided with x0-only gradients (the default
-           mode); guided through the UNet (grad_mode="unet");
+  pixel  : the bundled 32x32 Shapes DDPM (DDIM) unguided; guided on x_t by the noise-aware
+           `shapes-noised` CLIP (the default); guided on the x0 estimate by the clean `shapes` CLIP with
+           x0-only gradients; the same through the UNet (grad_mode="unet");
   latent : a tiny random Stable-Diffusion-style pipeline (UNet2DConditionModel + AutoencoderKL +
            CLIPTextModel, 32x32 images, built from configs in tests/helpers.py): CFG only, CFG + CLIP
            guidance (x0 mode, gradient through the VAE decoder), CFG + CLIP through the UNet as well.
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ["pixel/unguided", "pixel/x0", "pixel/unet", "latent/cfg", "latent/cfg+clip-x0", "latent/cfg+clip-unet"]
+ARMS = ["pixel/unguided", "pixel/xt", "pixel/x0", "pixel/unet", "latent/cfg", "latent/cfg+clip-x0", "latent/cfg+clip-unet"]
 
 
 def run_arm(arm: str, steps: int, n: int) -> dict:
@@ -33,7 +34,7 @@ def run_arm(arm: str, steps: int, n: int) -> dict:
     kind, mode = arm.split("/")
     if kind == "pixel":
         from clipkit.guidance.pipeline import generate
-        scorer = load_scorer("shapes", device="cpu")
+        scorer = load_scorer("shapes-noised" if mode == "xt" else "shapes", device="cpu")   # xt: the default
         scale = 0.0 if mode == "unguided" else 0.2
 
         def once():

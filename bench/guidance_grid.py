@@ -4,7 +4,8 @@
 
 Each cell is marked by the oracle: a green frame when it finds an object of the prompt's colour at
 the prompt's position, red otherwise. Same seeds in both halves (the unguided sample of a seed is
-the starting point the guided one departs from).
+the starting point the guided one departs from). Guided = `clipkit generate`'s bundled default: the
+noise-aware `shapes-noised` CLIP guiding x_t, step 0.2, 4 views, DDIM 25.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=25)
     args = ap.parse_args()
-    scorer = load_scorer("shapes", device="cpu")
+    scorer = load_scorer("shapes-noised", device="cpu")     # the bundled profile's guide (x_t, noise-aware)
     rows, hits = [], {"unguided": 0, "guided": 0}
     for color, pos in PROMPTS:
         prompt = f"a {color} shape {AT[pos]}"

@@ -55,8 +55,11 @@ SCORE_NOTE = ("cosine similarity between the image as saved and its prompt, unde
               "guidance optimises this number, so it overstates quality: judge with another CLIP or the oracle")
 
 
-#: guidance stops at t/T = this when GenerateConfig.guide_stop is None (measured in BENCHMARKS.md)
-DEFAULT_STOP = {"x0": 0.3, "xt": 0.0}
+#: per guide target, what GenerateConfig's None fields mean (chosen on the development prompts of
+#: bench/guidance.py, BENCHMARKS.md): guiding the x0 estimate, stop at t/T = 0.3 and let the model clean
+#: up; guiding x_t with a noise-aware CLIP, guide to the end with steps in proportion to the noise left
+TARGET_DEFAULTS = {"x0": {"guide_stop": 0.3, "step_schedule": "constant"},
+                   "xt": {"guide_stop": 0.0, "step_schedule": "sigma"}}
 
 
 @dataclass
@@ -73,8 +76,8 @@ class GenerateConfig:
     views: int = 4                  # augmented views of x0 per step, CLIP loss averaged over them
     cutouts: int = 0                # random square crops per step, on top of the views
     guide_start: float = 1.0        # guide while t/T is in [guide_stop, guide_start]
-    guide_stop: float | None = None # None: 0.3 guiding the x0 estimate (the model cleans up after), 0.0 guiding
-                                    # x_t (a noise-aware CLIP guides to the end without speckle; BENCHMARKS.md)
+    guide_stop: float | None = None # None: the target's default (TARGET_DEFAULTS)
+    step_schedule: str | None = None    # "constant" | "sigma" (step * sqrt(1 - abar_t)); None: the target's
     apply: str | None = None        # None: "sample" ("output" for schedulers in OUTPUT_ONLY)
     grad_mode: str = "x0"           # x0 (cheap) | unet (backprop through the denoiser)
     guide_target: str = "auto"      # what the CLIP sees: x0 (the x0 estimate, any CLIP) | xt (the noisy
@@ -109,12 +112,12 @@ class GenerateConfig:
 
     def resolve_target(self, noise_aware: bool, targets: Sequence[str]) -> "GenerateConfig":
         """Settle ``guide_target="auto"`` (xt when the CLIP is noise-aware and the model takes xt) and
-        the default ``guide_stop`` of that target."""
+        that target's defaults for the fields left None (TARGET_DEFAULTS)."""
         target = self.guide_target
         if target == "auto":
             target = "xt" if noise_aware and "xt" in targets else "x0"
-        stop = self.guide_stop if self.guide_stop is not None else DEFAULT_STOP[target]
-        return dataclasses.replace(self, guide_target=target, guide_stop=stop)
+        filled = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in TARGET_DEFAULTS[target].items()}
+        return dataclasses.replace(self, guide_target=target, **filled)
 
     def resolved_apply(self) -> str:
         if self.apply is not None:
@@ -127,14 +130,14 @@ class GenerateConfig:
     def guidance(self) -> GuidanceConfig:
         """The wrapper config these parameters mean (an unsettled "auto" target means x0 here:
         :func:`generate` settles it with :meth:`resolve_target`, knowing the CLIP)."""
-        if self.guide_target == "auto" or self.guide_stop is None:
+        if self.guide_target == "auto" or self.guide_stop is None or self.step_schedule is None:
             return self.resolve_target(False, ("x0",)).guidance()
         normalized = self.step_mode == "normalized"
         return GuidanceConfig(scale=1.0 if normalized else float(self.clip_scale),
                               x0_step=float(self.clip_scale) if normalized else None,
                               views=self.views, cutouts=self.cutouts, start=self.guide_start,
                               stop=self.guide_stop, apply=self.resolved_apply(), grad_mode=self.grad_mode,
-                              target=self.guide_target)
+                              target=self.guide_target, step_schedule=self.step_schedule)
 
     @property
     def guided(self) -> bool:

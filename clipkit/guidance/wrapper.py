@@ -54,6 +54,8 @@ class GuidanceConfig:
     range_scale: float = 0.0        # penalty on x0 outside [-1, 1]
     x0_step: float | None = None    # normalised steps: move x0 by this RMS (x0 units) along -grad per
                                     # step, instead of scale * grad (bounded at every noise level)
+    step_schedule: str = "constant" # x0_step at every guided step ("constant"), or x0_step * sqrt(1 - abar_t)
+                                    # ("sigma": in proportion to the noise left, fading out as t -> 0)
     apply: str = "sample"           # "sample": keep the model's eps, shift the scheduler's sample by the
                                     # x0 step (strong); "output": eps-consistent correction of the model
                                     # output only (classifier-guidance form; most of it cancels in DDIM)
@@ -71,6 +73,8 @@ class GuidanceConfig:
             raise InputError(f"apply must be 'sample' or 'output', got {self.apply!r}")
         if self.grad_mode not in ("x0", "unet"):
             raise InputError(f"grad_mode must be 'x0' or 'unet', got {self.grad_mode!r}")
+        if self.step_schedule not in ("constant", "sigma"):
+            raise InputError(f"step_schedule must be 'constant' or 'sigma', got {self.step_schedule!r}")
         if self.target not in ("x0", "xt"):
             raise InputError(f"target must be 'x0' or 'xt', got {self.target!r}")
         if self.target == "xt" and (self.grad_mode != "x0" or self.blend):
@@ -293,7 +297,8 @@ class GuidedDenoiser:
                               float(cos.detach().mean()), float(rms.mean()))
         if self.cfg.x0_step is not None:
             # normalised step in x0 space: x0' = x0 - step * grad / rms(grad)
-            delta = -self.cfg.x0_step * grad / rms.clamp(min=1e-12)
+            step = self.cfg.x0_step * ((1 - a).sqrt() if self.cfg.step_schedule == "sigma" else 1.0)
+            delta = -step * grad / rms.clamp(min=1e-12)
         else:
             delta = -(1 - a) / a.sqrt() * grad                                       # x0' = x0 + sigma^2 g (VE form)
         self.history.append(stats)

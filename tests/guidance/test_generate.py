@@ -238,7 +238,12 @@ def test_real_subprocess(tmp_path):
 def test_auto_target_is_xt_only_for_a_noise_aware_clip_on_a_model_that_takes_it(tmp_path):
     cfg = GenerateConfig()
     assert cfg.guide_target == "auto"
-    assert cfg.resolve_target(True, ("x0", "xt")).guide_target == "xt"
+    xt = cfg.resolve_target(True, ("x0", "xt"))
+    assert (xt.guide_target, xt.guide_stop, xt.step_schedule) == ("xt", 0.0, "sigma")
+    x0 = cfg.resolve_target(False, ("x0", "xt"))
+    assert (x0.guide_target, x0.guide_stop, x0.step_schedule) == ("x0", 0.3, "constant")
+    mine = GenerateConfig(guide_stop=0.5, step_schedule="constant").resolve_target(True, ("x0", "xt"))
+    assert (mine.guide_stop, mine.step_schedule) == (0.5, "constant")        # what the user set is kept
     assert cfg.resolve_target(False, ("x0", "xt")).guide_target == "x0"
     assert cfg.resolve_target(True, ("x0",)).guide_target == "x0"            # latent models
     assert GenerateConfig(guide_target="x0").resolve_target(True, ("x0", "xt")).guide_target == "x0"

@@ -1,4 +1,6 @@
 """Conformance of the guidance wrapper over every supported scheduler (tiny random models)."""
+import math
+
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -161,6 +163,30 @@ def test_xt_gradient_is_the_clip_gradient_on_xt(tiny_scorer_oc):
     g0 = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, GuidanceConfig(scale=10.0, views=1, grad_rms_max=None))
     g0(x, 500)
     assert not torch.allclose(g0.pending_x0_shift, expected, rtol=1e-2)
+
+
+def test_sigma_step_schedule_scales_the_normalised_step_by_the_noise_left(tiny_scorer_oc):
+    """step_schedule="sigma": the x0 shift has RMS x0_step * sqrt(1 - abar_t), same direction as "constant"."""
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    model = gaussian_denoiser(sched)
+    tg = tiny_scorer_oc.text_embeddings(["a red circle"])[:, None, :]
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    shifts = {}
+    for schedule in ("constant", "sigma"):
+        for t in (900, 50):
+            cfg = GuidanceConfig(target="xt", scale=1.0, x0_step=0.2, views=1, apply="sample", step_schedule=schedule)
+            guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg)
+            guide(x, t)
+            shifts[schedule, t] = guide.pending_x0_shift
+    for t in (900, 50):
+        a = float(abar_at(GuidedDenoiser(model, sched, tiny_scorer_oc, tg, GuidanceConfig()).abar, t, 1, "cpu"))
+        rms = lambda d: float(d.pow(2).mean().sqrt())  # noqa: E731
+        assert math.isclose(rms(shifts["constant", t]), 0.2, rel_tol=1e-4)
+        assert math.isclose(rms(shifts["sigma", t]), 0.2 * math.sqrt(1 - a), rel_tol=1e-4)
+        assert torch.allclose(shifts["sigma", t], shifts["constant", t] * math.sqrt(1 - a), atol=1e-6)
+    assert rms(shifts["sigma", 50]) < 0.3 * rms(shifts["sigma", 900])         # it fades out near t = 0
+    with pytest.raises(InputError, match="step_schedule"):
+        GuidanceConfig(step_schedule="linear").validate()
 
 
 @pytest.mark.parametrize("apply", ["sample", "output"])

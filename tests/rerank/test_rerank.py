@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -70,6 +71,29 @@ def test_same_results_for_batch_sizes(folder, shapes_scorer):
     for other in runs[1:]:
         assert [r.path for r in other.results] == [r.path for r in runs[0].results]
         assert np.allclose([r.score for r in other.results], [r.score for r in runs[0].results], atol=1e-5)
+
+
+def test_workers_that_encode_give_the_main_process_results(folder, shapes_scorer):
+    """On a CPU, forked DataLoader workers encode their own batches; same files, order, reasons and
+    embeddings (1e-5) as encoding in the main process or with no workers at all."""
+    from clipkit.rerank.embed import EmbeddingStream, encode_in_workers
+    d, _ = folder
+    from clipkit.core.io import scan_images
+    files = scan_images([d])
+    assert encode_in_workers(shapes_scorer, 2) == (mp.get_start_method() == "fork")
+    assert not encode_in_workers(shapes_scorer, 0)
+    runs = {}
+    for name, workers, in_workers in (("none", 0, None), ("main", 2, False), ("workers", 2, True)):
+        stream = EmbeddingStream(files, shapes_scorer, batch_size=5, num_workers=workers)
+        stream.workers_encode = in_workers
+        out = torch.zeros(len(files), 128)
+        for chunk in stream:
+            out[chunk.index] = chunk.embeddings
+        runs[name] = (out, stream.skipped_list())
+    for name in ("main", "workers"):
+        assert runs[name][1] == runs["none"][1] and len(runs[name][1]) == len(BAD)
+        assert torch.allclose(runs[name][0], runs["none"][0], atol=1e-5)
+    assert runs["none"][0].abs().sum(1).gt(0).sum() == len(files) - len(BAD)
 
 
 def test_cache_resume_and_invalidation(folder, shapes_scorer, tmp_path):
