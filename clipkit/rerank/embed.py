@@ -116,6 +116,13 @@ class _CollateAndEncode:
         return batch
 
 
+def _freeze_inherited_objects(_worker_id: int) -> None:
+    """Worker init: move the objects inherited from the parent out of the collector's reach, so the
+    worker's garbage collections do not touch (and copy-on-write duplicate) the parent's pages."""
+    import gc
+    gc.freeze()
+
+
 def encode_in_workers(scorer, num_workers: int) -> bool:
     """Whether DataLoader workers should encode too: CPU scorers with forked workers (the model is
     shared copy-on-write; with spawn it would be pickled into every worker)."""
@@ -189,7 +196,8 @@ class EmbeddingStream:
             in_workers = encode_in_workers(self.scorer, self.num_workers)
         collate = _CollateAndEncode(self.scorer) if in_workers and self.num_workers > 0 else _collate
         loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
-                            shuffle=False, persistent_workers=False)
+                            shuffle=False, persistent_workers=False,
+                            worker_init_fn=_freeze_inherited_objects if self.num_workers else None)
         for batch in (self.progress(loader, total=len(loader)) if self.progress else loader):
             for i, _, r in batch.bad:
                 self.skipped[i] = r
