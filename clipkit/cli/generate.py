@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import clip_option, emit_json, fmt_table, json_option, progress
+from clipkit.cli.common import emit_json, fmt_table, json_option, progress
 
 
 @click.command()
@@ -34,7 +34,9 @@ from clipkit.cli.common import clip_option, emit_json, fmt_table, json_option, p
 @click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, exit 2).")
 @click.option("--diffusion", "diffusion_spec", default=None, metavar="SPEC",
               help="Diffusion model: shapes, hf:ORG/NAME or a diffusers pipeline directory (overrides --profile).")
-@clip_option
+@click.option("--clip", "clip_spec", default=None, metavar="SPEC",
+              help="CLIP that guides and scores: shapes-noised (the bundled profile's noise-aware guide), "
+                   "shapes, openclip:ARCH/TAG, hf:ORG/NAME or a directory (overrides --profile).")
 @json_option
 @click.pass_obj
 def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, guide_target, scheduler, size,

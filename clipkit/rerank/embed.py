@@ -1,7 +1,7 @@
 """Streaming, error-tolerant embedding of image files.
 
-Files are decoded, resized and batched in DataLoader worker processes (on a CPU the workers also
-encode their batches: one single-threaded encoder per core); a file that fails (empty,
+Files are decoded, resized and batched in DataLoader worker processes (opt-in on a CPU: the workers
+also encode their batches, ``EmbeddingStream.workers_encode``); a file that fails (empty,
 truncated, not an image, a decompression bomb, unreadable, or slower to decode than ``timeout_s``)
 comes back as a reason instead of a tensor and is reported, never fatal. :class:`EmbeddingStream`
 hands over cache hits in chunks, then each encoded batch (written to the cache as it finishes), and
@@ -116,15 +116,8 @@ class _CollateAndEncode:
         return batch
 
 
-def _freeze_inherited_objects(_worker_id: int) -> None:
-    """Worker init: move the objects inherited from the parent out of the collector's reach, so the
-    worker's garbage collections do not touch (and copy-on-write duplicate) the parent's pages."""
-    import gc
-    gc.freeze()
-
-
 def encode_in_workers(scorer, num_workers: int) -> bool:
-    """Whether DataLoader workers should encode too: CPU scorers with forked workers (the model is
+    """Whether DataLoader workers can encode too: CPU scorers with forked workers (the model is
     shared copy-on-write; with spawn it would be pickled into every worker)."""
     import multiprocessing as mp
     return num_workers > 0 and scorer.device.type == "cpu" and mp.get_start_method(allow_none=False) == "fork"
@@ -156,7 +149,9 @@ class EmbeddingStream:
         self.timeout_s, self.max_pixels, self.progress = timeout_s, max_pixels, progress
         self.skipped: dict[int, str] = {}
         self.cached = 0
-        self.workers_encode: bool | None = None     # None: encode_in_workers() decides
+        # opt-in: workers also encode (CPU + fork only; BENCHMARKS.md: +7-15% images/s on 2 cores, but
+        # the largest worker's peak RSS grew 630 -> 941 MB from 2k to 20k images, not yet explained)
+        self.workers_encode: bool = False
 
     def __iter__(self) -> Iterator[EmbeddedChunk]:
         todo = array("q")
@@ -191,13 +186,10 @@ class EmbeddingStream:
         """3. decode in DataLoader workers, encode each batch, write it to the cache, hand it over."""
         ds = _Files(self.paths, todo, self.scorer.preprocess, self.timeout_s, self.max_pixels,
                     with_keys=self.cache is not None)
-        in_workers = self.workers_encode
-        if in_workers is None:
-            in_workers = encode_in_workers(self.scorer, self.num_workers)
-        collate = _CollateAndEncode(self.scorer) if in_workers and self.num_workers > 0 else _collate
+        in_workers = self.workers_encode and encode_in_workers(self.scorer, self.num_workers)
+        collate = _CollateAndEncode(self.scorer) if in_workers else _collate
         loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
-                            shuffle=False, persistent_workers=False,
-                            worker_init_fn=_freeze_inherited_objects if self.num_workers else None)
+                            shuffle=False, persistent_workers=False)
         for batch in (self.progress(loader, total=len(loader)) if self.progress else loader):
             for i, _, r in batch.bad:
                 self.skipped[i] = r

@@ -74,8 +74,8 @@ def test_same_results_for_batch_sizes(folder, shapes_scorer):
 
 
 def test_workers_that_encode_give_the_main_process_results(folder, shapes_scorer):
-    """On a CPU, forked DataLoader workers encode their own batches; same files, order, reasons and
-    embeddings (1e-5) as encoding in the main process or with no workers at all."""
+    """Opt-in on a CPU: forked DataLoader workers encode their own batches; same files, order, reasons
+    and embeddings (1e-5) as encoding in the main process or with no workers at all."""
     from clipkit.rerank.embed import EmbeddingStream, encode_in_workers
     d, _ = folder
     from clipkit.core.io import scan_images
@@ -83,7 +83,7 @@ def test_workers_that_encode_give_the_main_process_results(folder, shapes_scorer
     assert encode_in_workers(shapes_scorer, 2) == (mp.get_start_method() == "fork")
     assert not encode_in_workers(shapes_scorer, 0)
     runs = {}
-    for name, workers, in_workers in (("none", 0, None), ("main", 2, False), ("workers", 2, True)):
+    for name, workers, in_workers in (("none", 0, False), ("main", 2, False), ("workers", 2, True)):
         stream = EmbeddingStream(files, shapes_scorer, batch_size=5, num_workers=workers)
         stream.workers_encode = in_workers
         out = torch.zeros(len(files), 128)
