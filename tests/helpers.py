@@ -102,3 +102,21 @@ def save_sd_pipeline(comps, path: Path) -> Path:
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
+
+
+def assert_seed_fixes_the_image(generate, prompt, other_seed: int, **kw):
+    """``generate(prompt, n=, seed=, **kw)``: seed 5 gives the same 32x32 RGB image twice, and the same
+    image (and score) inside a run of seeds 3-5; ``other_seed`` gives another image."""
+    import math
+
+    import numpy as np
+    a = generate(prompt, n=1, seed=5, **kw).images[0]
+    b = generate(prompt, n=1, seed=5, **kw).images[0]
+    batch = {im.seed: im for im in generate(prompt, n=3, seed=3, **kw).images}
+    assert a.seed == 5 and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert sorted(batch) == [3, 4, 5]
+    # a seed fixes its image alone: the same picture inside a run of 3 (so -n 1 --seed S regenerates it)
+    assert np.array_equal(np.asarray(batch[5].image), np.asarray(a.image))
+    assert math.isclose(batch[5].clip_score, a.clip_score, abs_tol=1e-6)
+    assert not np.array_equal(np.asarray(batch[other_seed].image), np.asarray(a.image))
+    assert a.image.size == (32, 32) and a.image.mode == "RGB"

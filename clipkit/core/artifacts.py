@@ -34,28 +34,19 @@ def _state_for_save(module: torch.nn.Module, dtype: torch.dtype | None) -> dict:
 
 
 def save_openclip_dir(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, out_dir,
-                      dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
-    """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` into ``out_dir``."""
+                      dtype: torch.dtype | None = None, extra: dict | None = None,
+                      keys=None, base: str | None = None) -> Path:
+    """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` into ``out_dir``; with
+    ``keys`` and ``base``, an overlay: only those weights, on top of the CLIP ``base``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    if extra:
-        cfg["clipkit"] = extra
+    if extra or base:
+        cfg["clipkit"] = {**(extra or {}), **({"base": base} if base else {})}
     (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(_state_for_save(model, dtype), str(out / "open_clip_model.safetensors"),
-              metadata={"format": "pt", "config": json.dumps(cfg)})
-    return out
-
-
-def save_openclip_overlay(model: torch.nn.Module, names, base: str, model_cfg: dict, preprocess_cfg: dict,
-                          out_dir, dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
-    """Like :func:`save_openclip_dir`, but only the weights ``names`` (on top of the CLIP ``base``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "clipkit": {**(extra or {}), "base": base}}
-    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
-    names = set(names)
-    sd = {k: v for k, v in _state_for_save(model, dtype).items() if k in names}
+    sd = _state_for_save(model, dtype)
+    if keys is not None:
+        sd = {k: v for k, v in sd.items() if k in set(keys)}
     save_file(sd, str(out / "open_clip_model.safetensors"), metadata={"format": "pt", "config": json.dumps(cfg)})
     return out
 

@@ -325,7 +325,7 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     from clipkit.core.dist import accelerator
     from tqdm.auto import tqdm
 
-    from clipkit.core.artifacts import save_openclip_dir, save_openclip_overlay
+    from clipkit.core.artifacts import save_openclip_dir
     from clipkit.core.training import CsvLog, plan_steps, plot_curves, resume_step, save_checkpoint, warmup_cosine
     from clipkit.shapes.render import render
 
@@ -435,12 +435,10 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     model_dir = out / "model"
     if acc.is_main_process:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[cfg.export_dtype]
-        extra = {"training": asdict(cfg), "eval": last_eval}
-        if trained is not None and cfg.init:
-            save_openclip_overlay(unwrapped, trained, cfg.init, model_cfg, pp_dict, model_dir, dtype=dtype,
-                                  extra=extra)
-        else:
-            save_openclip_dir(unwrapped, model_cfg, pp_dict, model_dir, dtype=dtype, extra=extra)
+        overlay = trained is not None and cfg.init
+        save_openclip_dir(unwrapped, model_cfg, pp_dict, model_dir, dtype=dtype,
+                          extra={"training": asdict(cfg), "eval": last_eval},
+                          keys=trained if overlay else None, base=cfg.init if overlay else None)
         if evalf is not None:
             evalf.close()
             plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="zero-shot accuracy (val)")

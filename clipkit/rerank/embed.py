@@ -1,7 +1,7 @@
 """Streaming, error-tolerant embedding of image files.
 
 Files are decoded, resized and batched in DataLoader worker processes (opt-in on a CPU: the workers
-also encode their batches, ``EmbeddingStream.workers_encode``); a file that fails (empty,
+also encode their batches, ``EmbeddingStream(workers_encode=True)``); a file that fails (empty,
 truncated, not an image, a decompression bomb, unreadable, or slower to decode than ``timeout_s``)
 comes back as a reason instead of a tensor and is reported, never fatal. :class:`EmbeddingStream`
 hands over cache hits in chunks, then each encoded batch (written to the cache as it finishes), and
@@ -143,7 +143,7 @@ class EmbeddingStream:
 
     def __init__(self, paths: Sequence, scorer, cache=None, batch_size: int = 64, num_workers: int = 0,
                  timeout_s: float | None = 30.0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 progress: Callable | None = None):
+                 progress: Callable | None = None, workers_encode: bool = False):
         self.paths = paths if isinstance(paths, list) else list(paths)
         self.scorer, self.cache, self.batch_size, self.num_workers = scorer, cache, batch_size, num_workers
         self.timeout_s, self.max_pixels, self.progress = timeout_s, max_pixels, progress
@@ -151,7 +151,7 @@ class EmbeddingStream:
         self.cached = 0
         # opt-in: workers also encode (CPU + fork only; BENCHMARKS.md: +7-15% images/s on 2 cores, but
         # the largest worker's peak RSS grew 630 -> 941 MB from 2k to 20k images, not yet explained)
-        self.workers_encode: bool = False
+        self.workers_encode = workers_encode
 
     def __iter__(self) -> Iterator[EmbeddedChunk]:
         todo = array("q")

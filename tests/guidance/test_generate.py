@@ -11,6 +11,7 @@ from clipkit.cli.main import cli
 from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.guidance.pipeline import (SCHEDULERS, GenerateConfig, PixelDiffusion, generate, load_diffusion,
                                        slugify, unknown_words)
+from helpers import assert_seed_fixes_the_image   # tests/ is on sys.path (conftest.py)
 
 PROMPT = "a red circle at the top left"
 
@@ -44,18 +45,7 @@ def pixels(im):
 
 
 def test_same_seed_same_image_whatever_n(shapes_pipe, scorer):
-    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=4)
-    a = generate(PROMPT, n=1, seed=5, **kw).images[0]
-    b = generate(PROMPT, n=1, seed=5, **kw).images[0]
-    batch = generate(PROMPT, n=3, seed=3, **kw).images
-    assert a.seed == 5 and np.array_equal(pixels(a.image), pixels(b.image))
-    by_seed = {im.seed: im for im in batch}
-    assert sorted(by_seed) == [3, 4, 5]
-    # a seed fixes its image alone: the same picture inside a run of 3 (so -n 1 --seed S regenerates it)
-    assert np.array_equal(pixels(by_seed[5].image), pixels(a.image))
-    assert math.isclose(by_seed[5].clip_score, a.clip_score, abs_tol=1e-6)
-    assert not np.array_equal(pixels(by_seed[3].image), pixels(a.image))
-    assert a.image.size == (32, 32) and a.image.mode == "RGB"
+    assert_seed_fixes_the_image(generate, PROMPT, other_seed=3, diffusion=shapes_pipe, clip=scorer, steps=4)
 
 
 def test_best_of_keeps_the_highest_scores(shapes_pipe, scorer):

@@ -13,7 +13,7 @@ from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.guidance.latent import DEFAULT_CFG_SCALE, LatentDiffusion, generate_latent
 from clipkit.guidance.pipeline import DiffusionBackend, generate, load_diffusion
 from clipkit.guidance.schedulers import SCHEDULER_NAMES
-from helpers import make_sd_components, save_sd_pipeline   # tests/ is on sys.path (conftest.py)
+from helpers import assert_seed_fixes_the_image, make_sd_components, save_sd_pipeline   # tests/ is on sys.path (conftest.py)
 
 PROMPT = "a red circle"
 SLUG = "a-red-circle"
@@ -78,16 +78,8 @@ def test_backend_samples_the_cfg_model_seed_by_seed(pipe, scorer):
 
 
 def test_same_seed_same_image_whatever_n(pipe, scorer):
-    kw = dict(diffusion=pipe, clip=scorer, steps=3, cfg_scale=5.0, scheduler="euler_a")   # ancestral noise too
-    a = generate(PROMPT, n=1, seed=5, **kw).images[0]
-    b = generate(PROMPT, n=1, seed=5, **kw).images[0]
-    batch = {im.seed: im for im in generate(PROMPT, n=3, seed=3, **kw).images}
-    assert np.array_equal(pixels(a.image), pixels(b.image))
-    assert sorted(batch) == [3, 4, 5]
-    assert np.array_equal(pixels(batch[5].image), pixels(a.image))
-    assert math.isclose(batch[5].clip_score, a.clip_score, abs_tol=1e-6)
-    assert not np.array_equal(pixels(batch[4].image), pixels(a.image))
-    assert a.image.size == (32, 32) and a.image.mode == "RGB"
+    assert_seed_fixes_the_image(generate, PROMPT, other_seed=4, diffusion=pipe, clip=scorer, steps=3, cfg_scale=5.0,
+                                scheduler="euler_a")                                    # ancestral noise too
 
 
 def test_clip_guidance_raises_the_guiding_score(pipe, scorer):

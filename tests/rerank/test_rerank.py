@@ -84,8 +84,7 @@ def test_workers_that_encode_give_the_main_process_results(folder, shapes_scorer
     assert not encode_in_workers(shapes_scorer, 0)
     runs = {}
     for name, workers, in_workers in (("none", 0, False), ("main", 2, False), ("workers", 2, True)):
-        stream = EmbeddingStream(files, shapes_scorer, batch_size=5, num_workers=workers)
-        stream.workers_encode = in_workers
+        stream = EmbeddingStream(files, shapes_scorer, batch_size=5, num_workers=workers, workers_encode=in_workers)
         out = torch.zeros(len(files), 128)
         for chunk in stream:
             out[chunk.index] = chunk.embeddings
