@@ -321,7 +321,7 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCa
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(loader) // acc.num_processes)
     total = cfg.epochs * steps_per_epoch
-    step = resume_step(ckpt_dir, model, opt, cfg.resume)
+    step = resume_step(ckpt_dir, model, opt, cfg.resume, rng={})     # {}: the global torch RNG (dropout)
     if not cfg.resume and acc.is_main_process:
         tokenizer.save_pretrained(str(out / "tokenizer"))
     model, opt, loader = acc.prepare(model, opt, loader)
@@ -334,8 +334,9 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCa
         opt, lambda s: warmup_cosine(s, plan.steps, cfg.warmup), last_epoch=step - 1 if step else -1)
     cols = ["step", "epoch", "loss", "lr", "samples_per_s"]
     eval_cols = ["step", "epoch", "val_loss", "bleu4", "cider_d", "exact_attr"]
-    logf = CsvLog(out / "train_log.csv", cols, append=cfg.resume) if acc.is_main_process else None
-    evalf = CsvLog(out / "eval_log.csv", eval_cols, append=cfg.resume) if acc.is_main_process else None
+    logf = CsvLog(out / "train_log.csv", cols, append=cfg.resume, resume_from=step) if acc.is_main_process else None
+    evalf = CsvLog(out / "eval_log.csv", eval_cols, append=cfg.resume, resume_from=step) \
+        if acc.is_main_process else None
     bar = tqdm(total=total, initial=step, disable=not (progress and acc.is_main_process), desc="train captioner")
     t0, seen, last_eval, start = time.time(), 0, {}, step
     model.train()
@@ -376,7 +377,7 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCa
             if step % cfg.save_every == 0 or end_epoch:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
-                    save_checkpoint(ckpt_dir, unwrapped, opt, step, cfg, {"eval": last_eval})
+                    save_checkpoint(ckpt_dir, unwrapped, opt, step, cfg, {"eval": last_eval}, rng={})
                     plot_curves(out / "train_log.csv", out / "train_curves.png", ys=["loss", "lr"],
                                 title="captioner training")
             if step >= plan.steps or end_epoch:
@@ -386,9 +387,11 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCa
     model_dir = out / "model"
     if acc.is_main_process:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[cfg.export_dtype]
-        save_captioner(model_dir, unwrapped, tokenizer, dtype=dtype)
-        (model_dir / "clipkit_training.json").write_text(json.dumps(
-            {"training": asdict(cfg), "eval": last_eval, "steps": step}, indent=2))
+        from clipkit.core.outputs import atomic_dir
+        with atomic_dir(model_dir, overwrite=True) as tmp:       # never half a model, never through a link
+            save_captioner(tmp, unwrapped, tokenizer, dtype=dtype)
+            (tmp / "clipkit_training.json").write_text(json.dumps(
+                {"training": asdict(cfg), "eval": last_eval, "steps": step}, indent=2))
         logf.close()
         evalf.close()
         if len(val.keys):

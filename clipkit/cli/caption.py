@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import batch_size_option, clip_option, emit_json, json_option, resolve_spec
+from clipkit.cli.common import FiniteFloat, batch_size_option, clip_option, emit_json, json_option, resolve_spec
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--captioner", "captioner_spec", default=None, metavar="SPEC",
               help="shapes (bundled), a directory from `clipkit train captioner`, or an official ClipCap .pt.")
 @click.option("--tokenizer", default=None, metavar="DIR",
@@ -16,16 +16,17 @@ from clipkit.cli.common import batch_size_option, clip_option, emit_json, json_o
 @click.option("--beams", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=1, show_default=True,
               help="Decode N candidates per image (beam or nucleus) and keep the best by CLIP score.")
-@click.option("--lm-weight", type=click.FloatRange(min=0), default=0.1, show_default=True,
+@click.option("--lm-weight", type=FiniteFloat(min=0), default=0.1, show_default=True,
               help="Candidate ranking: cosine + W * mean token log-prob (0 = CLIP score only).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=40, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Token limit per caption (default: the checkpoint's; official ClipCap: 67; else 40).")
+@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=0.9, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for nucleus sampling.")
 @click.option("--stop-token", default=None, metavar="TEXT",
               help="Also end a caption at this token (default: the checkpoint's; official ClipCap: '.').")
-@click.option("--eval", "refs_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--eval", "refs_path", type=click.Path(readable=False), default=None,
               help="Score the captions against references: JSON {image path or file name: [captions]}.")
 @clip_option
 @batch_size_option
@@ -74,7 +75,7 @@ def caption(settings, images, captioner_spec, tokenizer, strategy, beams, candid
             if not as_json:
                 click.echo(f"{p}\t{r.caption}\t{r.clip_score:.4f}")
     doc = {"captioner": spec, "clip": cap.scorer.spec, "score": "cosine(image, caption)",
-           "decode": cfg.to_dict(), "lm_weight": lm_weight,
+           "decode": cap.decode_config(cfg).to_dict(), "lm_weight": lm_weight,
            "results": [{"path": r.source, "caption": r.caption, "score": r.clip_score, "logprob": r.logprob,
                         **({"candidates": [c.__dict__ for c in r.candidates]} if r.candidates else {})}
                        for r in results],

@@ -8,7 +8,7 @@ from clipkit.cli.common import (batch_size_option, clip_option, emit_json, fmt_t
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--labels", "-l", required=True, help='Comma-separated class names, e.g. "cat,dog".')
 @click.option("--templates", default="simple", show_default=True,
               help="simple (7 templates) | openai (80) | a file (one per line) | one template with {}.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -12,6 +13,44 @@ log = logging.getLogger("clipkit.cli")
 
 NOTICE = ("note: using the bundled 'shapes' demo models, which know only the Shapes world; "
           "use --profile sd or --clip SPEC for real models")
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that rejects NaN and infinity at parse time (and, optionally, a range:
+    ``FiniteFloat(min=0, min_open=True)``); FloatRange alone lets NaN through every bound."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+class FloatList(click.ParamType):
+    """Comma-separated finite numbers, e.g. ``2,1,0.5``."""
+    name = "numbers"
+
+    def __init__(self, min: float | None = None):
+        self.min = min
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        out = []
+        for part in str(value).split(","):
+            try:
+                v = float(part)
+            except ValueError:
+                self.fail(f"expected comma-separated numbers (e.g. 2,1), got {value!r}", param, ctx)
+            if not math.isfinite(v):
+                self.fail(f"{part.strip()!r} in {value!r} is not a finite number", param, ctx)
+            if self.min is not None and v < self.min:
+                self.fail(f"{part.strip()!r} in {value!r} is below {self.min:g}", param, ctx)
+            out.append(v)
+        return out
 
 
 def clip_option(f):

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import emit_json, fmt_table, json_option, progress
+from clipkit.cli.common import FiniteFloat, emit_json, fmt_table, json_option, progress
 
 
 @click.command()
 @click.argument("prompts", nargs=-1, required=True, metavar="PROMPT...")
 @click.option("-n", "n", type=int, default=4, show_default=True, help="Images kept per prompt.")
 @click.option("--steps", type=int, default=25, show_default=True, help="Denoising steps.")
-@click.option("--clip-scale", type=float, default=0.2, show_default=True,
+@click.option("--clip-scale", type=FiniteFloat(), default=0.2, show_default=True,
               help="CLIP guidance strength, 0 = unguided: the RMS distance (pixels in [-1, 1]) each guided "
                    "step moves the denoised estimate along the CLIP gradient.")
-@click.option("--cfg-scale", type=float, default=None,
+@click.option("--cfg-scale", type=FiniteFloat(), default=None,
               help="Classifier-free guidance scale for text-conditioned (latent, --profile sd) models "
                    "(default 7.5 there); an error with the unconditional pixel models.")
 @click.option("--cutouts", type=int, default=0, show_default=True,
@@ -29,7 +29,7 @@ from clipkit.cli.common import emit_json, fmt_table, json_option, progress
 @click.option("--scheduler", default="ddim", show_default=True,
               help="ddim, ddpm, euler, euler_a, lms, dpmpp or pndm.")
 @click.option("--size", type=int, default=None, help="Image side in pixels (default: the model's own, 32 for shapes).")
-@click.option("--out", "out_dir", type=click.Path(), default="generated", show_default=True,
+@click.option("--out", "out_dir", type=click.Path(readable=False), default="generated", show_default=True,
               help="Output directory for <slug>-<seed>.png and <slug>-<seed>.json.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, exit 2).")
 @click.option("--diffusion", "diffusion_spec", default=None, metavar="SPEC",

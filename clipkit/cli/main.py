@@ -37,6 +37,25 @@ class Settings:
 
 
 class LazyGroup(click.Group):
+    def main(self, *args, **kwargs):
+        """Usage errors as one line (``Error: ...``, exit 2) naming where to look, not the usage text."""
+        if kwargs.get("standalone_mode", True):
+            try:
+                return super().main(*args, **{**kwargs, "standalone_mode": False})
+            except click.UsageError as e:
+                hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+                click.echo(f"Error: {e.format_message()}{hint}", err=True)
+                sys.exit(e.exit_code)
+            except click.ClickException as e:
+                e.show()
+                sys.exit(e.exit_code)
+            except click.exceptions.Exit as e:
+                sys.exit(e.exit_code)
+            except click.Abort:
+                _on_own_line("Error: interrupted")
+                sys.exit(130)
+        return super().main(*args, **kwargs)
+
     def list_commands(self, ctx):
         return sorted(COMMANDS)
 
@@ -52,7 +71,7 @@ class LazyGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("Error: interrupted", err=True)
+            _on_own_line("Error: interrupted")
             sys.exit(130)
         except Exception as e:  # the CLI boundary: library errors become one line
             from clipkit.core.errors import ClipkitError
@@ -67,12 +86,27 @@ class LazyGroup(click.Group):
             raise err from None
 
 
+def _on_own_line(msg: str) -> None:
+    """A message on a line of its own, even when a progress bar holds the terminal's current line."""
+    prefix = "\n" if sys.stderr.isatty() else ""
+    click.echo(prefix + msg, err=True)
+
+
 class _Formatter(logging.Formatter):
     def format(self, record):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
+    """clipkit's own lines on stderr; third-party warnings and log lines only with ``-v``."""
+    import os
+    import warnings
+    if not verbose:
+        # diffusers/transformers configure their own loggers from these at first use, after us
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        warnings.filterwarnings("ignore")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     root = logging.getLogger("clipkit")

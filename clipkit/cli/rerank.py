@@ -3,36 +3,38 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import batch_size_option, clip_option, emit_json, fmt_table, json_option, make_scorer, progress
+from clipkit.cli.common import FiniteFloat, FloatList, batch_size_option, clip_option, emit_json, fmt_table, json_option, make_scorer, progress
 
 
 @click.command()
-@click.argument("candidates", nargs=-1, required=True, type=click.Path())
+@click.argument("candidates", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--query", "-q", "queries", multiple=True, help="Text query (repeat for several).")
-@click.option("--query-image", "query_images", multiple=True, type=click.Path(),
+@click.option("--query-image", "query_images", multiple=True, type=click.Path(readable=False),
               help="Image query (repeat for several).")
-@click.option("--texts", "texts_file", type=click.Path(dir_okay=False),
+@click.option("--texts", "texts_file", type=click.Path(readable=False),
               help="Rank the caption candidates in this file (one per line) for the single image given.")
 @click.option("--combine", is_flag=True, help="Several queries: one ranking by their weighted mean score "
                                               "(default: one ranking per query).")
-@click.option("--weights", default=None, help="Comma-separated weights for --combine, e.g. 2,1.")
+@click.option("--weights", type=FloatList(min=0), default=None,
+              help="Comma-separated weights for --combine, e.g. 2,1.")
 @click.option("--top", "top_k", type=click.IntRange(min=1), default=None, help="Keep the K best (default: all).")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the ranking to this CSV file.")
-@click.option("--sheet", type=click.Path(dir_okay=False),
+@click.option("--csv", "csv_path", type=click.Path(readable=False), help="Also write the ranking to this CSV file.")
+@click.option("--sheet", type=click.Path(readable=False),
               help="Contact sheet PNG of the top results (at most 100 thumbnails).")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--overwrite", is_flag=True, help="Replace existing --csv/--sheet files (default: refuse, exit 2).")
+@click.option("--cache", "cache_dir", type=click.Path(readable=False), default=None,
               help="Embedding cache directory (default: the user cache dir).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the embedding cache.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Processes that decode and resize images.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=0.1), default=30.0, show_default=True,
               help="Seconds allowed to decode one file before it is skipped.")
 @clip_option
 @batch_size_option
 @json_option
 @click.pass_obj
 def rerank(settings, candidates, queries, query_images, texts_file, combine, weights, top_k, csv_path, sheet,
-           cache_dir, no_cache, workers, timeout_s, clip_spec, batch_size, as_json):
+           overwrite, cache_dir, no_cache, workers, timeout_s, clip_spec, batch_size, as_json):
     """Rank CANDIDATES (images, folders walked recursively) by CLIP cosine with a query.
 
     Results are sorted by score, ties broken by path. Unreadable files are reported under
@@ -46,35 +48,52 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
       clipkit rerank photos/ --query-image example.png --csv ranking.csv
       clipkit rerank image.png --texts candidates.txt
     """
+    import io
     from pathlib import Path
 
     from clipkit.core.errors import InputError
+    from clipkit.core.outputs import check_output_file
     from clipkit.rerank.rank import rank_texts
     from clipkit.rerank.rank import rerank as do_rerank
     w = None
     if weights:
-        try:
-            w = [float(x) for x in weights.split(",")]
-        except ValueError:
-            raise click.UsageError(f"--weights must be comma-separated numbers, got {weights!r}") from None
+        w = list(weights)
         combine = True
-    scorer = make_scorer(settings, clip_spec, batch_size)
-    quiet = settings.quiet or as_json
+    many = not texts_file and not combine and len(queries or query_images) > 1
+    for opt, path in (("--csv", csv_path), ("--sheet", sheet)):
+        if path and many:
+            raise click.UsageError(f"{opt} writes one ranking: use --combine with several queries")
+    # every output is checked before the model loads and the folder is ranked
+    inputs = list(candidates) + list(query_images) + ([texts_file] if texts_file else [])
+    if csv_path:
+        check_output_file(csv_path, overwrite=overwrite, inputs=inputs, what="--csv")
+    if sheet:
+        check_output_file(sheet, overwrite=overwrite, inputs=inputs, what="--sheet")
+    if csv_path and sheet and Path(csv_path).resolve() == Path(sheet).resolve():
+        raise click.UsageError("--csv and --sheet name the same file")
+    texts = None
     if texts_file:
         if len(candidates) != 1 or queries or query_images:
             raise click.UsageError("--texts ranks caption candidates for exactly one IMAGE (no --query)")
+        from clipkit.core.io import open_regular
         try:
-            texts = [ln.strip() for ln in Path(texts_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            with open_regular(texts_file) as fh, io.TextIOWrapper(fh, encoding="utf-8") as tf:
+                texts = [ln.strip() for ln in tf.read().splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise InputError(f"cannot read {texts_file}: not UTF-8 text (byte {e.start})") from None
         except OSError as e:
-            raise InputError(f"cannot read {texts_file}: {e.strerror}") from None
+            raise InputError(f"cannot read {texts_file}: {e.strerror or e}") from None
+    elif bool(queries) == bool(query_images):
+        raise click.UsageError("give --query TEXT or --query-image IMG (one kind)")
+    scorer = make_scorer(settings, clip_spec, batch_size)
+    quiet = settings.quiet or as_json
+    if texts is not None:
         results = [rank_texts(candidates[0], texts, scorer, top_k)]
     else:
-        if bool(queries) == bool(query_images):
-            raise click.UsageError("give --query TEXT or --query-image IMG (one kind)")
         cache = None
         if not no_cache:
-            from clipkit.rerank.cache import EmbeddingCache, default_cache_dir
-            cache = EmbeddingCache(cache_dir or default_cache_dir(), scorer.spec, scorer.preprocess)
+            from clipkit.rerank.cache import default_cache_dir, open_cache
+            cache = open_cache(cache_dir or default_cache_dir(), scorer.spec, scorer.preprocess)
         out = do_rerank(list(candidates), list(queries) or None, scorer, top_k,
                         query_images=list(query_images) or None, weights=w,
                         per_query=not combine and len(queries or query_images) > 1, cache=cache,
@@ -82,13 +101,9 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
                         progress=None if quiet else lambda it, total: progress(it, "embedding", total=total))
         results = out if isinstance(out, list) else [out]
     if csv_path:
-        if len(results) > 1:
-            raise click.UsageError("--csv writes one ranking: use --combine with several queries")
-        results[0].write_csv(csv_path)
+        results[0].write_csv(csv_path, overwrite=overwrite)
     if sheet:
-        if len(results) > 1:
-            raise click.UsageError("--sheet draws one ranking: use --combine with several queries")
-        results[0].contact_sheet(sheet)
+        results[0].contact_sheet(sheet, overwrite=overwrite)
     skipped = results[0].skipped
     if as_json:
         doc = [r.to_dict() for r in results]

@@ -8,16 +8,17 @@ from clipkit.cli.common import (batch_size_option, clip_option, emit_json, fmt_t
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--text", "-t", "texts", multiple=True, required=True,
               help="A text to score against (repeat for several).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", type=click.Path(readable=False), default=None,
               help="Also draw the image x text cosine matrix (thumbnails as row labels) to this PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --plot file (default: refuse, exit 2).")
 @clip_option
 @batch_size_option
 @json_option
 @click.pass_obj
-def score(settings, images, texts, plot, clip_spec, batch_size, as_json):
+def score(settings, images, texts, plot, overwrite, clip_spec, batch_size, as_json):
     """Score IMAGES (files or folders) against one or more --text.
 
     Reports the raw cosine similarity; --json adds CLIP-S (2.5 * max(cos, 0), Hessel et al. 2021)
@@ -29,13 +30,16 @@ def score(settings, images, texts, plot, clip_spec, batch_size, as_json):
     """
     from clipkit.core.backends import check_texts
     texts = check_texts(list(texts))
+    if plot:      # checked before any work: an existing file, an input, an unwritable folder
+        from clipkit.core.outputs import check_output_file
+        check_output_file(plot, overwrite=overwrite, inputs=images, what="--plot")
     scorer = make_scorer(settings, clip_spec, batch_size)
     loaded = load_images_tolerant(images, quiet=settings.quiet or as_json)
     scores = scorer.score(loaded.images, texts)
     sim, probs, clip_s = scores.similarity.cpu(), scores.probs.cpu(), scores.clip_s.cpu()
     if plot:
         from clipkit.core.plots import similarity_heatmap
-        similarity_heatmap(loaded.images, texts, sim, plot, labels=loaded.paths)
+        similarity_heatmap(loaded.images, texts, sim, plot, labels=loaded.paths, overwrite=overwrite)
     if as_json:
         emit_json({
             "model": scorer.spec, "score": "cosine", "texts": texts, "logit_scale": scorer.logit_scale,

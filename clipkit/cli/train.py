@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import emit_json, json_option
+from clipkit.cli.common import FiniteFloat, emit_json, json_option
 
 
 def _common(f):
     opts = [
-        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+        click.option("--out", "out_dir", required=True, type=click.Path(readable=False),
                      help="Output directory (checkpoints, logs, curves, exported model)."),
         click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size per process."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate."),
+        click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None, help="Peak learning rate."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint."),
         click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no",
@@ -21,7 +21,7 @@ def _common(f):
                      help="DataLoader workers."),
         click.option("--eval-every", type=click.IntRange(min=1), default=None),
         click.option("--save-every", type=click.IntRange(min=1), default=None),
-        click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=1), default=None,
+        click.option("--time-limit", "time_limit_s", type=FiniteFloat(min=1), default=None,
                      help="Seconds: re-plan --steps to fit (the LR schedule still completes)."),
         json_option,
     ]

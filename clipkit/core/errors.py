@@ -24,6 +24,8 @@ class ModelLoadError(ClipkitError):
 class ImageLoadError(ClipkitError):
     """An image file that cannot be decoded. Carries the path and the reason."""
 
-    def __init__(self, path, reason: str):
-        self.path, self.reason = str(path), reason
+    def __init__(self, path, reason: str, permanent: bool = True):
+        # permanent: the reason is a property of the file's bytes (corrupt, not an image), so a cache
+        # may remember it; False for what may pass (a timeout, a permission, a FIFO, a size limit)
+        self.path, self.reason, self.permanent = str(path), reason, permanent
         super().__init__(f"cannot read image {self.path}: {reason}")

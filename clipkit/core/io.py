@@ -6,7 +6,11 @@ A truncated, empty or non-image file raises :class:`ImageLoadError` with the pat
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import stat
+import threading
 import warnings
 from pathlib import Path
 from typing import Union
@@ -26,6 +30,8 @@ ImageLike = Union[str, os.PathLike, Image.Image]
 
 #: Default decompression-bomb guard (pixels). Pillow's own default warns at ~89M and fails at 2x.
 DEFAULT_MAX_PIXELS = 89_478_485
+#: Default time bound (seconds) on decoding one file: a pathological file never hangs a run.
+DEFAULT_TIMEOUT_S = 30.0
 #: Background used when compositing transparent images (white, like a browser or a printed page).
 DEFAULT_BACKGROUND = (255, 255, 255)
 
@@ -60,45 +66,98 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV ...
 
 
-def load_image(
-    source: ImageLike,
-    *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
-) -> Image.Image:
-    """Open ``source`` (a path or a PIL image) as a fully decoded RGB image.
+class DecodeTimeout(Exception):
+    """Raised inside :func:`time_bound` when the time is up."""
 
-    Raises :class:`ImageLoadError` naming the path and the reason for any file that cannot be read.
-    """
-    if isinstance(source, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(source) or source, background)
-    path = Path(source)
+
+def _alarm(signum, frame):
+    raise DecodeTimeout()
+
+
+@contextlib.contextmanager
+def time_bound(seconds: float | None):
+    """Bound the time of the block with a SIGALRM timer (in the main thread of a process; elsewhere,
+    e.g. a web server's worker thread, the block runs unbounded and callers rely on the file checks)."""
+    use = bool(seconds) and threading.current_thread() is threading.main_thread()
+    if use:
+        old = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if max_pixels is not None and w * h > max_pixels:
-                    raise ImageLoadError(
-                        path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                        "(possible decompression bomb; raise max_pixels if you trust the file)")
-                im.load()
-                im = ImageOps.exif_transpose(im) or im
-                return _to_rgb(im, background)
-    except ImageLoadError:
-        raise
+        yield
+    finally:
+        if use:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+
+def open_regular(path, mode: str = "rb"):
+    """Open a file for reading only if it is a regular file (a FIFO, socket or device would block or
+    never end). Opened non-blocking, then checked with ``fstat`` on the open descriptor (no race)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ImageLoadError(path, "no such file") from None
     except IsADirectoryError:
         raise ImageLoadError(path, "is a directory") from None
     except PermissionError:
-        raise ImageLoadError(path, "permission denied") from None
+        raise ImageLoadError(path, "permission denied", permanent=False) from None
+    except OSError as e:
+        raise ImageLoadError(path, e.strerror or str(e), permanent=False) from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise ImageLoadError(path, "is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ImageLoadError(path, "not a regular file", permanent=False)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, mode)
+
+
+def load_image(
+    source: ImageLike,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> Image.Image:
+    """Open ``source`` (a path or a PIL image) as a fully decoded RGB image.
+
+    Only regular files are opened, and decoding is time-bound (``timeout_s``). Raises
+    :class:`ImageLoadError` naming the path and the reason for any file that cannot be read; its
+    ``permanent`` flag says whether the reason is a property of the file's bytes (worth remembering)
+    or of the moment (a timeout, a permission: retried next time).
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(source) or source, background)
+    path = Path(source)
+    try:
+        with open_regular(path) as fh, time_bound(timeout_s), warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fh) as im:
+                w, h = im.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageLoadError(
+                        path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                        "(possible decompression bomb; raise max_pixels if you trust the file)",
+                        permanent=False)
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                return _to_rgb(im, background)
+    except ImageLoadError:
+        raise
+    except DecodeTimeout:
+        raise ImageLoadError(path, f"decoding took longer than {timeout_s:g}s", permanent=False) from None
     except UnidentifiedImageError:
         size = path.stat().st_size if path.exists() else 0
         reason = "empty file" if size == 0 else "not an image Pillow can identify"
         raise ImageLoadError(path, reason) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(path, f"decompression bomb guard: {e}") from None
+        raise ImageLoadError(path, f"decompression bomb guard: {e}", permanent=False) from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied", permanent=False) from None
+    except MemoryError:
+        raise ImageLoadError(path, "out of memory while decoding", permanent=False) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(path, f"corrupt or truncated ({e})") from None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def similarity_heatmap(images, texts, sim, out_path, labels=None, thumb: int = 64) -> Path:
+def similarity_heatmap(images, texts, sim, out_path, labels=None, thumb: int = 64, overwrite: bool = False) -> Path:
     """Draw cosine ``sim`` [N, M] with image thumbnails as row labels and texts as columns."""
     import matplotlib
     matplotlib.use("Agg")
@@ -33,8 +33,8 @@ def similarity_heatmap(images, texts, sim, out_path, labels=None, thumb: int = 6
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_title("cosine similarity")
     fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    from clipkit.core.outputs import write_atomic
+    try:
+        return write_atomic(out_path, lambda t: fig.savefig(t, dpi=110), overwrite=overwrite)
+    finally:
+        plt.close(fig)

@@ -354,20 +354,24 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
                         num_workers=cfg.num_workers, collate_fn=_collate, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    step = resume_step(ckpt_dir, model, opt, cfg.resume)
+    gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
+    size_rng = random.Random(cfg.seed)
+    rng = {f"gen{acc.process_index}": gen, "size_rng": size_rng}      # saved in checkpoints, restored on resume
+    step = resume_step(ckpt_dir, model, opt, cfg.resume, rng=rng)
+    if step and not acc.is_main_process:      # only the main process's states are in the checkpoint
+        gen.manual_seed(cfg.seed * 1000 + acc.process_index + step)
     if not cfg.resume and acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     model, opt, loader = acc.prepare(model, opt, loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup), last_epoch=step - 1 if step else -1)
-    gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index + step)
-    size_rng = random.Random(cfg.seed + step)
     abar = ddpm_alphas_cumprod() if cfg.noise_aware else None
     unwrapped = acc.unwrap_model(model)
     cols = ["step", "loss", "acc_i2t", "acc_t2i", "logit_scale", "lr", "samples_per_s"]
     eval_cols = ["step", "color", "shape", "size", "position"]
-    logf = CsvLog(out / "train_log.csv", cols, append=cfg.resume) if acc.is_main_process else None
-    evalf = CsvLog(out / "eval_log.csv", eval_cols, append=cfg.resume) if acc.is_main_process and shapes else None
+    logf = CsvLog(out / "train_log.csv", cols, append=cfg.resume, resume_from=step) if acc.is_main_process else None
+    evalf = CsvLog(out / "eval_log.csv", eval_cols, append=cfg.resume, resume_from=step) \
+        if acc.is_main_process and shapes else None
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and acc.is_main_process), desc="train clip")
     start_step = step
     t0, seen, last_eval = time.time(), 0, {}
@@ -427,7 +431,7 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
         if step % cfg.save_every == 0 or step == cfg.steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                save_checkpoint(ckpt_dir, unwrapped, opt, step, cfg, {"eval": last_eval})
+                save_checkpoint(ckpt_dir, unwrapped, opt, step, cfg, {"eval": last_eval}, rng=rng)
                 plot_curves(out / "train_log.csv", out / "train_curves.png",
                             ys=["loss", "acc_i2t", "logit_scale", "lr"], title="CLIP training")
     bar.close()
@@ -436,9 +440,11 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     if acc.is_main_process:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[cfg.export_dtype]
         overlay = trained is not None and cfg.init
-        save_openclip_dir(unwrapped, model_cfg, pp_dict, model_dir, dtype=dtype,
-                          extra={"training": asdict(cfg), "eval": last_eval},
-                          keys=trained if overlay else None, base=cfg.init if overlay else None)
+        from clipkit.core.outputs import atomic_dir
+        with atomic_dir(model_dir, overwrite=True) as tmp:       # never half a model, never through a link
+            save_openclip_dir(unwrapped, model_cfg, pp_dict, tmp, dtype=dtype,
+                              extra={"training": asdict(cfg), "eval": last_eval},
+                              keys=trained if overlay else None, base=cfg.init if overlay else None)
         if evalf is not None:
             evalf.close()
             plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="zero-shot accuracy (val)")

@@ -20,51 +20,92 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.05) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def save_checkpoint(ckpt_dir, model: torch.nn.Module, optimizer, step: int, config, extra: dict | None = None):
-    """Atomically write ``model.safetensors`` + ``optimizer.pt`` (tensors only) + ``state.json``."""
-    ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+def _rng_states(rng: dict | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Generator states as tensors (safetensors, no pickle) and ``random.Random`` states as JSON.
+    The global torch RNG (dropout) is always included, as ``torch``."""
+    tensors, py = {"torch": torch.get_rng_state()}, {}
+    for name, g in (rng or {}).items():
+        if isinstance(g, torch.Generator):
+            tensors[name] = g.get_state()
+        else:                                             # random.Random
+            v, state, gauss = g.getstate()
+            py[name] = [v, list(state), gauss]
+    return tensors, py
+
+
+def save_checkpoint(ckpt_dir, model: torch.nn.Module, optimizer, step: int, config, extra: dict | None = None,
+                    rng: dict | None = None):
+    """Write ``model.safetensors`` + ``optimizer.pt`` (tensors only) + ``rng.safetensors`` (the RNG
+    states, so a resumed run draws what the uninterrupted run would) + ``state.json``.
+
+    Crash-safe at every instant: the checkpoint is built in a fresh folder and swapped in
+    (:func:`clipkit.core.outputs.atomic_dir`); an interrupted swap is repaired on the next save or
+    load, and a leftover from an earlier crash never blocks a save.
+    """
+    from clipkit.core.outputs import atomic_dir
     sd, seen = {}, set()
     for k, v in model.state_dict().items():
         v = v.detach().cpu().contiguous()
         ptr = v.untyped_storage().data_ptr()
         sd[k] = v.clone() if ptr in seen else v     # tied weights (GPT-2's lm_head): store a copy
         seen.add(ptr)
-    save_file(sd, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng_tensors, rng_py = _rng_states(rng)
     cfg = asdict(config) if is_dataclass(config) else dict(config)
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg, **(extra or {})}, indent=2))
-    if ckpt_dir.exists():
-        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-        os.replace(ckpt_dir, old)
-        os.replace(tmp, ckpt_dir)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, ckpt_dir)
+    with atomic_dir(ckpt_dir, overwrite=True) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
+        # state.json last: a folder without it is never taken for a checkpoint
+        (tmp / "state.json").write_text(json.dumps(
+            {"step": step, "config": cfg, "rng": rng_py, **(extra or {})}, indent=2))
 
 
-def load_checkpoint(ckpt_dir, model: torch.nn.Module, optimizer=None) -> dict:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its state.json."""
+def load_checkpoint(ckpt_dir, model: torch.nn.Module, optimizer=None, rng: dict | None = None) -> dict:
+    """Restore a checkpoint written by :func:`save_checkpoint` (model, optimizer and, given ``rng``,
+    the generators' states); returns its state.json. A damaged checkpoint is an InputError."""
+    from clipkit.core.errors import InputError
+    from clipkit.core.outputs import recover_dir
     ckpt_dir = Path(ckpt_dir)
-    model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
-    if optimizer is not None and (ckpt_dir / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True,
-                                             map_location="cpu"))
-    return json.loads((ckpt_dir / "state.json").read_text())
+    recover_dir(ckpt_dir)
+    try:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+        step = int(state["step"])
+        model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
+        if optimizer is not None and (ckpt_dir / "optimizer.pt").is_file():
+            optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True,
+                                                 map_location="cpu"))
+        rng_file = ckpt_dir / "rng.safetensors"
+        if rng is not None and rng_file.is_file():
+            saved = load_file(str(rng_file))
+            torch.set_rng_state(saved["torch"])
+            for name, g in rng.items():
+                if isinstance(g, torch.Generator) and name in saved:
+                    g.set_state(saved[name])
+                elif not isinstance(g, torch.Generator) and name in state.get("rng", {}):
+                    v, st, gauss = state["rng"][name]
+                    g.setstate((v, tuple(st), gauss))
+    except InputError:
+        raise
+    except Exception as e:          # truncated files, bad JSON, missing keys, wrong shapes
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"checkpoint {ckpt_dir} is damaged ({type(e).__name__}: {msg[:160]}): "
+                         "delete it to start over, or restore a copy") from None
+    state["step"] = step
+    return state
 
 
-def resume_step(ckpt_dir, model: torch.nn.Module, optimizer, resume: bool) -> int:
+def resume_step(ckpt_dir, model: torch.nn.Module, optimizer, resume: bool, rng: dict | None = None) -> int:
     """The step to start from: 0, or (``resume``) the step of the checkpoint in ``ckpt_dir``, whose
-    model and optimizer states are restored. A missing checkpoint is a clear error."""
+    model, optimizer and RNG states (``rng``: name -> generator) are restored. A missing or damaged
+    checkpoint is a clear error."""
     if not resume:
         return 0
     from clipkit.core.errors import InputError
+    from clipkit.core.outputs import recover_dir
+    recover_dir(ckpt_dir)
     if not (Path(ckpt_dir) / "state.json").is_file():
         raise InputError(f"--resume: no checkpoint in {ckpt_dir}")
-    step = load_checkpoint(ckpt_dir, model, optimizer)["step"]
+    step = load_checkpoint(ckpt_dir, model, optimizer, rng=rng)["step"]
     import logging
     logging.getLogger(__name__).info("resumed from step %d", step)
     return step
@@ -76,13 +117,20 @@ def config_from_dict(cls, d: dict):
 
 
 class CsvLog:
-    """Append rows to a CSV file, flushing each one (a killed run keeps its log)."""
+    """Append rows to a CSV file, flushing each one (a killed run keeps its log).
 
-    def __init__(self, path, columns: list[str], append: bool = False):
+    ``resume_from=STEP`` (with ``append``): rows logged after the checkpoint's step are cut first,
+    so a resumed run does not leave duplicates of the steps it repeats. Never written through a
+    symlink."""
+
+    def __init__(self, path, columns: list[str], append: bool = False, resume_from: int | None = None):
+        from clipkit.core.outputs import open_log
         self.path, self.columns = Path(path), columns
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not (append and self.path.exists())
-        self._f = open(self.path, "w" if new else "a", newline="")
+        new = not (append and self.path.is_file())
+        if not new and resume_from is not None:
+            truncate_log(self.path, resume_from)
+        self._f = open_log(self.path, append=not new)
         self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="ignore")
         if new:
             self._w.writeheader()
@@ -96,12 +144,32 @@ class CsvLog:
         self._f.close()
 
 
+def truncate_log(path, step: int, column: str = "step") -> None:
+    """Keep the header and the rows whose ``column`` is <= ``step`` (atomically)."""
+    from clipkit.core.outputs import write_atomic
+    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+    if not lines:
+        return
+    header = next(csv.reader([lines[0]]))
+    col = header.index(column) if column in header else 0
+    keep = [lines[0]]
+    for ln in lines[1:]:
+        cells = next(csv.reader([ln]), [])
+        try:
+            if int(float(cells[col])) <= step:
+                keep.append(ln if ln.endswith("\n") else ln + "\n")
+        except (IndexError, ValueError):
+            continue                               # a half-written last row of a killed run
+    write_atomic(path, lambda t: t.write_text("".join(keep), encoding="utf-8"), overwrite=True)
+
+
 def plot_curves(csv_path, png_path, x: str = "step", ys: list[str] | None = None, title: str = "") -> Path | None:
     """One subplot per column of ``ys`` from a CSV log."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = list(csv.DictReader(open(csv_path)))
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         return None
     ys = ys or [c for c in rows[0] if c != x]
@@ -116,9 +184,11 @@ def plot_curves(csv_path, png_path, x: str = "step", ys: list[str] | None = None
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return Path(png_path)
+    from clipkit.core.outputs import write_atomic
+    try:
+        return write_atomic(png_path, lambda t: fig.savefig(t, dpi=100), overwrite=True)
+    finally:
+        plt.close(fig)
 
 
 def plan_steps(cfg, steps_done: int, window_s: float, step: int, elapsed_s: float) -> None:

@@ -374,7 +374,8 @@ def check_out_dir(out_dir: Path, targets: Sequence[Path], overwrite: bool) -> No
         if not os.access(out_dir, os.W_OK | os.X_OK):
             raise InputError(f"output directory {out_dir} is not writable")
         if not overwrite:
-            taken = [p for t in targets for p in (t, t.with_suffix(".json")) if p.exists()]
+            # lexists: a dangling symlink counts as taken (it is never written through either)
+            taken = [p for t in targets for p in (t, t.with_suffix(".json")) if os.path.lexists(p)]
             if taken:
                 more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
                 raise InputError(f"refusing to overwrite {taken[0]}{more}: pass --overwrite, or choose "
@@ -395,11 +396,11 @@ def make_out_dir(out_dir: Path) -> None:
 
 
 def _write_bytes(path: Path, data: bytes, overwrite: bool) -> None:
+    """Atomic, never through a symlink (a planted link is replaced, not followed), never a file that
+    appeared meanwhile without ``overwrite``."""
+    from clipkit.core.outputs import write_bytes_atomic
     try:
-        with open(path, "wb" if overwrite else "xb") as f:   # "xb": never replace a file that appeared meanwhile
-            f.write(data)
-    except FileExistsError:
-        raise InputError(f"refusing to overwrite {path} (it appeared during the run): pass --overwrite") from None
+        write_bytes_atomic(path, data, overwrite=overwrite)
     except OSError as e:
         raise InputError(f"cannot write {path}: {e.strerror or e}") from None
 

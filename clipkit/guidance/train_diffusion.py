@@ -137,7 +137,11 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                         collate_fn=collate, drop_last=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step = resume_step(ckpt_dir, unet, opt, cfg.resume)
+    gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
+    rng = {f"gen{acc.process_index}": gen}          # saved in checkpoints, restored on resume
+    step = resume_step(ckpt_dir, unet, opt, cfg.resume, rng=rng)
+    if step and not acc.is_main_process:      # only the main process's state is in the checkpoint
+        gen.manual_seed(cfg.seed * 1000 + acc.process_index + step)
     if cfg.resume:
         load_checkpoint(ema_dir, ema)
     elif acc.is_main_process:
@@ -149,12 +153,11 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup), last_epoch=step - 1 if step else -1)
     abar = noise_sched.alphas_cumprod.to(acc.device)
-    gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index + step)
     raw = acc.unwrap_model(unet)
-    logf = CsvLog(out / "train_log.csv", ["step", "loss", "lr", "samples_per_s"], append=cfg.resume) \
-        if acc.is_main_process else None
+    logf = CsvLog(out / "train_log.csv", ["step", "loss", "lr", "samples_per_s"], append=cfg.resume,
+                  resume_from=step) if acc.is_main_process else None
     evalf = CsvLog(out / "eval_log.csv", ["step", "valid", "colors", "positions", "objects"],
-                   append=cfg.resume) if acc.is_main_process else None
+                   append=cfg.resume, resume_from=step) if acc.is_main_process else None
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and acc.is_main_process), desc="train diffusion")
     if cfg.device_data:
         from clipkit.shapes.render import random_params
@@ -210,13 +213,14 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
             evalf.write(step=step, valid=last_eval["valid"], colors=json.dumps(last_eval["colors"]),
                         positions=json.dumps(last_eval["positions"]), objects=json.dumps(last_eval["objects"]))
             import torchvision
-            torchvision.utils.save_image(imgs[:64], out / f"samples_{step:06d}.png", nrow=8, padding=1,
-                                         pad_value=0.3)
+            from clipkit.core.outputs import write_atomic
+            write_atomic(out / f"samples_{step:06d}.png", lambda t: torchvision.utils.save_image(
+                imgs[:64], t, nrow=8, padding=1, pad_value=0.3), overwrite=True)
             log.info("step %d eval valid=%.3f", step, last_eval["valid"])
         if step % cfg.save_every == 0 or step == cfg.steps:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                save_checkpoint(ckpt_dir, raw, opt, step, cfg, {"eval": last_eval})
+                save_checkpoint(ckpt_dir, raw, opt, step, cfg, {"eval": last_eval}, rng=rng)
                 save_checkpoint(ema_dir, ema, opt, step, cfg)
                 plot_curves(out / "train_log.csv", out / "train_curves.png", ys=["loss", "lr"],
                             title="DDPM training")
@@ -226,9 +230,11 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
     if acc.is_main_process:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype]
         export = copy.deepcopy(ema).to("cpu", dtype)
-        DDPMPipeline(unet=export, scheduler=noise_sched).save_pretrained(model_dir, safe_serialization=True)
-        (model_dir / "clipkit_training.json").write_text(json.dumps(
-            {"training": asdict(cfg), "eval": last_eval}, indent=2))
+        from clipkit.core.outputs import atomic_dir
+        with atomic_dir(model_dir, overwrite=True) as tmp:       # never half a model, never through a link
+            DDPMPipeline(unet=export, scheduler=noise_sched).save_pretrained(tmp, safe_serialization=True)
+            (tmp / "clipkit_training.json").write_text(json.dumps(
+                {"training": asdict(cfg), "eval": last_eval}, indent=2))
         logf.close()
         evalf.close()
     return DiffusionTrainResult(str(out), str(model_dir), step, time.time() - t0, last_eval)

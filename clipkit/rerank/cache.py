@@ -4,13 +4,18 @@ One SQLite database per model key under the user cache dir (``$XDG_CACHE_HOME/cl
 ``~/.cache/clipkit``) or ``--cache DIR``. SQLite gives what we need for free: every batch is one
 atomic transaction (an interrupted run keeps what it finished and resumes there), WAL mode lets
 several processes read and write one cache without corrupting it, and lookups are indexed.
-Files that could not be read are remembered too (with their reason), keyed the same way, so a
-re-run does not retry a file that has not changed.
+Files that could not be read *because of their bytes* (corrupt, not an image) are remembered too
+(with their reason), keyed the same way, so a re-run does not retry a file that has not changed;
+passing causes (a timeout, a permission, a FIFO) are never remembered and are retried.
+A damaged cache file is moved aside as ``*.corrupt`` and rebuilt; a cache folder that cannot be
+written means a run without the cache (:func:`open_cache`), never a failed run.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -19,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 _SQL_CHUNK = 500      # paths per IN (...) query (SQLite's variable limit is 999 in old builds)
 
@@ -47,6 +54,47 @@ class CacheLookup:
     bad: dict[int, str]       # position -> reason, for known-bad unchanged files
 
 
+#: Reasons older versions cached that are not properties of a file's bytes: never trusted.
+_TRANSIENT = ("decoding took longer", "permission denied", "not a regular file", "out of memory")
+
+
+def open_cache(root, spec: str, preprocess) -> "EmbeddingCache | None":
+    """The cache for a model under ``root``, or None (with a warning) when it cannot be used: a folder
+    that cannot be created or written runs without the cache; a damaged database file is moved aside
+    as ``<name>.corrupt`` and a new one is started."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        log.warning("embedding cache %s unusable (%s): running without it", root, e.strerror or e)
+        return None
+    try:
+        return EmbeddingCache(root, spec, preprocess)
+    except sqlite3.DatabaseError as e:
+        path = root / f"{model_key(spec, preprocess)}.sqlite"
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            log.warning("embedding cache %s is locked (%s): running without it", path, e)
+            return None
+        aside = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, aside)
+            for side in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(str(path) + side)
+        except OSError as e2:
+            log.warning("embedding cache %s is damaged (%s) and cannot be moved aside (%s): running without it",
+                        path, e, e2.strerror or e2)
+            return None
+        log.warning("embedding cache %s was damaged (%s): moved aside to %s, rebuilding", path, e, aside.name)
+        try:
+            return EmbeddingCache(root, spec, preprocess)
+        except sqlite3.DatabaseError as e3:
+            log.warning("embedding cache %s unusable (%s): running without it", path, e3)
+            return None
+
+
 class EmbeddingCache:
     def __init__(self, root, spec: str, preprocess):
         self.root = Path(root)
@@ -54,6 +102,13 @@ class EmbeddingCache:
         self.key = model_key(spec, preprocess)
         self.path = self.root / f"{self.key}.sqlite"
         self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        try:
+            self._setup(spec, preprocess)
+        except sqlite3.DatabaseError:
+            self.db.close()
+            raise
+
+    def _setup(self, spec: str, preprocess) -> None:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS emb (path TEXT PRIMARY KEY, size INT, mtime INT, "
@@ -62,6 +117,9 @@ class EmbeddingCache:
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('spec', ?), ('preprocess', ?)",
                         (spec, json.dumps(preprocess.to_dict())))
+        row = self.db.execute("PRAGMA quick_check").fetchone()
+        if not row or row[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {row[0] if row else '?'}")
 
     def lookup(self, keys: Sequence[tuple[str, int, int]]) -> CacheLookup:
         """Fresh hits and known-bad unchanged files among ``keys`` (callers pass one chunk at a time:
@@ -84,6 +142,8 @@ class EmbeddingCache:
                         blobs.append(vec)
             for p, size, mtime, reason in self.db.execute(
                     f"SELECT path, size, mtime, reason FROM bad WHERE path IN ({q})", paths):
+                if reason.startswith(_TRANSIENT):
+                    continue
                 for n in want[p]:
                     if keys[n][1:] == (size, mtime):
                         bad[n] = reason

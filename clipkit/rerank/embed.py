@@ -11,8 +11,6 @@ interrupted run resumes from the cache.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,26 +28,9 @@ from clipkit.rerank.cache import file_key
 log = logging.getLogger(__name__)
 
 
-class DecodeTimeout(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise DecodeTimeout()
-
-
 def load_with_timeout(path, cfg: PreprocessConfig, timeout_s: float | None, max_pixels: int | None):
-    """Decode + preprocess one file; a SIGALRM timer bounds the time (main thread of a process only)."""
-    use_alarm = bool(timeout_s) and threading.current_thread() is threading.main_thread()
-    if use_alarm:
-        old = signal.signal(signal.SIGALRM, _alarm)
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        return pil_to_tensor(load_image(path, max_pixels=max_pixels), cfg)
-    finally:
-        if use_alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
+    """Decode (time-bound, regular files only) + preprocess one file."""
+    return pil_to_tensor(load_image(path, max_pixels=max_pixels, timeout_s=timeout_s), cfg)
 
 
 def _unreadable(e: OSError) -> str:
@@ -57,7 +38,10 @@ def _unreadable(e: OSError) -> str:
 
 
 class _Files(Dataset):
-    """Item j: decode ``paths[todo[j]]``; -> (index, cache key or None, pixels or None, reason or None)."""
+    """Item j: decode ``paths[todo[j]]``; -> (index, cache key or None, pixels or None, reason or None).
+
+    The key is None for a failure that is not a property of the file's bytes (a timeout, a
+    permission, a FIFO): those are never remembered by the cache, so the next run retries them."""
 
     def __init__(self, paths, todo: np.ndarray, cfg, timeout_s, max_pixels, with_keys: bool):
         self.paths, self.todo, self.cfg = paths, todo, cfg        # paths by reference: no per-worker copy
@@ -76,11 +60,9 @@ class _Files(Dataset):
         try:
             return i, key, load_with_timeout(path, self.cfg, self.timeout_s, self.max_pixels), None
         except ImageLoadError as e:
-            return i, key, None, e.reason
-        except DecodeTimeout:
-            return i, key, None, f"decoding took longer than {self.timeout_s:g}s"
-        except Exception as e:  # anything else a decoder can throw: reported, not fatal
-            return i, key, None, f"{type(e).__name__}: {e}"
+            return i, key if e.permanent else None, None, e.reason
+        except Exception as e:  # anything else a decoder can throw: reported, not fatal, retried
+            return i, None, None, f"{type(e).__name__}: {e}"
 
 
 @dataclass
@@ -235,45 +217,51 @@ def embed_files(paths: Sequence, scorer, cache=None, batch_size: int = 64, num_w
 
 
 def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, num_workers: int = 0,
-                             timeout_s: float | None = 30.0, overwrite: bool = False) -> dict | None:
+                             timeout_s: float | None = 30.0, overwrite: bool = False,
+                             cache_dir=None) -> dict | None:
     """Embed the images under ``folders`` into ``out_path`` (safetensors), sharded over the
     processes of ``accelerate launch`` (``PartialState.split_between_processes``).
 
-    Each process writes its shard beside ``out_path``; after a barrier the main process merges the
-    shards in file order and removes them. Returns a summary on the main process, None elsewhere.
+    Every encoded batch goes to the embedding cache under ``cache_dir`` (None: no cache) as it is
+    produced, so an interrupted run resumes where it stopped, and ends with the same file as an
+    uninterrupted one. Each process writes its shard beside ``out_path``; after a barrier the main
+    process merges the shards in file order into ``out_path`` (atomically: never half a file, never
+    through a symlink) and removes them. Returns a summary on the main process, None elsewhere.
     """
     import json
     import os
 
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from clipkit.core.dist import partial_state
-
     from clipkit.core.errors import InputError
     from clipkit.core.io import scan_images
-    out = Path(out_path)
+    from clipkit.core.outputs import check_output_file, write_atomic
+    from clipkit.rerank.cache import open_cache
+    out = check_output_file(out_path, overwrite=overwrite, inputs=folders, what="--out")
     state = partial_state()
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists (use --overwrite)")
-    if not out.parent.is_dir():
-        raise InputError(f"output folder {out.parent} does not exist")
     files = scan_images(folders)
     if not files:
         raise InputError("no image files found")
+    cache = open_cache(cache_dir, scorer.spec, scorer.preprocess) if cache_dir is not None else None
     index = list(range(len(files)))
-    with state.split_between_processes(index) as mine:
-        res = embed_files([files[i] for i in mine], scorer, batch_size=batch_size,
-                          num_workers=num_workers, timeout_s=timeout_s)
+    try:
+        with state.split_between_processes(index) as mine:
+            res = embed_files([files[i] for i in mine], scorer, cache=cache, batch_size=batch_size,
+                              num_workers=num_workers, timeout_s=timeout_s)
+    finally:
+        if cache is not None:
+            cache.close()
     shard = out.with_name(f".{out.name}.shard{state.process_index}")
-    save_file({"embeddings": res.embeddings.contiguous()}, str(shard),
-              metadata={"paths": json.dumps(res.paths), "skipped": json.dumps(res.skipped)})
+    write_atomic(shard, lambda t: save_file({"embeddings": res.embeddings.contiguous()}, str(t), metadata={
+        "paths": json.dumps(res.paths), "skipped": json.dumps(res.skipped)}), overwrite=True)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     paths, embs, skipped = [], [], []
     for r in range(state.num_processes):
         sp = out.with_name(f".{out.name}.shard{r}")
-        from safetensors import safe_open
         with safe_open(str(sp), "pt") as f:
             meta = f.metadata()
         t = load_file(str(sp))["embeddings"]
@@ -281,11 +269,11 @@ def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, nu
         skipped += json.loads(meta["skipped"])
         if len(t):
             embs.append(t)
-        os.remove(sp)
     emb = torch.cat(embs) if embs else torch.zeros(0, 0)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={
+    write_atomic(out, lambda t: save_file({"embeddings": emb.contiguous()}, str(t), metadata={
         "paths": json.dumps(paths), "skipped": json.dumps(skipped), "model": scorer.spec,
-        "preprocess": json.dumps(scorer.preprocess.to_dict()), "processes": str(state.num_processes)})
-    os.replace(tmp, out)
-    return {"count": len(paths), "skipped": skipped}
+        "preprocess": json.dumps(scorer.preprocess.to_dict()), "processes": str(state.num_processes)}),
+        overwrite=overwrite)
+    for r in range(state.num_processes):
+        os.remove(out.with_name(f".{out.name}.shard{r}"))
+    return {"count": len(paths), "skipped": skipped, "cached": res.cached}

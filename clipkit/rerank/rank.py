@@ -50,16 +50,20 @@ class RerankResult:
         d["results"] = [r.to_dict() for r in self.results]
         return d
 
-    def write_csv(self, path) -> Path:
-        path = Path(path)
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["rank", "score", "path" if self.results and self.results[0].path else "text"])
-            for r in self.results:
-                w.writerow([r.rank, f"{r.score:.6f}", r.path or r.text])
-        return path
+    def write_csv(self, path, overwrite: bool = False) -> Path:
+        """The ranking as CSV (atomically; an existing file only with ``overwrite``)."""
+        from clipkit.core.outputs import write_atomic
 
-    def contact_sheet(self, path, thumb: int = 128, cols: int = 5, limit: int = SHEET_LIMIT) -> Path:
+        def write(tmp: Path):
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["rank", "score", "path" if self.results and self.results[0].path else "text"])
+                for r in self.results:
+                    w.writerow([r.rank, f"{r.score:.6f}", r.path or r.text])
+        return write_atomic(path, write, overwrite=overwrite)
+
+    def contact_sheet(self, path, thumb: int = 128, cols: int = 5, limit: int = SHEET_LIMIT,
+                      overwrite: bool = False) -> Path:
         """The ``limit`` best results as a grid of thumbnails with rank and score under each."""
         from PIL import ImageDraw
 
@@ -71,16 +75,19 @@ class RerankResult:
         label_h = 16
         sheet = Image.new("RGB", (cols * (thumb + 8) + 8, rows * (thumb + label_h + 8) + 8), (32, 32, 32))
         draw = ImageDraw.Draw(sheet)
+        from clipkit.core.errors import ImageLoadError
+        from clipkit.core.outputs import write_atomic
         for n, r in enumerate(items):
-            im = load_image(r.path)
+            try:
+                im = load_image(r.path)
+            except ImageLoadError:       # changed since it was ranked: an empty tile, not a failed run
+                continue
             im.thumbnail((thumb, thumb))
             x = 8 + (n % cols) * (thumb + 8)
             y = 8 + (n // cols) * (thumb + label_h + 8)
             sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
             draw.text((x, y + thumb + 2), f"#{r.rank}  {r.score:.3f}", fill=(230, 230, 230))
-        path = Path(path)
-        sheet.save(path)
-        return path
+        return write_atomic(path, lambda t: sheet.save(t), overwrite=overwrite)
 
 
 def order(names: Sequence[str], scores: torch.Tensor, top_k: int | None) -> list[tuple[int, int]]:

@@ -120,15 +120,16 @@ def test_cache_resume_and_invalidation(folder, shapes_scorer, tmp_path):
 
 
 def test_decode_timeout(monkeypatch, folder, shapes_scorer):
-    import clipkit.rerank.embed as emb
+    import clipkit.core.io as io
     d, _ = folder
-    real = emb.load_image
+    real = io._to_rgb
 
-    def slow(path, **kw):
-        if path.name == "005.png":
+    def slow(im, background):           # a decoder that hangs on one file, inside the time bound
+        if getattr(slow, "calls", 0) == 0:
+            slow.calls = 1
             time.sleep(5)
-        return real(path, **kw)
-    monkeypatch.setattr(emb, "load_image", slow)
+        return real(im, background)
+    monkeypatch.setattr(io, "_to_rgb", slow)
     res = embed_files([d / "005.png", d / "006.png"], shapes_scorer, timeout_s=0.5)
     assert res.paths == [str(d / "006.png")]
     assert "longer than 0.5s" in res.skipped[0]["reason"]
