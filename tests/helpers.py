@@ -36,7 +36,13 @@ def write_clip_tokenizer_files(path: Path) -> None:
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for (a, b), _ in merges) + "\n")
 
 
-def make_hf_clip_dir(path: Path, seed: int = 0) -> Path:
+def make_hf_clip_dir(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+                     processor: bool = True, tokenizer_from: Path | None = None) -> Path:
+    """A tiny transformers CLIPModel + CLIPTokenizer directory; ``processor``: also a
+    preprocessor_config.json (shortest edge = crop = 32, bicubic, OpenAI mean/std);
+    ``tokenizer_from``: copy the tokenizer files of that directory instead of building them."""
+    import shutil
+
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -45,11 +51,18 @@ def make_hf_clip_dir(path: Path, seed: int = 0) -> Path:
                          num_attention_heads=2, max_position_embeddings=77,
                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=8),
+                           num_attention_heads=2, image_size=image_size, patch_size=patch_size),
         projection_dim=32)
     CLIPModel(cfg).save_pretrained(path)
-    write_clip_tokenizer_files(path)
-    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+    if tokenizer_from is not None:
+        for f in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer_from) / f).is_file():
+                shutil.copy(Path(tokenizer_from) / f, path / f)
+    else:
+        write_clip_tokenizer_files(path)
+        CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+    if not processor:
+        return path
     (path / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32},
         "do_center_crop": True, "do_normalize": True, "do_resize": True, "resample": 3,

@@ -47,12 +47,20 @@ class Captioner:
         self.device = device or scorer.device
         self.model.to(self.device).eval().requires_grad_(False)
         cfg = model.cfg
-        if cfg.clip_dim != _embed_dim(scorer):
-            raise ModelLoadError(scorer.spec, f"CLIP embedding size {_embed_dim(scorer)} does not match "
-                                 f"the captioner's {cfg.clip_dim}",
-                                 f"use the CLIP the captioner was trained with ({cfg.clip_spec})")
+        dim = _embed_dim(scorer)
+        if cfg.clip_dim != dim:
+            raise ModelLoadError(scorer.spec, f"its {dim}-d embeddings do not fit the captioner's mapper, "
+                                 f"which takes {cfg.clip_dim}-d CLIP embeddings",
+                                 f"use --clip {cfg.clip_spec}, the CLIP it was trained with" if cfg.clip_spec
+                                 else f"pass --clip with a {cfg.clip_dim}-d CLIP")
         self.eos_id = tokenizer.eos_token_id
+        self.stop_at_eos = cfg.stop_at_eos
         self.set_stop_token(cfg.stop_token)
+
+    def decode_config(self, cfg: DecodeConfig | None = None) -> DecodeConfig:
+        """``cfg`` (default: beam 5) with its token limit resolved: the caller's ``max_length``, else
+        the checkpoint's (official ClipCap: 67), else 40."""
+        return (cfg or DecodeConfig()).with_max_length(self.model.cfg.max_tokens).validate()
 
     def set_stop_token(self, text: str | None) -> None:
         """End captions at this string's (last) token too, besides EOS (official models: ".")."""
@@ -72,12 +80,13 @@ class Captioner:
     def caption_embeddings(self, embeds: torch.Tensor, cfg: DecodeConfig | None = None,
                            lm_weight: float = 0.1, batch_size: int = 32,
                            generator: torch.Generator | None = None) -> list[CaptionResult]:
-        cfg = (cfg or DecodeConfig()).validate()
+        cfg = self.decode_config(cfg)
         out: list[CaptionResult] = []
         for i in range(0, len(embeds), batch_size):
             e = embeds[i:i + batch_size].to(self.device)
             prefix = self.model.prefix(e).to(self.model.gpt.dtype)
-            seqs = decode(self.model.gpt, prefix, self.eos_id, cfg, self.stop_ids, generator)
+            seqs = decode(self.model.gpt, prefix, self.eos_id, cfg, self.stop_ids, generator,
+                          stop_at_eos=self.stop_at_eos)
             out += self._finish(F.normalize(e.float(), dim=-1), seqs, lm_weight)
         return out
 
@@ -124,7 +133,9 @@ def _embed_dim(scorer) -> int:
 def load_captioner(spec: str = "shapes", clip: str | None = None, device="auto", precision: str = "fp32",
                    tokenizer: str | None = None, batch_size: int = 64) -> Captioner:
     """Resolve a captioner spec: ``shapes`` (bundled), a directory of ours, or an official ``.pt``
-    (then ``tokenizer`` names a GPT-2 tokenizer dir/repo and ``clip`` defaults to ViT-B/32 OpenAI)."""
+    (then ``tokenizer`` names a GPT-2 tokenizer dir/repo). ``clip`` defaults to the CLIP recorded in
+    the captioner's config: for official checkpoints the one their mapper's width implies (OpenAI
+    ViT-B/32 for the 512-d MLP ones, RN50x4 for the 640-d transformer_weights.pt)."""
     from clipkit.captioning.checkpoint import CONFIG_NAME, import_official, load_captioner_dir
     from clipkit.core.registry import bundled_path
     from clipkit.core.scorer import load_scorer
@@ -146,6 +157,9 @@ def load_captioner(spec: str = "shapes", clip: str | None = None, device="auto",
     if tokenizer is not None and path.is_dir():
         from clipkit.captioning.tokenizer import load_tokenizer
         tok = load_tokenizer(tokenizer)
+    if not (clip or model.cfg.clip_spec):
+        raise ModelLoadError(spec, f"the captioner does not record its CLIP (its mapper takes "
+                             f"{model.cfg.clip_dim}-d embeddings)", f"pass --clip with a {model.cfg.clip_dim}-d CLIP")
     scorer = load_scorer(clip or model.cfg.clip_spec, device=device, precision=precision,
                          batch_size=batch_size)
     return Captioner(model, tok, scorer)

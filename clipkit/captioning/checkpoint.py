@@ -11,6 +11,20 @@ mapper) and ``gpt.*`` keys. They are read with ``torch.load(weights_only=True)``
 anything but tensors (pickled code) is refused before anything runs. The mapper variant, prefix
 length, widths and depth are read off the tensor shapes; stray ``attn.bias``/``attn.masked_bias``
 buffers (old transformers) are dropped.
+
+What the official inference code does, and the imported config records (FIELD_NOTES C, E):
+
+* ``coco_weights.pt``, ``conceptual_weights.pt``: MLP mapper, prefix 10, on the *raw* image features
+  of OpenAI's ViT-B/32 (512-d), GPT-2 fine-tuned.
+* ``transformer_weights.pt``: transformer mapper (prefix 40, clip length 40, 8 layers, 8 heads), on
+  OpenAI's RN50x4 image features (640-d) divided by their L2 norm, GPT-2 frozen.
+* decoding (``generate2`` greedy, ``generate_beam`` beam 5, length-normalised): at most 67 tokens,
+  ending at the '.' token only (EOS is not a stop token there).
+
+The official training script picks the CLIP by the feature width (``prefix_dim = 640 if is_rn else
+512``), so the CLIP spec is read off the mapper's input width. Normalisation cannot be read off the
+weights: it defaults to the released checkpoints' (transformer: yes, MLP: no); pass
+``normalize_prefix`` for a checkpoint trained otherwise (``train.py --normalize_prefix``).
 """
 from __future__ import annotations
 
@@ -26,8 +40,12 @@ from clipkit.core.errors import ModelLoadError
 
 CONFIG_NAME = "clipcap_config.json"
 WEIGHTS_NAME = "model.safetensors"
-#: official ClipCap models were trained on OpenAI ViT-B/32 image features (QuickGELU: FIELD_NOTES A)
-OFFICIAL_CLIP = "openclip:ViT-B-32-quickgelu/openai"
+#: the CLIP an official checkpoint needs, by the mapper's input width: ViT-B/32 (coco/conceptual MLP
+#: weights; QuickGELU, FIELD_NOTES A) and RN50x4 (transformer_weights.pt); clipkit forces QuickGELU
+#: for every ``openai`` tag
+OFFICIAL_CLIPS = {512: "openclip:ViT-B-32-quickgelu/openai", 640: "openclip:RN50x4/openai"}
+OFFICIAL_MAX_TOKENS = 67      # generate2 / generate_beam ``entry_length``
+OFFICIAL_STOP = "."           # their ``stop_token``; EOS does not stop them
 
 
 def save_captioner(path, model: ClipCapModel, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
@@ -85,6 +103,7 @@ def load_captioner_dir(path) -> tuple[ClipCapModel, object]:
 
 # ---- official .pt import --------------------------------------------------------------------
 
+_OFFICIAL_DECODING = dict(stop_token=OFFICIAL_STOP, stop_at_eos=False, max_tokens=OFFICIAL_MAX_TOKENS)
 _STRAY = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
 
@@ -108,9 +127,13 @@ def read_official_state_dict(path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def config_from_official(sd: dict[str, torch.Tensor], mapper_heads: int = 8,
-                         clip_spec: str = OFFICIAL_CLIP) -> CaptionerConfig:
-    """Infer the ClipCap and GPT-2 configuration from the tensor shapes of an official state dict."""
+def config_from_official(sd: dict[str, torch.Tensor], mapper_heads: int = 8, clip_spec: str | None = None,
+                         normalize_prefix: bool | None = None) -> CaptionerConfig:
+    """Infer the ClipCap and GPT-2 configuration from the tensor shapes of an official state dict.
+
+    ``clip_spec`` None: the official CLIP for the mapper's input width (None when the width is neither
+    512 nor 640: the user must name the CLIP). ``normalize_prefix`` None: as the released checkpoints
+    (the transformer mapper's input is L2-normalised, the MLP's is raw)."""
     wte = sd.get("gpt.transformer.wte.weight")
     wpe = sd.get("gpt.transformer.wpe.weight")
     if wte is None or wpe is None:
@@ -123,28 +146,35 @@ def config_from_official(sd: dict[str, torch.Tensor], mapper_heads: int = 8,
         w0, w2 = sd["clip_project.model.0.weight"], sd["clip_project.model.2.weight"]
         if w2.shape[0] % width:
             raise ValueError(f"mapper output {w2.shape[0]} is not a multiple of GPT-2 width {width}")
-        return CaptionerConfig(mapper="mlp", clip_dim=w0.shape[1], prefix_length=w2.shape[0] // width,
-                               mlp_hidden=w0.shape[0], normalize_prefix=False, clip_spec=clip_spec,
-                               decoder=decoder, stop_token=".")
+        clip_dim = w0.shape[1]
+        return CaptionerConfig(mapper="mlp", clip_dim=clip_dim, prefix_length=w2.shape[0] // width,
+                               mlp_hidden=w0.shape[0], decoder=decoder,
+                               normalize_prefix=False if normalize_prefix is None else normalize_prefix,
+                               clip_spec=clip_spec or OFFICIAL_CLIPS.get(clip_dim), **_OFFICIAL_DECODING)
     if "clip_project.prefix_const" in sd:
         k = sd["clip_project.prefix_const"].shape[0]
         lin = sd["clip_project.linear.weight"]
+        if lin.shape[0] % width:
+            raise ValueError(f"mapper linear output {lin.shape[0]} is not a multiple of GPT-2 width {width}")
         layers = 1 + max(int(m.group(1)) for key in sd
                          if (m := re.match(r"clip_project\.transformer\.layers\.(\d+)\.", key)))
-        return CaptionerConfig(mapper="transformer", clip_dim=lin.shape[1], prefix_length=k,
+        clip_dim = lin.shape[1]
+        return CaptionerConfig(mapper="transformer", clip_dim=clip_dim, prefix_length=k,
                                clip_length=lin.shape[0] // width, mapper_layers=layers,
-                               mapper_heads=mapper_heads, normalize_prefix=False, clip_spec=clip_spec,
-                               decoder=decoder, stop_token=".")
+                               mapper_heads=mapper_heads, decoder=decoder,
+                               normalize_prefix=True if normalize_prefix is None else normalize_prefix,
+                               clip_spec=clip_spec or OFFICIAL_CLIPS.get(clip_dim), **_OFFICIAL_DECODING)
     raise ValueError("unknown mapper layout (neither clip_project.model.* nor clip_project.prefix_const)")
 
 
-def import_official(path, tokenizer: str | Path | None = None, clip_spec: str = OFFICIAL_CLIP,
-                    mapper_heads: int = 8, local_only: bool = True):
+def import_official(path, tokenizer: str | Path | None = None, clip_spec: str | None = None,
+                    mapper_heads: int = 8, local_only: bool = True, normalize_prefix: bool | None = None):
     """Official ClipCap ``.pt`` -> (model, tokenizer or None). ``tokenizer``: a GPT-2 tokenizer
-    directory or hub name (the official models use ``gpt2``'s)."""
+    directory or hub name (the official models use ``gpt2``'s). ``clip_spec``/``normalize_prefix``:
+    see :func:`config_from_official` (defaults: those of the released checkpoints)."""
     sd = read_official_state_dict(path)
     try:
-        cfg = config_from_official(sd, mapper_heads, clip_spec)
+        cfg = config_from_official(sd, mapper_heads, clip_spec, normalize_prefix)
         model = _build_with_weights(cfg, {("mapper." + k[len("clip_project."):])
                                            if k.startswith("clip_project.") else k: v for k, v in sd.items()})
     except Exception as e:

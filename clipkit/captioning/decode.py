@@ -7,16 +7,23 @@ and each step feeds GPT-2 one new token per row against the cached keys/values.
 Beam search follows the official ``generate_beam`` rule, batched: a finished beam is frozen (it can
 only "continue" with a zero-cost pad and its length stops growing), and beams are ranked by their
 length-normalised log-probability ``sum_logp / length ** length_penalty``.
+
+Stopping: EOS and the ``stop_ids`` end a sequence; with ``stop_at_eos=False`` only the ``stop_ids``
+do (the official ClipCap decoders stop at the '.' token alone and run at most 67 tokens), and an EOS
+the model emits is an ordinary token.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+import inspect
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from clipkit.core.errors import InputError
 
 STRATEGIES = ("greedy", "beam", "nucleus")
+DEFAULT_MAX_LENGTH = 40       # new tokens when neither the caller nor the checkpoint sets a limit
 
 
 @dataclass
@@ -24,7 +31,8 @@ class DecodeConfig:
     strategy: str = "beam"          # greedy | beam | nucleus
     beams: int = 5                  # beam width
     candidates: int = 1             # sequences returned per image (beam: best n beams; nucleus: n samples)
-    max_length: int = 40            # new tokens at most
+    max_length: int | None = None   # new tokens at most; None = the checkpoint's default (official
+                                    # ClipCap: 67), else DEFAULT_MAX_LENGTH
     length_penalty: float = 1.0     # beam ranking: sum_logp / length ** length_penalty
     temperature: float = 1.0        # nucleus
     top_p: float = 0.9              # nucleus: smallest set with cumulative probability >= top_p
@@ -34,7 +42,7 @@ class DecodeConfig:
     def validate(self) -> "DecodeConfig":
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}; choose {', '.join(STRATEGIES)}")
-        if self.beams < 1 or self.candidates < 1 or self.max_length < 1:
+        if self.beams < 1 or self.candidates < 1 or (self.max_length is not None and self.max_length < 1):
             raise InputError("beams, candidates and max_length must be >= 1")
         if self.strategy == "beam" and self.candidates > self.beams:
             raise InputError(f"beam search returns at most --beams sequences: candidates "
@@ -48,6 +56,11 @@ class DecodeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_max_length(self, default: int | None) -> "DecodeConfig":
+        """A copy whose ``max_length`` is set: the caller's, else ``default``, else DEFAULT_MAX_LENGTH."""
+        n = self.max_length if self.max_length is not None else (default or DEFAULT_MAX_LENGTH)
+        return replace(self, max_length=n)
 
 
 @dataclass
@@ -65,6 +78,11 @@ def _stop_mask(tokens: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
     return (tokens[:, None] == stop_ids[None]).any(-1)
 
 
+def _stop_tensor(eos_id: int, stop_ids, stop_at_eos: bool, device) -> torch.Tensor:
+    ids = sorted({*stop_ids, *([eos_id] if stop_at_eos else [])})
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -78,21 +96,33 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def _cache_of(out):
+    # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` is deprecated)
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
 def _first_step(gpt, prefix: torch.Tensor):
     out = gpt(inputs_embeds=prefix, use_cache=True)
-    return out.logits[:, -1].float(), out.past_key_values
+    return out.logits[:, -1].float(), _cache_of(out)
 
 
 def _step(gpt, tokens: torch.Tensor, cache):
-    out = gpt(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
-    return out.logits[:, -1].float(), out.past_key_values
+    out = gpt(input_ids=tokens[:, None], use_cache=True, **{_cache_kwarg(type(gpt)): cache})
+    return out.logits[:, -1].float(), _cache_of(out)
 
 
-def _collect(seqs: torch.Tensor, logp: torch.Tensor, lengths: torch.Tensor, eos_id: int) -> list[Sequence]:
+def _collect(seqs: torch.Tensor, logp: torch.Tensor, lengths: torch.Tensor, eos_id: int,
+             strip_eos: bool = True) -> list[Sequence]:
     out = []
     for row, lp, n in zip(seqs.tolist(), logp.tolist(), lengths.tolist()):
         toks = row[:n]
-        if toks and toks[-1] == eos_id:
+        if strip_eos and toks and toks[-1] == eos_id:
             toks = toks[:-1]
         out.append(Sequence(toks, lp, n))
     return out
@@ -100,18 +130,19 @@ def _collect(seqs: torch.Tensor, logp: torch.Tensor, lengths: torch.Tensor, eos_
 
 @torch.inference_mode()
 def decode(gpt, prefix: torch.Tensor, eos_id: int, cfg: DecodeConfig, stop_ids=(),
-           generator: torch.Generator | None = None) -> list[list[Sequence]]:
+           generator: torch.Generator | None = None, stop_at_eos: bool = True) -> list[list[Sequence]]:
     """Decode captions for a batch of prefixes [B, K, width]; returns B lists of ``cfg.candidates``
-    sequences, best first (nucleus: in sampling order)."""
-    cfg.validate()
+    sequences, best first (nucleus: in sampling order). ``eos_id`` also pads finished rows; it ends a
+    sequence unless ``stop_at_eos`` is False (then only ``stop_ids`` do)."""
+    cfg = cfg.with_max_length(None).validate()
     if cfg.strategy == "beam" and cfg.beams > 1:
-        return _beam(gpt, prefix, eos_id, cfg, stop_ids)
+        return _beam(gpt, prefix, eos_id, cfg, stop_ids, stop_at_eos)
     n = cfg.candidates if cfg.strategy == "nucleus" else 1
     if cfg.strategy == "nucleus" and generator is None and cfg.seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     b = prefix.shape[0]
     prefix = prefix.repeat_interleave(n, dim=0)
-    stops = torch.tensor(sorted({eos_id, *stop_ids}), device=prefix.device)
+    stops = _stop_tensor(eos_id, stop_ids, stop_at_eos, prefix.device)
     logits, cache = _first_step(gpt, prefix)
     rows = prefix.shape[0]
     seqs = torch.full((rows, cfg.max_length), eos_id, dtype=torch.long, device=prefix.device)
@@ -133,14 +164,15 @@ def decode(gpt, prefix: torch.Tensor, eos_id: int, cfg: DecodeConfig, stop_ids=(
         if bool(done.all()) or t == cfg.max_length - 1:
             break
         logits, cache = _step(gpt, nxt, cache)
-    flat = _collect(seqs, logp, lengths, eos_id)
+    flat = _collect(seqs, logp, lengths, eos_id, stop_at_eos)
     return [flat[i * n:(i + 1) * n] for i in range(b)]
 
 
-def _beam(gpt, prefix: torch.Tensor, eos_id: int, cfg: DecodeConfig, stop_ids) -> list[list[Sequence]]:
+def _beam(gpt, prefix: torch.Tensor, eos_id: int, cfg: DecodeConfig, stop_ids,
+          stop_at_eos: bool = True) -> list[list[Sequence]]:
     b, k = prefix.shape[0], cfg.beams
     dev = prefix.device
-    stops = torch.tensor(sorted({eos_id, *stop_ids}), device=dev)
+    stops = _stop_tensor(eos_id, stop_ids, stop_at_eos, dev)
     logits, cache = _first_step(gpt, prefix)
     lsm = logits.log_softmax(-1)                                     # [B, V]
     vocab = lsm.shape[-1]
@@ -176,7 +208,7 @@ def _beam(gpt, prefix: torch.Tensor, eos_id: int, cfg: DecodeConfig, stop_ids) -
         cache.reorder_cache(src)
     norm = scores / lengths.float() ** cfg.length_penalty
     order = norm.view(b, k).argsort(dim=-1, descending=True)
-    flat = _collect(seqs, scores, lengths, eos_id)
+    flat = _collect(seqs, scores, lengths, eos_id, stop_at_eos)
     return [[flat[i * k + j] for j in order[i, :cfg.candidates].tolist()] for i in range(b)]
 
 

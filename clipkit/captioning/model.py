@@ -34,17 +34,22 @@ class CaptionerConfig:
     mapper_layers: int = 8              # transformer mapper depth
     mapper_heads: int = 8
     mlp_hidden: int | None = None       # mlp mapper hidden width; None = width * K // 2 (official)
-    normalize_prefix: bool = True       # L2-normalise the CLIP embedding first (official: raw)
+    normalize_prefix: bool = True       # L2-normalise the CLIP embedding first (official: raw for the
+                                        # MLP checkpoints, normalised for transformer_weights.pt)
     train_decoder: bool | None = None   # fine-tune GPT-2; None = True for mlp, False for transformer
-    clip_spec: str = "shapes"           # the CLIP whose image embeddings this was trained on
+    clip_spec: str | None = "shapes"    # the CLIP whose image embeddings this was trained on (None: unknown)
     decoder: dict = field(default_factory=dict)   # GPT2Config.to_dict() (or a few fields of it)
     stop_token: str | None = None       # extra stop string besides EOS (official: ".")
+    stop_at_eos: bool = True            # EOS ends a caption (official decoding stops at stop_token only)
+    max_tokens: int | None = None       # default decode length when the caller sets none (official: 67)
 
     def validate(self) -> "CaptionerConfig":
         if self.mapper not in MAPPERS:
             raise InputError(f"unknown mapper {self.mapper!r}; choose {' or '.join(MAPPERS)}")
         if self.prefix_length < 1 or self.clip_length < 1 or self.clip_dim < 1:
             raise InputError("prefix_length, clip_length and clip_dim must be >= 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InputError("max_tokens must be >= 1")
         return self
 
     @property
@@ -167,7 +172,13 @@ class ClipCapModel(nn.Module):
         return self
 
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
-        """CLIP embeddings [B, D] -> prefix embeddings [B, K, width]."""
+        """CLIP embeddings [B, D] -> prefix embeddings [B, K, width]. With ``normalize_prefix`` the
+        embedding is divided by its L2 norm first (the official transformer notebook's
+        ``prefix / prefix.norm(2, -1)``)."""
+        if clip_embeds.dim() != 2 or clip_embeds.shape[-1] != self.cfg.clip_dim:
+            raise InputError(f"the captioner's mapper takes {self.cfg.clip_dim}-d CLIP embeddings [B, "
+                             f"{self.cfg.clip_dim}], got {list(clip_embeds.shape)}; use the CLIP it was "
+                             f"trained with ({self.cfg.clip_spec or 'unknown'})")
         x = clip_embeds.to(self.mapper_dtype)
         if self.cfg.normalize_prefix:
             x = F.normalize(x, dim=-1)

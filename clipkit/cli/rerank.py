@@ -94,11 +94,15 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
         if not no_cache:
             from clipkit.rerank.cache import default_cache_dir, open_cache
             cache = open_cache(cache_dir or default_cache_dir(), scorer.spec, scorer.preprocess)
-        out = do_rerank(list(candidates), list(queries) or None, scorer, top_k,
-                        query_images=list(query_images) or None, weights=w,
-                        per_query=not combine and len(queries or query_images) > 1, cache=cache,
-                        batch_size=batch_size, num_workers=workers, timeout_s=timeout_s,
-                        progress=None if quiet else lambda it, total: progress(it, "embedding", total=total))
+        try:
+            out = do_rerank(list(candidates), list(queries) or None, scorer, top_k,
+                            query_images=list(query_images) or None, weights=w,
+                            per_query=not combine and len(queries or query_images) > 1, cache=cache,
+                            batch_size=batch_size, num_workers=workers, timeout_s=timeout_s,
+                            progress=None if quiet else lambda it, total: progress(it, "embedding", total=total))
+        finally:
+            if cache is not None:
+                cache.close()
         results = out if isinstance(out, list) else [out]
     if csv_path:
         results[0].write_csv(csv_path, overwrite=overwrite)

@@ -21,6 +21,7 @@ def _common(f):
                      help="DataLoader workers."),
         click.option("--eval-every", type=click.IntRange(min=1), default=None),
         click.option("--save-every", type=click.IntRange(min=1), default=None),
+        click.option("--log-every", type=click.IntRange(min=1), default=None, help="Steps between log rows."),
         click.option("--time-limit", "time_limit_s", type=FiniteFloat(min=1), default=None,
                      help="Seconds: re-plan --steps to fit (the LR schedule still completes)."),
         json_option,
@@ -44,6 +45,9 @@ def train():
               help="'shapes' (rendered on the fly) or a captions.jsonl of {\"image\": path, \"caption\": text}.")
 @click.option("--init", default=None, metavar="SPEC",
               help="Fine-tune this open_clip CLIP (shapes, openclip:ARCH/TAG, a directory); default: from scratch.")
+@click.option("--model-config", "model_config", default=None, type=click.Path(readable=False), metavar="JSON",
+              help="From scratch: an open_clip model config (JSON with embed_dim, vision_cfg, text_cfg) "
+                   "instead of the Shapes CLIP's.")
 @click.option("--augment", type=click.Choice(["robust", "none"]), default="robust", show_default=True,
               help="robust: noise/blur/low-res/tint augmentations (x0-estimate-like inputs).")
 @click.option("--noise-aware", is_flag=True, help="Also train on DDPM-noised images x_t (GLIDE-style).")
@@ -52,7 +56,7 @@ def train():
                    "--init, the saved model is an overlay: just those weights + the base spec.")
 @_common
 @click.pass_obj
-def clip(settings, data, init, augment, noise_aware, train_only, as_json, **kw):
+def clip(settings, data, init, model_config, augment, noise_aware, train_only, as_json, **kw):
     """Contrastive CLIP training (symmetric cross-entropy, learned temperature).
 
     \b
@@ -64,8 +68,21 @@ def clip(settings, data, init, augment, noise_aware, train_only, as_json, **kw):
       accelerate launch --multi_gpu --num_processes 2 -m clipkit.cli.main train clip --out runs/clip
     """
     from clipkit.core.train_clip import TrainClipConfig, train_clip
-    cfg = _config(TrainClipConfig, data=data, init=init, augment=augment, noise_aware=noise_aware,
-                  train_only=tuple(train_only) or None, **kw)
+    model_cfg = None
+    if model_config:
+        import json
+
+        from clipkit.core.errors import InputError
+        if init:
+            raise click.UsageError("--model-config builds a CLIP from scratch: it cannot go with --init")
+        try:
+            model_cfg = json.loads(open(model_config, encoding="utf-8").read())
+            assert isinstance(model_cfg, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg)
+        except (OSError, ValueError, AssertionError) as e:
+            raise InputError(f"--model-config {model_config}: not an open_clip model config "
+                             f"(JSON with embed_dim, vision_cfg, text_cfg){': ' + str(e) if str(e) else ''}") from None
+    cfg = _config(TrainClipConfig, data=data, init=init, model_cfg=model_cfg, augment=augment,
+                  noise_aware=noise_aware, train_only=tuple(train_only) or None, **kw)
     res = train_clip(cfg, progress=not (settings.quiet or as_json))
     _report(res, as_json)
 

@@ -176,15 +176,29 @@ def _one_line(e: BaseException) -> str:
 # CLIP loading
 # --------------------------------------------------------------------------------------------
 
-def _openclip_preprocess(model):
+def _openclip_preprocess(model, spec: str = "open_clip model"):
+    """open_clip's inference transform (``image_transform``) as a PreprocessConfig: PIL resize of the
+    shortest side (or squash), torchvision CenterCrop rounding; ModelLoadError for what we cannot match."""
     import open_clip
 
     from clipkit.core.preprocess import PreprocessConfig
     cfg = open_clip.get_model_preprocess_cfg(model)
-    return PreprocessConfig.from_dict({
-        "image_size": cfg.get("size", 224), "mean": cfg.get("mean"), "std": cfg.get("std"),
-        "interpolation": cfg.get("interpolation", "bicubic"),
-        "resize_mode": cfg.get("resize_mode", "shortest")})
+    size = cfg.get("size", 224)
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or int(size[0]) != int(size[1]):
+            raise ModelLoadError(spec, f"non-square open_clip image size {tuple(size)} is not supported",
+                                 "use a square image_size")
+        size = int(size[0])
+    interpolation = cfg.get("interpolation") or "bicubic"
+    if interpolation == "random":       # open_clip's inference transform uses bicubic for 'random'
+        interpolation = "bicubic"
+    try:
+        return PreprocessConfig.from_dict({
+            "image_size": size, "mean": cfg.get("mean"), "std": cfg.get("std"),
+            "interpolation": interpolation, "resize_mode": cfg.get("resize_mode") or "shortest"})
+    except ValueError as e:
+        raise ModelLoadError(spec, f"open_clip preprocess_cfg: {_one_line(e)}",
+                             "use resize_mode 'shortest' or 'squash' and bicubic/bilinear interpolation") from e
 
 
 def _load_openclip(spec: ModelSpec):
@@ -226,31 +240,75 @@ def _load_openclip(spec: ModelSpec):
     except Exception as e:  # download/cache/format failures all end here
         fix = OFFLINE_FIX if spec.kind == "openclip" else "check the directory's config and weights"
         raise ModelLoadError(spec.raw, _one_line(e), fix) from e
-    return OpenClipBackend(model, tokenizer, _openclip_preprocess(model), spec.raw)
+    return OpenClipBackend(model, tokenizer, _openclip_preprocess(model, spec.raw), spec.raw)
 
 
-def _hf_preprocess(path_or_repo: str, model, local_only: bool):
-    from clipkit.core.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
-    cfg_path = None
+#: where transformers keeps a CLIPProcessor's image settings, in the order it reads them:
+#: ``processor_config.json`` (transformers 5 ``CLIPProcessor.save_pretrained``; settings nested under
+#: ``image_processor``), then ``preprocessor_config.json`` (``CLIPImageProcessor.save_pretrained``, older saves)
+HF_PROCESSOR_FILES = (("processor_config.json", "image_processor"), ("preprocessor_config.json", None))
+
+
+def _hf_processor_dict(path_or_repo: str, local_only: bool) -> tuple[dict, str] | None:
+    """The image processor settings transformers would use for this directory or hub repo, and the
+    file they came from; None when there are none."""
     p = Path(path_or_repo)
-    if p.is_dir():
-        cfg_path = p / "preprocessor_config.json"
-    else:
+    for name, key in HF_PROCESSOR_FILES:
+        if p.is_dir():
+            f = p / name
+        else:
+            try:
+                from huggingface_hub import hf_hub_download
+                f = Path(hf_hub_download(path_or_repo, name, local_files_only=local_only))
+            except Exception:
+                continue
+        if not f.is_file():
+            continue
         try:
-            from huggingface_hub import hf_hub_download
-            cfg_path = Path(hf_hub_download(path_or_repo, "preprocessor_config.json",
-                                            local_files_only=local_only))
-        except Exception:
-            cfg_path = None
-    size = model.config.vision_config.image_size
-    if cfg_path is not None and cfg_path.is_file():
-        d = json.loads(cfg_path.read_text())
-        crop = d.get("crop_size", size)
-        crop = crop.get("height", size) if isinstance(crop, dict) else crop
-        return PreprocessConfig(image_size=int(crop), mean=tuple(d.get("image_mean", OPENAI_MEAN)),
-                                std=tuple(d.get("image_std", OPENAI_STD)),
-                                interpolation="bilinear" if d.get("resample") == 2 else "bicubic")
-    return PreprocessConfig(image_size=int(size))
+            d = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{name} is not valid JSON ({_one_line(e)})") from e
+        if key is not None:
+            d = d.get(key) if isinstance(d, dict) else None
+            if d is None:
+                continue        # a processor_config.json without image settings: transformers reads on
+        if not isinstance(d, dict):
+            raise ValueError(f"{name}: image processor settings are not a JSON object")
+        return d, name
+    return None
+
+
+def _hf_resize_backend() -> str:
+    """transformers 5 loads the torchvision-backed CLIPImageProcessor by default. Older versions
+    defaulted to the PIL/numpy processor; only transformers 5 is conformance-tested."""
+    import transformers
+    return "torchvision" if int(transformers.__version__.split(".")[0]) >= 5 else "pil"
+
+
+def _hf_preprocess(spec: ModelSpec, model, local_only: bool):
+    """The preprocessing ``CLIPProcessor.from_pretrained`` would apply, exactly; ModelLoadError for
+    settings we cannot reproduce or that do not fit the model."""
+    import logging
+
+    from clipkit.core.preprocess import from_hf_image_processor
+    size = int(model.config.vision_config.image_size)
+    fix = "use a CLIPImageProcessor with shortest_edge or height/width resizing and a centre crop of the model's size"
+    try:
+        found = _hf_processor_dict(spec.target, local_only)
+        if found is None:
+            logging.getLogger(__name__).warning(
+                "%s: no processor_config.json or preprocessor_config.json; using CLIPImageProcessor's defaults "
+                "(bicubic, OpenAI mean/std) at the model's %d px", spec.raw, size)
+            d, source = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}, "defaults"
+        else:
+            d, source = found
+        cfg = from_hf_image_processor(d, resize_backend=_hf_resize_backend())
+    except ValueError as e:
+        raise ModelLoadError(spec.raw, _one_line(e), fix) from e
+    if cfg.output_hw != (size, size):
+        h, w = cfg.output_hw
+        raise ModelLoadError(spec.raw, f"{source} gives {h}x{w} pixels but the vision model takes {size}x{size}", fix)
+    return cfg
 
 
 def _load_hf_clip(spec: ModelSpec):
@@ -270,7 +328,7 @@ def _load_hf_clip(spec: ModelSpec):
     except Exception as e:
         fix = OFFLINE_FIX if spec.kind == "hf" else "the directory must hold a transformers CLIPModel and its tokenizer"
         raise ModelLoadError(spec.raw, _one_line(e), fix) from e
-    return HFClipBackend(model, tokenizer, _hf_preprocess(spec.target, model, local_only), spec.raw)
+    return HFClipBackend(model, tokenizer, _hf_preprocess(spec, model, local_only), spec.raw)
 
 
 def _load_overlay(spec: ModelSpec, base: str):

@@ -4,7 +4,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipkit.captioning.checkpoint import (config_from_official, import_official, load_captioner_dir,
@@ -55,25 +54,6 @@ def official_transformer_state_dict(clip_length=3, layers=2):
     return sd
 
 
-def official_transformer_prefix(sd, x, clip_length=3, layers=2, heads=8):
-    """The official TransformerMapper forward, written out with einsum as in the paper's code."""
-    x = (x @ sd["clip_project.linear.weight"].T + sd["clip_project.linear.bias"]).view(len(x), clip_length, WIDTH)
-    h = torch.cat([x, sd["clip_project.prefix_const"].expand(len(x), K, WIDTH)], 1)
-    for i in range(layers):
-        p = f"clip_project.transformer.layers.{i}."
-        y = F.layer_norm(h, (WIDTH,), sd[p + "norm1.weight"], sd[p + "norm1.bias"])
-        b, n, c = y.shape
-        q = (y @ sd[p + "attn.to_queries.weight"].T).reshape(b, n, heads, c // heads)
-        kv = (y @ sd[p + "attn.to_keys_values.weight"].T).reshape(b, n, 2, heads, c // heads)
-        att = (torch.einsum("bnhd,bmhd->bnmh", q, kv[:, :, 0]) * (c // heads) ** -0.5).softmax(dim=2)
-        out = torch.einsum("bnmh,bmhd->bnhd", att, kv[:, :, 1]).reshape(b, n, c)
-        h = h + out @ sd[p + "attn.project.weight"].T + sd[p + "attn.project.bias"]
-        y = F.layer_norm(h, (WIDTH,), sd[p + "norm2.weight"], sd[p + "norm2.bias"])
-        y = F.relu(y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"])
-        h = h + y @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
-    return h[:, clip_length:]
-
-
 def test_import_official_mlp(tmp_path):
     sd = official_mlp_state_dict()
     torch.save(sd, tmp_path / "coco_weights.pt")
@@ -90,15 +70,39 @@ def test_import_official_mlp(tmp_path):
     assert torch.equal(model.gpt.lm_head.weight, sd["gpt.transformer.wte.weight"])   # tied
 
 
-def test_import_official_transformer_matches_the_official_forward(tmp_path):
+def test_import_official_transformer(tmp_path):
+    """Layout and config only; the mapper math and decoding against a re-statement of the official
+    code are in tests/conformance/test_clipcap.py."""
     sd = official_transformer_state_dict()
     torch.save(sd, tmp_path / "transformer_weights.pt")
     model, _ = import_official(tmp_path / "transformer_weights.pt")
     cfg = model.cfg
     assert (cfg.mapper, cfg.prefix_length, cfg.clip_length, cfg.mapper_layers) == ("transformer", K, 3, 2)
-    x = torch.randn(2, CLIP_DIM)
-    assert torch.allclose(model.prefix(x), official_transformer_prefix(sd, x), atol=1e-4)
+    assert cfg.normalize_prefix is True          # as transformer_weights.pt's notebook
+    assert (cfg.stop_token, cfg.stop_at_eos, cfg.max_tokens) == (".", False, 67)
     assert not any(p.requires_grad for p in model.gpt.parameters())
+    x = torch.randn(2, CLIP_DIM)
+    assert torch.allclose(model.prefix(x), model.prefix(5 * x), atol=1e-5)
+
+
+def test_clip_spec_follows_the_mapper_width_and_can_be_overridden(tmp_path):
+    from clipkit.captioning.captioner import load_captioner
+    cfg = config_from_official(official_transformer_state_dict())
+    assert cfg.clip_spec is None                 # 24-d: no official CLIP has that width
+    sd = official_mlp_state_dict()
+    sd["clip_project.model.0.weight"] = torch.randn(40, 640)
+    assert config_from_official(sd).clip_spec == "openclip:RN50x4/openai"
+    sd["clip_project.model.0.weight"] = torch.randn(40, 512)
+    assert config_from_official(sd).clip_spec == "openclip:ViT-B-32-quickgelu/openai"
+    over = config_from_official(official_transformer_state_dict(), clip_spec="/my/clip", normalize_prefix=False)
+    assert (over.clip_spec, over.normalize_prefix) == ("/my/clip", False)
+    # a captioner whose CLIP is unknown needs --clip: one-line error, nothing downloaded
+    torch.save(official_mlp_state_dict(), tmp_path / "odd.pt")
+    tok = train_bpe_tokenizer(["a red circle"] * 5, vocab_size=270)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    with pytest.raises(ModelLoadError, match="pass --clip with a 24-d CLIP") as e:
+        load_captioner(str(tmp_path / "odd.pt"), tokenizer=str(tmp_path / "tok"), device="cpu")
+    assert "\n" not in str(e.value)
 
 
 def test_config_is_read_from_shapes():
