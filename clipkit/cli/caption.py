@@ -93,12 +93,12 @@ def caption(settings, images, captioner_spec, tokenizer, strategy, beams, candid
 
 def _read_refs(path) -> dict[str, list[str]]:
     import json
-    from pathlib import Path
 
     from clipkit.core.errors import InputError
+    from clipkit.core.io import read_text_file
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        doc = json.loads(read_text_file(path, "references"))
+    except json.JSONDecodeError as e:
         raise InputError(f"cannot read references {path}: {e}") from None
     if not isinstance(doc, dict) or not all(isinstance(v, list) for v in doc.values()):
         raise InputError(f"{path}: expected a JSON object {{image: [reference captions]}}")

@@ -48,10 +48,8 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
       clipkit rerank photos/ --query-image example.png --csv ranking.csv
       clipkit rerank image.png --texts candidates.txt
     """
-    import io
     from pathlib import Path
 
-    from clipkit.core.errors import InputError
     from clipkit.core.outputs import check_output_file
     from clipkit.rerank.rank import rank_texts
     from clipkit.rerank.rank import rerank as do_rerank
@@ -75,14 +73,8 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
     if texts_file:
         if len(candidates) != 1 or queries or query_images:
             raise click.UsageError("--texts ranks caption candidates for exactly one IMAGE (no --query)")
-        from clipkit.core.io import open_regular
-        try:
-            with open_regular(texts_file) as fh, io.TextIOWrapper(fh, encoding="utf-8") as tf:
-                texts = [ln.strip() for ln in tf.read().splitlines() if ln.strip()]
-        except UnicodeDecodeError as e:
-            raise InputError(f"cannot read {texts_file}: not UTF-8 text (byte {e.start})") from None
-        except OSError as e:
-            raise InputError(f"cannot read {texts_file}: {e.strerror or e}") from None
+        from clipkit.core.io import read_text_file
+        texts = [ln.strip() for ln in read_text_file(texts_file, "--texts").splitlines() if ln.strip()]
     elif bool(queries) == bool(query_images):
         raise click.UsageError("give --query TEXT or --query-image IMG (one kind)")
     scorer = make_scorer(settings, clip_spec, batch_size)

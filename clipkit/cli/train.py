@@ -76,9 +76,10 @@ def clip(settings, data, init, model_config, augment, noise_aware, train_only, a
         if init:
             raise click.UsageError("--model-config builds a CLIP from scratch: it cannot go with --init")
         try:
-            model_cfg = json.loads(open(model_config, encoding="utf-8").read())
+            from clipkit.core.io import read_text_file
+            model_cfg = json.loads(read_text_file(model_config, "--model-config"))
             assert isinstance(model_cfg, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg)
-        except (OSError, ValueError, AssertionError) as e:
+        except (ValueError, AssertionError) as e:
             raise InputError(f"--model-config {model_config}: not an open_clip model config "
                              f"(JSON with embed_dim, vision_cfg, text_cfg){': ' + str(e) if str(e) else ''}") from None
     cfg = _config(TrainClipConfig, data=data, init=init, model_cfg=model_cfg, augment=augment,

@@ -162,6 +162,25 @@ def load_image(
         raise ImageLoadError(path, f"corrupt or truncated ({e})") from None
 
 
+def read_text_file(path, what: str = "file", max_bytes: int = 64 << 20) -> str:
+    """A small UTF-8 text input (texts, templates, references, configs): regular files only, bounded
+    size; every failure is an :class:`InputError` naming the file."""
+    from clipkit.core.errors import InputError
+    try:
+        with open_regular(path) as fh:
+            data = fh.read(max_bytes + 1)
+    except ImageLoadError as e:
+        raise InputError(f"cannot read {what} {path}: {e.reason}") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise InputError(f"{what} {path} is larger than {max_bytes >> 20} MiB")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"cannot read {what} {path}: not UTF-8 text (byte {e.start})") from None
+
+
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 

@@ -35,7 +35,8 @@ def resolve_templates(templates: Templates = "simple") -> list[str]:
         elif "{}" in t:
             out = [t]
         elif Path(t).is_file():
-            lines = Path(t).read_text(encoding="utf-8").splitlines()
+            from clipkit.core.io import read_text_file
+            lines = read_text_file(t, "templates file").splitlines()
             out = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
             if not out:
                 raise InputError(f"templates file {t} has no templates")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
