@@ -117,5 +117,17 @@ def matches(found: list[OracleObject], expected: dict, keys=("shape", "color", "
     return any(all(getattr(o, k) == expected[k] for k in keys if k in expected) for o in found)
 
 
+def strict_match(found: list[OracleObject], expected: list[dict]) -> bool:
+    """How a person judges a generated scene: exactly as many objects as the prompt names, every one
+    explained by the oracle (``valid``), and a one-to-one pairing in which each named object's every
+    attribute is right (an attribute the prompt leaves out is free). ``matches`` is the lenient
+    judge: some object, among any others, has the attributes."""
+    if len(found) != len(expected) or not all(o.valid for o in found):
+        return False
+    from itertools import permutations
+    return any(all(getattr(o, k) == e[k] for o, e in zip(perm, expected) for k in e)
+               for perm in permutations(found))
+
+
 def to_dicts(found: list[OracleObject]) -> list[dict]:
     return [asdict(o) for o in found]

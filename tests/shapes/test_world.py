@@ -87,3 +87,21 @@ def test_random_params_distribution():
     assert min(colors.values()) > 6000 / 7 * 0.85
     assert pack([sample_scene(1)]).shape == (1, 2, 8)
     assert len(SHAPES) == 3 and len(POSITIONS) == 9
+
+
+def test_strict_judge_on_renders():
+    """The strict judge (a person's reading): exactly the named objects, every attribute right."""
+    from clipkit.shapes.oracle import matches, read_attributes, strict_match
+    from clipkit.shapes.render import render_scenes
+    from clipkit.shapes.world import Scene, ShapeObject
+    red = ShapeObject("square", "red", "large", "bottom left")
+    blue = ShapeObject("circle", "blue", "large", "top right")
+    one, two = (read_attributes(render_scenes([Scene(objs)], 64)[0]) for objs in ((red,), (red, blue)))
+    want_red = {"color": "red", "shape": "square", "position": "bottom left"}
+    assert strict_match(one, [want_red]) and matches(one, want_red)
+    assert not strict_match(two, [want_red]) and matches(two, want_red)    # an extra object: lenient only
+    assert not strict_match(one, [{**want_red, "shape": "circle"}])          # wrong shape
+    want_blue = {"color": "blue", "shape": "circle", "position": "top right"}
+    assert strict_match(two, [want_blue, want_red]) and strict_match(two, [want_red, want_blue])
+    assert not strict_match(two, [want_blue, {**want_red, "color": "green"}])
+    assert not strict_match([], [want_red])
