@@ -6,6 +6,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: on a shared, busy CPU two OpenMP threads stall
+    tiny convolutions 5-100x; results do not depend on it. Use with ``pytestmark =
+    pytest.mark.usefixtures("one_thread")`` or an autouse fixture that requests it."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_openclip_dir(tmp_path_factory):
     from helpers import make_openclip_dir

@@ -344,12 +344,9 @@ class FeatureScorer:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: intra-op threads only add contention (5-10x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Tiny models on a shared CPU: one thread (tests/conftest.py)."""
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

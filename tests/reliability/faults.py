@@ -139,6 +139,17 @@ def one_line_error(run: Run) -> bool:
     return run.rc == 2 and "Error: " in run.err and "Traceback" not in run.err
 
 
+def expect_errors(o: Outcome, commands, cache: Path) -> None:
+    """Each command must end with a one-line error (exit 2)."""
+    for args in commands:
+        o.runs += 1
+        r = clipkit(["-q", *args], cache)
+        o.hangs += r.hung
+        if not one_line_error(r):
+            o.bad_exit += 1
+            o.notes.append(f"{args[0]}: rc={r.rc} {r.err[-200:]}")
+
+
 # --------------------------------------------------------------------------------------------
 # the world the scenarios play in
 # --------------------------------------------------------------------------------------------
@@ -356,13 +367,7 @@ def report_files(tmp: Path) -> Outcome:
         ["embed", tmp / "imgs", "--out", imgs[2], "--overwrite"],
     ]
     before = snapshot(tmp, skip=(cache,))
-    for args in refused:
-        o.runs += 1
-        r = clipkit(["-q", *args], cache)
-        o.hangs += r.hung
-        if not one_line_error(r):
-            o.bad_exit += 1
-            o.notes.append(f"{args[0]}: rc={r.rc} {r.err[-200:]}")
+    expect_errors(o, refused, cache)
     if snapshot(tmp, skip=(cache,)) != before:
         o.clobbered += 1
         o.notes.append("a refused run changed files")
@@ -396,13 +401,7 @@ def bad_inputs(tmp: Path) -> Outcome:
     cfg.write_text(json.dumps(TINY_CLIP_CFG))
     two.append(["train", "clip", "--model-config", cfg, "--out", tmp / "run", "--resume", "--steps", "8",
                 "--batch-size", "4"])
-    for args in two:
-        o.runs += 1
-        r = clipkit(["-q", *args], cache)
-        o.hangs += r.hung
-        if not one_line_error(r):
-            o.bad_exit += 1
-            o.notes.append(f"{args[0]}: rc={r.rc} {r.err[-200:]}")
+    expect_errors(o, two, cache)
     # a damaged cache database: moved aside, rebuilt, the run succeeds
     ccache = tmp / "ccache"
     ok = clipkit(["-q", "rerank", tmp / "imgs", "-q", "a red shape", "--cache", ccache, "--json"], cache)
