@@ -9,6 +9,13 @@
    ranked with :func:`clipkit.rerank.rank.rerank` (score descending, ties by candidate);
 3. keep the ``n`` best; optionally write ``DIR/<slug>-<seed>.png`` and a ``.json`` sidecar.
 
+With CLIP guidance off (``clip_scale=0``) candidate seed S is, pixel for pixel, what diffusers' own
+pipeline gives for ``generator=torch.Generator().manual_seed(S)`` and a batch of one, with the same
+scheduler, steps and (latent) guidance scale: ``DDIMPipeline`` (eta 0), ``DDPMPipeline``,
+``PNDMPipeline``, ``StableDiffusionPipeline`` (tests/conformance/test_generation.py). One exception:
+a ``cfg_scale`` below 1, where diffusers switches classifier-free guidance off and clipkit keeps
+``u + s (c - u)`` (``cfg_scale=0``: the unconditional model).
+
 Diffusion models plug in through :func:`load_diffusion`: it reads the ``_class_name`` of a diffusers
 ``model_index.json`` and calls the loader registered for it in :data:`LOADERS`. A loader returns an
 object with the :class:`DiffusionBackend` protocol; this module implements the pixel one
