@@ -24,6 +24,8 @@ _LAZY = {
     "ImageLoadError": "clipkit.core.errors",
     "InputError": "clipkit.core.errors",
     "generate": "clipkit.guidance.pipeline",
+    "rerank": "clipkit.rerank.rank",
+    "rank_texts": "clipkit.rerank.rank",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -64,7 +64,7 @@ class DecodeConfig:
 
 
 @dataclass
-class Sequence:
+class Hypothesis:
     tokens: list[int]     # generated token ids, the final EOS excluded (a stop token is kept)
     logprob: float        # sum of token log-probabilities (EOS included)
     length: int           # tokens scored (EOS included)
@@ -118,19 +118,19 @@ def _step(gpt, tokens: torch.Tensor, cache):
 
 
 def _collect(seqs: torch.Tensor, logp: torch.Tensor, lengths: torch.Tensor, eos_id: int,
-             strip_eos: bool = True) -> list[Sequence]:
+             strip_eos: bool = True) -> list[Hypothesis]:
     out = []
     for row, lp, n in zip(seqs.tolist(), logp.tolist(), lengths.tolist()):
         toks = row[:n]
         if strip_eos and toks and toks[-1] == eos_id:
             toks = toks[:-1]
-        out.append(Sequence(toks, lp, n))
+        out.append(Hypothesis(toks, lp, n))
     return out
 
 
 @torch.inference_mode()
 def decode(gpt, prefix: torch.Tensor, eos_id: int, cfg: DecodeConfig, stop_ids=(),
-           generator: torch.Generator | None = None, stop_at_eos: bool = True) -> list[list[Sequence]]:
+           generator: torch.Generator | None = None, stop_at_eos: bool = True) -> list[list[Hypothesis]]:
     """Decode captions for a batch of prefixes [B, K, width]; returns B lists of ``cfg.candidates``
     sequences, best first (nucleus: in sampling order). ``eos_id`` also pads finished rows; it ends a
     sequence unless ``stop_at_eos`` is False (then only ``stop_ids`` do)."""
@@ -169,7 +169,7 @@ def decode(gpt, prefix: torch.Tensor, eos_id: int, cfg: DecodeConfig, stop_ids=(
 
 
 def _beam(gpt, prefix: torch.Tensor, eos_id: int, cfg: DecodeConfig, stop_ids,
-          stop_at_eos: bool = True) -> list[list[Sequence]]:
+          stop_at_eos: bool = True) -> list[list[Hypothesis]]:
     b, k = prefix.shape[0], cfg.beams
     dev = prefix.device
     stops = _stop_tensor(eos_id, stop_ids, stop_at_eos, dev)
@@ -214,7 +214,7 @@ def _beam(gpt, prefix: torch.Tensor, eos_id: int, cfg: DecodeConfig, stop_ids,
 
 @torch.inference_mode()
 def reference_beam_search(gpt, prefix: torch.Tensor, eos_id: int, beams: int = 5, max_length: int = 40,
-                          stop_ids=(), length_penalty: float = 1.0) -> list[Sequence]:
+                          stop_ids=(), length_penalty: float = 1.0) -> list[Hypothesis]:
     """The official ``generate_beam`` algorithm for ONE prefix [1, K, width], without a KV cache:
     GPT-2 re-reads the whole sequence at every step. For tests and the throughput benchmark only."""
     stops = {eos_id, *stop_ids}
@@ -251,5 +251,5 @@ def reference_beam_search(gpt, prefix: torch.Tensor, eos_id: int, beams: int = 5
         toks = seqs[b]
         if toks and toks[-1] == eos_id:
             toks = toks[:-1]
-        out.append(Sequence(toks, scores[b], lengths[b]))
+        out.append(Hypothesis(toks, scores[b], lengths[b]))
     return out

@@ -10,7 +10,10 @@ import torch
 
 
 def _cpu_only() -> bool:
-    return not torch.cuda.is_available()
+    """Ask accelerate for the CPU explicitly only when there is no accelerator at all (CUDA or Apple's
+    MPS); otherwise accelerate picks the device itself (MPS included)."""
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
 def partial_state():

@@ -25,6 +25,8 @@ Two targets for the CLIP loss (``GuidanceConfig.target``):
 """
 from __future__ import annotations
 
+import inspect
+
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -166,8 +168,9 @@ def make_views(img: torch.Tensor, cfg: GuidanceConfig, generator: torch.Generato
     for _ in range(cfg.cutouts):
         u = float(torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu"))
         size = max(4, int(min(H, W) * (0.5 + 0.5 * u ** cfg.cut_power)))
-        oy = int(torch.randint(0, H - size + 1, (), generator=generator))
-        ox = int(torch.randint(0, W - size + 1, (), generator=generator))
+        gdev = generator.device if generator is not None else "cpu"     # a CUDA generator draws on CUDA
+        oy = int(torch.randint(0, H - size + 1, (), generator=generator, device=gdev))
+        ox = int(torch.randint(0, W - size + 1, (), generator=generator, device=gdev))
         crop = img[..., oy:oy + size, ox:ox + size]
         out.append(F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False))
     return torch.stack(out, dim=1).reshape(B * len(out), C, H, W)
@@ -343,7 +346,8 @@ def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generat
         x = torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
     x = x * scheduler.init_noise_sigma
     fn = guide if guide is not None else model
-    extra = {"generator": generator} if "generator" in scheduler.step.__code__.co_varnames else {}
+    # the scheduler's parameters, not its local variables (co_varnames would list both)
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     timesteps = list(scheduler.timesteps)
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
