@@ -14,6 +14,7 @@ _LAZY = {
     "load_scorer": "clipkit.core.scorer",
     "ClipScorer": "clipkit.core.scorer",
     "classify": "clipkit.core.prompts",
+    "evaluate": "clipkit.core.evaluate",
     "list_models": "clipkit.core.registry",
     "load_captioner": "clipkit.captioning.captioner",
     "Captioner": "clipkit.captioning.captioner",

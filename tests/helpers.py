@@ -133,3 +133,27 @@ def assert_seed_fixes_the_image(generate, prompt, other_seed: int, **kw):
     assert math.isclose(batch[5].clip_score, a.clip_score, abs_tol=1e-6)
     assert not np.array_equal(np.asarray(batch[other_seed].image), np.asarray(a.image))
     assert a.image.size == (32, 32) and a.image.mode == "RGB"
+
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def make_colour_folder(root: Path, per_class: dict | None = None, size: int = 32, seed: int = 0) -> Path:
+    """A labelled ImageFolder of coloured discs on black (the Shapes CLIP reads their colour):
+    ``root/<split>/<colour>/<n>.png``, ``per_class`` = {split: images per class} (default
+    train 4, val 2, test 3); ``{"": n}`` writes ``root/<colour>/...`` without splits."""
+    import random
+
+    from PIL import Image, ImageDraw
+    rng = random.Random(seed)
+    for split, n in (per_class or {"train": 4, "val": 2, "test": 3}).items():
+        for name, rgb in COLOURS.items():
+            d = root / split / name if split else root / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                im = Image.new("RGB", (size, size))
+                r = rng.randint(size // 5, size // 3)
+                cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+                ImageDraw.Draw(im).ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+                im.save(d / f"{i}.png")
+    return root

@@ -13,12 +13,16 @@ import click
 COMMANDS = {
     "score": ("clipkit.cli.score", "score"),
     "classify": ("clipkit.cli.classify", "classify"),
+    "eval": ("clipkit.cli.eval", "eval_cmd"),
     "models": ("clipkit.cli.models", "models"),
     "train": ("clipkit.cli.train", "train"),
     "rerank": ("clipkit.cli.rerank", "rerank"),
     "embed": ("clipkit.cli.embed", "embed"),
     "caption": ("clipkit.cli.caption", "caption"),
     "generate": ("clipkit.cli.generate", "generate"),
+    "index": ("clipkit.cli.index", "index"),
+    "search": ("clipkit.cli.search", "search"),
+    "serve": ("clipkit.cli.serve", "serve"),
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import FiniteFloat, emit_json, json_option
+from clipkit.cli.common import FiniteFloat, FloatList, emit_json, json_option
 
 
 def _common(f):
@@ -19,7 +19,8 @@ def _common(f):
                      show_default=True, help="accelerate mixed precision (GPU)."),
         click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="DataLoader workers."),
-        click.option("--eval-every", type=click.IntRange(min=1), default=None),
+        click.option("--eval-every", type=click.IntRange(min=1), default=None,
+                     help="Steps between evaluations (train clip on labelled data: one epoch by default)."),
         click.option("--save-every", type=click.IntRange(min=1), default=None),
         click.option("--log-every", type=click.IntRange(min=1), default=None, help="Steps between log rows."),
         click.option("--time-limit", "time_limit_s", type=FiniteFloat(min=1), default=None,
@@ -42,21 +43,38 @@ def train():
 
 @train.command("clip")
 @click.option("--data", default="shapes", show_default=True,
-              help="'shapes' (rendered on the fly) or a captions.jsonl of {\"image\": path, \"caption\": text}.")
+              help="'shapes' (rendered on the fly), a captions.jsonl of {\"image\": path, \"caption\": text}, "
+                   "or labelled images: an ImageFolder (DIR/train|val|test/<class>/...) or a path,label CSV "
+                   "(FLYP fine-tuning with captions from --templates x class names).")
 @click.option("--init", default=None, metavar="SPEC",
               help="Fine-tune this open_clip CLIP (shapes, openclip:ARCH/TAG, a directory); default: from scratch.")
 @click.option("--model-config", "model_config", default=None, type=click.Path(readable=False), metavar="JSON",
               help="From scratch: an open_clip model config (JSON with embed_dim, vision_cfg, text_cfg) "
                    "instead of the Shapes CLIP's.")
-@click.option("--augment", type=click.Choice(["robust", "none"]), default="robust", show_default=True,
-              help="robust: noise/blur/low-res/tint augmentations (x0-estimate-like inputs).")
+@click.option("--augment", type=click.Choice(["auto", "robust", "none"]), default="auto", show_default=True,
+              help="robust: noise/blur/low-res/tint augmentations (x0-estimate-like inputs); auto: robust, "
+                   "none for labelled images.")
 @click.option("--noise-aware", is_flag=True, help="Also train on DDPM-noised images x_t (GLIDE-style).")
 @click.option("--train-only", "train_only", multiple=True, metavar="PREFIX",
               help="Train only parameters whose names start with PREFIX (repeatable; the rest frozen). With "
                    "--init, the saved model is an overlay: just those weights + the base spec.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help="Linear LR warmup steps [default: 500, at most 10% of --steps].")
+@click.option("--class-names", "class_names", default=None, type=click.Path(readable=False), metavar="FILE",
+              help='Labelled data: readable class names, JSON {"folder": "name"} or "folder,name" lines.')
+@click.option("--templates", default=None,
+              help="Labelled data: caption templates, simple (7) | openai (80) | a file | one template with {} "
+                   "[default: simple].")
+@click.option("--wise", type=FloatList(min=0), default=None, metavar="A,B,...",
+              help="Labelled data + --init: export WiSE-FT models (1-a)*init + a*fine-tuned as OUT/wise-<a>/ "
+                   "and report each one's accuracy (OUT/wise.json, wise.csv, wise.png).")
+@click.option("--reference", default="auto", show_default=True, metavar="TASK",
+              help="What --wise measures besides the new classes: 'shapes' (Shapes colour/shape zero-shot), "
+                   "a labelled folder or list (zero-shot top-1), 'none'; auto: shapes for a Shapes CLIP.")
 @_common
 @click.pass_obj
-def clip(settings, data, init, model_config, augment, noise_aware, train_only, as_json, **kw):
+def clip(settings, data, init, model_config, augment, noise_aware, train_only, warmup, class_names, templates,
+         wise, reference, as_json, **kw):
     """Contrastive CLIP training (symmetric cross-entropy, learned temperature).
 
     \b
@@ -66,6 +84,8 @@ def clip(settings, data, init, model_config, augment, noise_aware, train_only, a
       clipkit train clip --init shapes --noise-aware --train-only visual.conv1 \\
           --train-only visual.transformer.resblocks.0. --out runs/noised --steps 600   # an overlay
       accelerate launch --multi_gpu --num_processes 2 -m clipkit.cli.main train clip --out runs/clip
+      clipkit train clip --data data/digits --class-names data/digits/class_names.json --init shapes \\
+          --out runs/digits --wise 0.25,0.5,0.75          # FLYP fine-tuning + WiSE-FT on an ImageFolder
     """
     from clipkit.core.train_clip import TrainClipConfig, train_clip
     model_cfg = None
@@ -82,10 +102,48 @@ def clip(settings, data, init, model_config, augment, noise_aware, train_only, a
         except (ValueError, AssertionError) as e:
             raise InputError(f"--model-config {model_config}: not an open_clip model config "
                              f"(JSON with embed_dim, vision_cfg, text_cfg){': ' + str(e) if str(e) else ''}") from None
+    from clipkit.core.train_clip import data_kind
+    labelled = data_kind(data) == "labelled"
+    if not labelled and (class_names or templates or wise):
+        raise click.UsageError("--class-names, --templates and --wise are for labelled --data "
+                               "(an ImageFolder or a path,label list)")
+    if wise and not init:
+        raise click.UsageError("--wise interpolates between --init SPEC and the fine-tuned model: give --init")
+    ref_name, ref_fn = _reference(reference, init) if wise else (None, None)
     cfg = _config(TrainClipConfig, data=data, init=init, model_cfg=model_cfg, augment=augment,
-                  noise_aware=noise_aware, train_only=tuple(train_only) or None, **kw)
-    res = train_clip(cfg, progress=not (settings.quiet or as_json))
+                  noise_aware=noise_aware, train_only=tuple(train_only) or None, warmup=warmup, class_names=class_names,
+                  templates=templates, wise=tuple(wise) if wise else None, reference=ref_name, **kw)
+    res = train_clip(cfg, progress=not (settings.quiet or as_json), reference=ref_fn)
     _report(res, as_json)
+
+
+def _reference(task: str, init: str):
+    """The WiSE-FT reference task -> (name, scorer -> {metric: value}) or (None, None)."""
+    if task == "none":
+        return None, None
+    if task == "auto":
+        from clipkit.core.registry import BUNDLED_NAMES, clip_training_info
+        from_shapes = init in BUNDLED_NAMES or clip_training_info(init).get("data") == "shapes"
+        if not from_shapes:
+            return None, None
+        task = "shapes"
+    if task == "shapes":
+        from clipkit.shapes.probes import reference_accuracy
+
+        def shapes_reference(scorer):
+            return reference_accuracy(scorer, attributes=("color", "shape"))
+        return "shapes zero-shot", shapes_reference
+    from pathlib import Path
+    if not Path(task).exists():
+        raise click.BadParameter(f"{task!r} is not 'shapes', 'none', 'auto' or a labelled folder/list",
+                                 param_hint="--reference")
+    from clipkit.core.labelled import load_labelled
+    ref_set = load_labelled(task)
+
+    def labelled_reference(scorer):
+        from clipkit.core.evaluate import evaluate
+        return {"top1": evaluate(ref_set, scorer).metrics.top1}
+    return f"zero-shot on {task}", labelled_reference
 
 
 @train.command("diffusion")

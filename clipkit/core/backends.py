@@ -61,6 +61,24 @@ def warn_truncated(texts: Sequence[str], lengths: Sequence[int], context_length:
                         context_length, n, short)
 
 
+def openclip_tokenize(tok: Callable, texts: Sequence[str], context_length: int) -> Tokenized:
+    """Token ids of an open_clip tokenizer, warning about truncation (open_clip truncates silently)."""
+    if not (hasattr(tok, "encode") and hasattr(tok, "sot_token_id")
+            and getattr(tok, "reduction_fn", None) is None):
+        return Tokenized(tok(list(texts)))        # HF-based or reducing tokenizers: as they are
+    # CLIP BPE: encode once, warn about truncation, then lay out ids exactly as open_clip does
+    # (sot + tokens + eot, cut at the context length with eot kept last).
+    seqs = [[tok.sot_token_id] + tok.encode(t) + [tok.eot_token_id] for t in texts]
+    warn_truncated(texts, [len(s) for s in seqs], context_length)
+    ids = torch.zeros(len(seqs), context_length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s) > context_length:
+            s = s[:context_length]
+            s[-1] = tok.eot_token_id
+        ids[i, :len(s)] = torch.tensor(s)
+    return Tokenized(ids)
+
+
 class OpenClipBackend:
     """An ``open_clip`` CLIP (any architecture, incl. the bundled Shapes model)."""
 
@@ -69,21 +87,7 @@ class OpenClipBackend:
         self.context_length = int(getattr(tokenizer, "context_length", None) or 77)
 
     def tokenize(self, texts: Sequence[str]) -> Tokenized:
-        tok = self.tokenizer
-        if not (hasattr(tok, "encode") and hasattr(tok, "sot_token_id")
-                and getattr(tok, "reduction_fn", None) is None):
-            return Tokenized(tok(list(texts)))        # HF-based or reducing tokenizers: as they are
-        # CLIP BPE: encode once, warn about truncation, then lay out ids exactly as open_clip does
-        # (sot + tokens + eot, cut at the context length with eot kept last).
-        seqs = [[tok.sot_token_id] + tok.encode(t) + [tok.eot_token_id] for t in texts]
-        warn_truncated(texts, [len(s) for s in seqs], self.context_length)
-        ids = torch.zeros(len(seqs), self.context_length, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if len(s) > self.context_length:
-                s = s[:self.context_length]
-                s[-1] = tok.eot_token_id
-            ids[i, :len(s)] = torch.tensor(s)
-        return Tokenized(ids)
+        return openclip_tokenize(self.tokenizer, texts, self.context_length)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module.encode_image(pixels)

@@ -131,8 +131,29 @@ def load_image(
     if isinstance(source, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(source) or source, background)
     path = Path(source)
+    with open_regular(path) as fh:
+        return _decode(fh, path, max_pixels, background, timeout_s,
+                       size=lambda: path.stat().st_size if path.exists() else 0)
+
+
+def load_image_bytes(
+    data: bytes,
+    name: str = "<bytes>",
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> Image.Image:
+    """Like :func:`load_image` for bytes already in memory (an upload, a member of a tar shard);
+    ``name`` stands for the path in errors. The same guards: decompression bombs, time bound."""
+    import io
+    return _decode(io.BytesIO(bytes(data)), name, max_pixels, background, timeout_s, size=lambda: len(data))
+
+
+def _decode(fh, path, max_pixels, background, timeout_s, size) -> Image.Image:
+    """Decode an open binary file object fully into RGB, or raise :class:`ImageLoadError`."""
     try:
-        with open_regular(path) as fh, time_bound(timeout_s), warnings.catch_warnings():
+        with time_bound(timeout_s), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fh) as im:
                 w, h = im.size
@@ -149,8 +170,7 @@ def load_image(
     except DecodeTimeout:
         raise ImageLoadError(path, f"decoding took longer than {timeout_s:g}s", permanent=False) from None
     except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
-        reason = "empty file" if size == 0 else "not an image Pillow can identify"
+        reason = "empty file" if size() == 0 else "not an image Pillow can identify"
         raise ImageLoadError(path, reason) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(path, f"decompression bomb guard: {e}", permanent=False) from None

@@ -38,3 +38,42 @@ def similarity_heatmap(images, texts, sim, out_path, labels=None, thumb: int = 6
         return write_atomic(out_path, lambda t: fig.savefig(t, dpi=110), overwrite=overwrite)
     finally:
         plt.close(fig)
+
+
+def confusion_matrix_plot(confusion, names, out_path, title: str = "", overwrite: bool = False) -> Path:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted), counts in the cells."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cm = np.asarray(confusion, dtype=float)
+    c = len(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    side = min(18.0, 2.5 + 0.45 * c)
+    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    if c <= 30:
+        for i in range(c):
+            for j in range(c):
+                if cm[i, j]:
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    labels = [n if len(n) <= 20 else n[:17] + "..." for n in names]
+    if c <= 60:
+        ax.set_xticks(range(c))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(c))
+        ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    from clipkit.core.outputs import write_atomic
+    try:
+        return write_atomic(out_path, lambda t: fig.savefig(t, dpi=100), overwrite=overwrite)
+    finally:
+        plt.close(fig)

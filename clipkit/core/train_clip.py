@@ -1,5 +1,6 @@
 """Contrastive training of CLIP (``clipkit train clip``): from scratch on the Shapes world, or
-fine-tuning any open_clip CLIP on a folder of image-caption pairs (``captions.jsonl``).
+fine-tuning any open_clip CLIP on a folder of image-caption pairs (``captions.jsonl``) or on a
+labelled image set (an ImageFolder or a ``path,label`` list: FLYP, below).
 
 The objective is the paper's pseudocode (Radford et al. 2021, Fig. 3)::
 
@@ -7,9 +8,19 @@ The objective is the paper's pseudocode (Radford et al. 2021, Fig. 3)::
     logits = exp(t) * I_e @ T_e.T
     loss = (CE(logits, arange(n), axis=0) + CE(logits, arange(n), axis=1)) / 2
 
-with a learned temperature ``t`` (clamped so that exp(t) <= 100). Runs through ``accelerate``
-(``accelerate launch`` for several processes; each process contrasts its own batch). Checkpoints are
-safetensors + JSON and resumable; a CSV log and a PNG of the curves are written as training goes.
+with a learned temperature ``t`` (clamped so that exp(t) <= 100).
+
+Labelled data is fine-tuned as FLYP does ("Finetune like you pretrain", Goyal et al. 2023): each
+image is paired with a caption made from a random template and its class name, and the same
+contrastive loss is minimised. Images and captions of the same class in a batch are positives of
+each other (the targets are spread uniformly over them, as in UniCL, Yang et al. 2022), not
+negatives: with few classes, a batch holds many. The validation split is evaluated zero-shot
+(top-1 and cross-entropy of the class logits) every ``eval_every`` steps, and ``wise`` alphas
+export WiSE-FT interpolations of the initial and fine-tuned weights (:mod:`clipkit.core.wise`).
+
+Runs through ``accelerate`` (``accelerate launch`` for several processes; each process contrasts
+its own batch). Checkpoints are safetensors + JSON and resumable; a CSV log and a PNG of the curves
+are written as training goes.
 
 Robust training (``augment="robust"``) shows the CLIP images like the x0 estimates that guidance
 will feed it (noise, blur, low resolution, tinted backgrounds, low contrast); ``noise_aware=True``
@@ -24,6 +35,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +43,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipkit.core.errors import InputError
 from clipkit.core.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig, torch_preprocess
+
+if TYPE_CHECKING:
+    from clipkit.core.labelled import LabelledSet, LabelledSplit
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +61,24 @@ SHAPES_CLIP_CFG = {
 @dataclass
 class TrainClipConfig:
     out_dir: str = "runs/clip"
-    data: str = "shapes"                 # "shapes" or a captions.jsonl ({"image": path, "caption": text})
+    data: str = "shapes"                 # "shapes", a captions.jsonl ({"image": path, "caption": text}),
+                                         # or labelled images: an ImageFolder or a path,label CSV/JSONL
     init: str | None = None              # CLIP spec to fine-tune (open_clip kinds); None = from scratch
     model_cfg: dict | None = None        # open_clip config when training from scratch (default: Shapes)
     steps: int = 20_000
     batch_size: int = 256                # per process
     lr: float = 5e-4
     weight_decay: float = 0.1
-    warmup: int = 500
+    warmup: int = 500                    # linear warmup steps (at most 10% of the run)
     grad_clip: float = 1.0
-    augment: str = "robust"              # "robust" | "none"
+    augment: str = "auto"                # "robust" | "none" | "auto" (robust, but none for labelled data)
     noise_aware: bool = False            # also train on DDPM-noised x_t (GLIDE-style)
     noise_fraction: float = 0.5          # fraction of each batch noised when noise_aware
     train_only: tuple | None = None      # parameter-name prefixes to train, the rest frozen; with
                                          # `init`, the export is an overlay (these weights + the base spec)
     render_sizes: tuple = (32, 48, 64)   # Shapes renders are drawn at one of these sizes per batch
     p_two: float = 0.35                  # fraction of two-object scenes
-    eval_every: int = 500
+    eval_every: int | None = None        # None: 500 steps (Shapes), one epoch (labelled data)
     save_every: int = 1000
     log_every: int = 50
     seed: int = 0
@@ -71,6 +87,12 @@ class TrainClipConfig:
     export_dtype: str = "fp16"           # dtype of the exported weights
     resume: bool = False
     time_limit_s: float | None = None    # stop early: total steps re-planned from the measured rate
+    # labelled data (FLYP)
+    class_names: str | None = None       # JSON or folder,name file of readable class names
+    templates: str | list = "simple"     # caption templates: simple | openai | a file | one "{}" template
+    class_positives: bool = True         # same-class pairs in a batch are positives (else plain CLIP loss)
+    wise: tuple | None = None            # WiSE-FT alphas: export theta = (1-a) theta_init + a theta_ft
+    reference: str | None = None         # name of the reference task the WiSE-FT report measures
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,15 +169,37 @@ class ImageCaptionPairs(Dataset):
         return {"pixels": px, "tokens": self.tokenizer([cap])[0], "caption": cap}
 
 
+class LabelledImages(Dataset):
+    """(path, class index) pairs -> {"pixels": [0, 1] tensor at ``size``, "label"}; an unreadable
+    file is skipped (None) and reported once."""
+
+    def __init__(self, paths, labels, size: int):
+        self.paths, self.labels = list(paths), list(labels)
+        self.cfg = PreprocessConfig(image_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        self._reported: set[int] = set()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from clipkit.core.errors import ImageLoadError
+        from clipkit.core.io import load_image
+        from clipkit.core.preprocess import pil_to_tensor
+        try:
+            px = pil_to_tensor(load_image(self.paths[i]), self.cfg)
+        except ImageLoadError as e:
+            if i not in self._reported:
+                self._reported.add(i)
+                log.warning("skipped %s: %s", self.paths[i], e.reason)
+            return None
+        return {"pixels": px, "label": torch.tensor(self.labels[i])}
+
+
 def _collate(items):
     items = [it for it in items if it is not None]
     if not items:
         return None
-    out = {"tokens": torch.stack([it["tokens"] for it in items])}
-    for k in ("pixels", "params"):
-        if k in items[0]:
-            out[k] = torch.stack([it[k] for it in items])
-    return out
+    return {k: torch.stack([it[k] for it in items]) for k, v in items[0].items() if isinstance(v, torch.Tensor)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,14 +321,115 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor):
-    """Symmetric cross-entropy over the N x N cosine logits. img, txt normalised [N, D]."""
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+              classes: torch.Tensor | None = None):
+    """Symmetric cross-entropy over the N x N cosine logits. img, txt normalised [N, D].
+
+    ``classes`` [N]: pairs of the same class are all positives, the target of each row (and
+    column) spread uniformly over them (UniCL); with distinct classes this is the CLIP loss."""
     logits = logit_scale.exp() * img @ txt.T
     labels = torch.arange(len(img), device=img.device)
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    acc_i2t = (logits.argmax(1) == labels).float().mean()
-    acc_t2i = (logits.argmax(0) == labels).float().mean()
-    return loss, acc_i2t, acc_t2i
+    if classes is None:
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        hit_i, hit_t = logits.argmax(1) == labels, logits.argmax(0) == labels
+    else:
+        same = (classes[:, None] == classes[None, :]).float()                  # [N, N], symmetric
+        target = same / same.sum(dim=1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        hit_i = classes[logits.argmax(1)] == classes                           # right class, any caption
+        hit_t = classes[logits.argmax(0)] == classes
+    return loss, hit_i.float().mean(), hit_t.float().mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Labelled data (FLYP)
+# --------------------------------------------------------------------------------------------
+
+def data_kind(data: str) -> str:
+    """``shapes``, ``captions`` (a captions.jsonl) or ``labelled`` (an ImageFolder, a CSV list, or
+    a JSONL list whose rows have a ``label`` and no ``caption``)."""
+    if data == "shapes":
+        return "shapes"
+    p = Path(data)
+    if not p.exists():
+        raise InputError(f"--data {data}: no such file or folder (give 'shapes', a captions.jsonl, an "
+                         "ImageFolder or a path,label CSV/JSONL)")
+    if p.is_dir() or p.suffix.lower() == ".csv":
+        return "labelled"
+    if p.suffix.lower() == ".jsonl" and p.is_file():
+        import itertools
+        with open(p, encoding="utf-8", errors="replace") as f:
+            for ln in itertools.islice(f, 100):
+                try:
+                    row = json.loads(ln)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    return "labelled" if "label" in row and "caption" not in row else "captions"
+    return "captions"
+
+
+@dataclass
+class FlypData:
+    dataset: LabelledSet
+    train: LabelledSplit
+    val: LabelledSplit | None
+    prompt_ids: torch.Tensor            # [C, T, L] token ids of every class x template caption
+    templates: list[str]
+
+
+def prepare_labelled(cfg: TrainClipConfig, tokenizer, context_length: int) -> FlypData:
+    """Load the labelled set, pick train/val, and tokenize the class x template captions once
+    (truncation summarised in one warning; classes whose captions collide are an error)."""
+    from clipkit.core.backends import openclip_tokenize
+    from clipkit.core.evaluate import check_class_prompts, summarised_truncation
+    from clipkit.core.labelled import ALL, load_labelled
+    from clipkit.core.prompts import resolve_templates
+    ds = load_labelled(cfg.data, cfg.class_names)
+    if ds.has_splits:
+        if "train" not in ds.splits:
+            raise InputError(f"{ds.root} has no train split (it has: {', '.join(ds.splits)}): fine-tuning "
+                             "needs DIR/train/<class>/<image>")
+        train, val = ds.splits["train"], ds.splits.get("val")
+        if val is None or not len(val):
+            val = None
+            log.warning("%s has no val split: zero-shot validation accuracy is not tracked", ds.root)
+    else:
+        train, val = ds.splits[ALL], None
+        log.warning("%s has no train/val/test split: training on every image, without validation", ds.root)
+    if len(train) < 2:
+        raise InputError(f"{ds.root}: need at least 2 training images, found {len(train)}")
+    tmpl = resolve_templates(cfg.templates)
+    texts = [t.format(n) for n in ds.names for t in tmpl]
+    with summarised_truncation(context_length):
+        ids = openclip_tokenize(tokenizer, texts, context_length).ids
+    check_class_prompts(ids, ds.names, context_length)
+    return FlypData(ds, train, val, ids.view(len(ds.names), len(tmpl), -1), tmpl)
+
+
+@torch.no_grad()
+def labelled_eval(model, flyp: FlypData, loader, preprocess: PreprocessConfig, device) -> dict:
+    """Zero-shot on the validation split with the model being trained: top-1, balanced accuracy
+    and the cross-entropy of logit_scale * cosine over the class embeddings."""
+    from clipkit.core.evaluate import compute_metrics
+    was_training = model.training
+    model.eval()
+    C, T, L = flyp.prompt_ids.shape
+    ids = flyp.prompt_ids.view(C * T, L).to(device)
+    txt = torch.cat([F.normalize(model.encode_text(ids[i:i + 512]).float(), dim=-1) for i in range(0, len(ids), 512)])
+    weights = F.normalize(txt.view(C, T, -1).mean(dim=1), dim=-1)                  # [C, D]
+    scores, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        img = model.encode_image(torch_preprocess(batch["pixels"].to(device), preprocess))
+        scores.append((F.normalize(img.float(), dim=-1) @ weights.T).cpu())
+        labels.append(batch["label"].cpu())
+    model.train(was_training)
+    s, y = torch.cat(scores), torch.cat(labels)
+    m = compute_metrics(s, y, flyp.dataset.classes, flyp.dataset.names)
+    loss = F.cross_entropy(float(model.logit_scale.exp()) * s, y)
+    return {"val_top1": m.top1, "val_balanced_accuracy": m.balanced_accuracy, "val_loss": float(loss)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +444,7 @@ class TrainResult:
     wall_s: float
     final_eval: dict = field(default_factory=dict)
     processes: int = 1
+    wise: dict = field(default_factory=dict)        # the WiSE-FT report (labelled data with ``wise``)
 
 
 def _shapes_eval(model, preprocess: PreprocessConfig, tokenizer, device, n: int = 512) -> dict:
@@ -319,7 +465,12 @@ def _shapes_eval(model, preprocess: PreprocessConfig, tokenizer, device, n: int 
     return acc
 
 
-def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
+def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None) -> TrainResult:
+    """Train (or fine-tune) a CLIP; see the module docstring.
+
+    ``reference``: with ``cfg.wise``, a callable ``scorer -> {metric: value}`` measuring each
+    WiSE-FT model on a reference task (e.g. :func:`clipkit.shapes.probes.reference_accuracy`);
+    the caller supplies it, so that core knows no particular task."""
     from accelerate.utils import set_seed
 
     from clipkit.core.dist import accelerator
@@ -329,10 +480,17 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     from clipkit.core.training import CsvLog, plan_steps, plot_curves, resume_step, save_checkpoint, warmup_cosine
     from clipkit.shapes.render import render
 
-    if cfg.augment not in ("robust", "none"):
-        raise InputError(f"augment must be 'robust' or 'none', got {cfg.augment!r}")
+    if cfg.augment not in ("robust", "none", "auto"):
+        raise InputError(f"augment must be 'robust', 'none' or 'auto', got {cfg.augment!r}")
     if cfg.steps < 1 or cfg.batch_size < 2:
         raise InputError("steps must be >= 1 and batch_size >= 2 (contrastive loss needs negatives)")
+    kind = data_kind(cfg.data)
+    if cfg.wise:
+        from clipkit.core.wise import check_alphas
+        cfg.wise = tuple(check_alphas(cfg.wise))
+        if kind != "labelled" or not cfg.init:
+            raise InputError("--wise interpolates the --init model and the fine-tuned one, measured on "
+                             "labelled data: it needs --init SPEC and --data an ImageFolder or path,label list")
     acc = accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
@@ -340,16 +498,21 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     model, tokenizer, model_cfg, pp_dict = _build_model(cfg)
     trained = freeze_except(model, cfg.train_only) if cfg.train_only else None
     pp = PreprocessConfig.from_dict({**pp_dict, "image_size": pp_dict["size"]})
-    shapes = cfg.data == "shapes"
+    shapes = kind == "shapes"
+    flyp = None
     if shapes:
         from clipkit.shapes.data import ShapesCaptions
         ds = ShapesCaptions("train", length=cfg.steps * cfg.batch_size * acc.num_processes,
                             p_two=cfg.p_two, tokenizer=tokenizer)
+    elif kind == "labelled":
+        flyp = prepare_labelled(cfg, tokenizer, int(getattr(tokenizer, "context_length", None) or 77))
+        ds = LabelledImages(flyp.train.paths, flyp.train.labels, pp.image_size)
     else:
         pairs, _ = read_captions_jsonl(cfg.data)
         ds = ImageCaptionPairs(pairs, pp.image_size, tokenizer)
         if len(ds) < 2:
             raise InputError("need at least 2 image-caption pairs for contrastive training")
+    augment = cfg.augment if cfg.augment != "auto" else ("none" if flyp else "robust")
     loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=not shapes,
                         num_workers=cfg.num_workers, collate_fn=_collate, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -363,18 +526,38 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
     if not cfg.resume and acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     model, opt, loader = acc.prepare(model, opt, loader)
+    eval_every = cfg.eval_every or (max(1, len(loader)) if flyp else 500)
+    val_loader = None
+    if flyp is not None and flyp.val is not None and acc.is_main_process:
+        val_loader = DataLoader(LabelledImages(flyp.val.paths, flyp.val.labels, pp.image_size),
+                                batch_size=max(64, cfg.batch_size), shuffle=False, collate_fn=_collate,
+                                num_workers=cfg.num_workers)
+    prompt_ids = flyp.prompt_ids.to(acc.device) if flyp else None
+    warmup = min(cfg.warmup, cfg.steps // 10)     # a short fine-tune still reaches its peak LR and decays
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup), last_epoch=step - 1 if step else -1)
+        opt, lambda s: warmup_cosine(s, cfg.steps, warmup), last_epoch=step - 1 if step else -1)
     abar = ddpm_alphas_cumprod() if cfg.noise_aware else None
     unwrapped = acc.unwrap_model(model)
     cols = ["step", "loss", "acc_i2t", "acc_t2i", "logit_scale", "lr", "samples_per_s"]
-    eval_cols = ["step", "color", "shape", "size", "position"]
+    eval_cols = ["step", "color", "shape", "size", "position"] if shapes else \
+        ["step", "val_top1", "val_balanced_accuracy", "val_loss"]
     logf = CsvLog(out / "train_log.csv", cols, append=cfg.resume, resume_from=step) if acc.is_main_process else None
+    evaluating = shapes or val_loader is not None
+
+    def run_eval():
+        if shapes:
+            return _shapes_eval(unwrapped, pp, tokenizer, acc.device)
+        return labelled_eval(unwrapped, flyp, val_loader, pp, acc.device)
+
     evalf = CsvLog(out / "eval_log.csv", eval_cols, append=cfg.resume, resume_from=step) \
-        if acc.is_main_process and shapes else None
+        if acc.is_main_process and evaluating else None
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and acc.is_main_process), desc="train clip")
     start_step = step
     t0, seen, last_eval = time.time(), 0, {}
+    if flyp is not None and evalf is not None and step == 0:      # the zero-shot starting point
+        last_eval = run_eval()
+        evalf.write(step=0, **last_eval)
+        log.info("step 0 eval %s", last_eval)
     data_iter = iter(acc.skip_first_batches(loader, step % max(1, len(loader))) if step else loader)
     model.train()
     while step < cfg.steps:
@@ -389,20 +572,27 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
             x = render(batch["params"], size=size_rng.choice(cfg.render_sizes))
         else:
             x = batch["pixels"]
-        if cfg.augment == "robust":
+        classes = None
+        if flyp is not None:       # FLYP: a caption per image from a random template and its class name
+            classes = batch["label"]
+            t_idx = torch.randint(0, prompt_ids.shape[1], (len(classes),), device=gen.device, generator=gen)
+            tokens = prompt_ids[classes.to(prompt_ids.device), t_idx.to(prompt_ids.device)]
+        else:
+            tokens = batch["tokens"]
+        if augment == "robust":
             x = augment_robust(x, gen)
         if abar is not None:
             x = noise_images(x, gen, cfg.noise_fraction, abar)
         pixels = torch_preprocess(x, pp)
         with acc.autocast():
             # through the prepared (DDP) wrapper, so gradients are all-reduced across processes
-            res = model(pixels, batch["tokens"])
+            res = model(pixels, tokens)
             if isinstance(res, dict):
                 img, txt, scale = res["image_features"], res["text_features"], res["logit_scale"]
             else:
                 img, txt, scale = res[:3]
             loss, a_i, a_t = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
-                                       scale.float().log())
+                                       scale.float().log(), classes if cfg.class_positives else None)
         acc.backward(loss)
         if cfg.grad_clip:
             acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -424,8 +614,8 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
                        logit_scale=float(unwrapped.logit_scale.detach().exp()), lr=sched.get_last_lr()[0],
                        samples_per_s=sps)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{a_i.item():.2f}")
-        if shapes and acc.is_main_process and (step % cfg.eval_every == 0 or step == cfg.steps):
-            last_eval = _shapes_eval(unwrapped, pp, tokenizer, acc.device)
+        if evalf is not None and (step % eval_every == 0 or step == cfg.steps):
+            last_eval = run_eval()
             evalf.write(step=step, **last_eval)
             log.info("step %d eval %s", step, last_eval)
         if step % cfg.save_every == 0 or step == cfg.steps:
@@ -434,6 +624,8 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
                 save_checkpoint(ckpt_dir, unwrapped, opt, step, cfg, {"eval": last_eval}, rng=rng)
                 plot_curves(out / "train_log.csv", out / "train_curves.png",
                             ys=["loss", "acc_i2t", "logit_scale", "lr"], title="CLIP training")
+                if evalf is not None and flyp is not None:
+                    plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="zero-shot (val)")
     bar.close()
     acc.wait_for_everyone()
     model_dir = out / "model"
@@ -449,4 +641,12 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True) -> TrainResult:
             evalf.close()
             plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="zero-shot accuracy (val)")
         logf.close()
-    return TrainResult(str(out), str(model_dir), step, time.time() - t0, last_eval, acc.num_processes)
+    wise = {}
+    if cfg.wise and acc.is_main_process:
+        from clipkit.core.wise import wise_ft
+        report = wise_ft(cfg.init, unwrapped, model_cfg, pp_dict, out, cfg.wise, flyp.dataset,
+                         templates=flyp.templates, reference=reference, reference_name=cfg.reference,
+                         export_dtype=dtype, keys=trained if overlay else None,
+                         extra={"training": asdict(cfg)}, device=acc.device)
+        wise = report.to_dict()
+    return TrainResult(str(out), str(model_dir), step, time.time() - t0, last_eval, acc.num_processes, wise)

@@ -63,8 +63,9 @@ class RerankResult:
         return write_atomic(path, write, overwrite=overwrite)
 
     def contact_sheet(self, path, thumb: int = 128, cols: int = 5, limit: int = SHEET_LIMIT,
-                      overwrite: bool = False) -> Path:
-        """The ``limit`` best results as a grid of thumbnails with rank and score under each."""
+                      overwrite: bool = False, loader=None) -> Path:
+        """The ``limit`` best results as a grid of thumbnails with rank and score under each.
+        ``loader(item) -> PIL image`` reads a result's image (default: ``load_image(item.path)``)."""
         from PIL import ImageDraw
 
         from clipkit.core.io import load_image
@@ -79,8 +80,8 @@ class RerankResult:
         from clipkit.core.outputs import write_atomic
         for n, r in enumerate(items):
             try:
-                im = load_image(r.path)
-            except ImageLoadError:       # changed since it was ranked: an empty tile, not a failed run
+                im = loader(r) if loader is not None else load_image(r.path)
+            except (ImageLoadError, InputError):   # changed since it was ranked: an empty tile, not a failed run
                 continue
             im.thumbnail((thumb, thumb))
             x = 8 + (n % cols) * (thumb + 8)

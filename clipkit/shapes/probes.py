@@ -1,6 +1,7 @@
 """Zero-shot probes of a CLIP on the Shapes world (used by training evals and the benchmarks)."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -32,3 +33,23 @@ def zero_shot_accuracy(image_emb: torch.Tensor, scenes: Sequence[Scene],
         truth = torch.tensor([values.index(sc.objects[0].attributes()[attr]) for sc in scenes])
         out[attr] = float((pred == truth).float().mean())
     return out
+
+
+@torch.no_grad()
+def reference_accuracy(scorer, n: int = 512, split: str = "test", attributes: Sequence[str] = ("color",),
+                       size: int | None = None) -> dict[str, float]:
+    """Zero-shot accuracy of a :class:`~clipkit.core.scorer.ClipScorer` on ``n`` single-object
+    Shapes renders of ``split`` (at the model's input size): the reference task that WiSE-FT
+    reports for CLIPs that started from the bundled Shapes CLIP. -> ``{"color": acc, ...}``."""
+    scenes, pixels = _reference_renders(split, n, size or scorer.preprocess.image_size)
+    acc = zero_shot_accuracy(scorer.encode_images(pixels), scenes, scorer.encode_texts)
+    return {k: acc[k] for k in attributes}
+
+
+@functools.lru_cache(maxsize=2)
+def _reference_renders(split: str, n: int, size: int):
+    """The reference scenes and their renders, drawn once for the several models WiSE-FT measures."""
+    from clipkit.shapes.data import single_object_scenes
+    from clipkit.shapes.render import render_scenes
+    scenes = single_object_scenes(split, n)
+    return scenes, render_scenes(scenes, size)

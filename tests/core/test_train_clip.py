@@ -136,3 +136,109 @@ def test_overlay_that_does_not_fit_its_base_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="matches no parameter"):
         train_clip(TrainClipConfig(out_dir=str(tmp_path / "x"), init=base, train_only=("nope.",), steps=1,
                                    batch_size=4, render_sizes=(24,)), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled data: FLYP fine-tuning, validation, resume, WiSE-FT
+# ---------------------------------------------------------------------------------------------
+
+TINY_PP = {"size": 24, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+           "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    from clipkit.core.artifacts import build_openclip, save_openclip_dir
+    torch.manual_seed(0)
+    return str(save_openclip_dir(build_openclip(TINY), TINY, TINY_PP, tmp_path_factory.mktemp("init") / "m"))
+
+
+def test_clip_loss_with_classes_makes_same_class_pairs_positives():
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    t = torch.tensor(1.5)
+    plain = clip_loss(img, txt, t)[0]
+    assert torch.allclose(clip_loss(img, txt, t, torch.arange(4))[0], plain)     # distinct classes: CLIP loss
+    cls = torch.tensor([0, 0, 1, 1])
+    logits = t.exp() * img @ txt.T
+    target = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, .5, .5], [0, 0, .5, .5]])
+    ref = (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    assert torch.allclose(clip_loss(img, txt, t, cls)[0], ref, atol=1e-6)
+    # accuracy counts the right class, whichever caption of it: here each image's best text is its
+    # own embedding, placed at a same-class partner's position
+    _, a_i, a_t = clip_loss(img, img[[1, 0, 3, 2]], t, cls)
+    assert a_i == 1 and a_t == 1
+
+
+def test_flyp_on_an_image_folder_validates_resumes_and_exports_wise(tmp_path, tiny_init):
+    from helpers import make_colour_folder
+    from safetensors.torch import load_file
+
+    from clipkit.core.train_clip import data_kind
+    data = make_colour_folder(tmp_path / "colours", {"train": 3, "val": 1, "test": 1}, size=24)
+    assert data_kind(str(data)) == "labelled" and data_kind("shapes") == "shapes"
+    seen = []
+
+    def reference(scorer):
+        seen.append(scorer.spec)
+        return {"score": 0.5}
+    cfg = TrainClipConfig(out_dir=str(tmp_path / "ft"), data=str(data), init=tiny_init, steps=3, batch_size=4,
+                          lr=1e-3, eval_every=2, save_every=2, log_every=1, templates="a {} disc",
+                          wise=(0.5,), reference="test task")
+    res = train_clip(cfg, progress=False, reference=reference)
+    out = tmp_path / "ft"
+    rows = (out / "eval_log.csv").read_text().splitlines()
+    assert rows[0] == "step,val_top1,val_balanced_accuracy,val_loss"
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "2", "3"]          # the zero-shot start, then every 2
+    assert set(res.final_eval) == {"val_top1", "val_balanced_accuracy", "val_loss"}
+    assert (out / "eval_curves.png").is_file() and (out / "train_curves.png").is_file()
+    # WiSE-FT: alpha 0 (the init), 0.5 (exported), 1 (the fine-tuned model), each measured twice
+    assert [r["alpha"] for r in res.wise["rows"]] == [0.0, 0.5, 1.0] and res.wise["split"] == "test"
+    assert seen == [tiny_init, str(out / "wise-0.5"), str(out / "model")]
+    assert all(r["reference"] == {"score": 0.5} for r in res.wise["rows"])
+    assert {p.name for p in out.iterdir()} >= {"wise.json", "wise.csv", "wise.png", "wise-0.5", "model"}
+    init_sd = load_file(f"{tiny_init}/open_clip_model.safetensors")
+    ft_sd = load_file(str(out / "model" / "open_clip_model.safetensors"))
+    mid = load_file(str(out / "wise-0.5" / "open_clip_model.safetensors"))
+    k = "visual.conv1.weight"
+    assert not torch.equal(init_sd[k], ft_sd[k].float())
+    assert torch.allclose(mid[k].float(), (init_sd[k] + ft_sd[k].float()) / 2, atol=2e-3)   # fp16 export
+    # resume: the log keeps one row per step
+    cfg2 = TrainClipConfig(**{**cfg.__dict__, "steps": 4, "resume": True, "wise": None})
+    assert train_clip(cfg2, progress=False).steps == 4
+    assert [r.split(",")[0] for r in (out / "eval_log.csv").read_text().splitlines()[1:]] == ["0", "2", "3", "4"]
+
+
+def test_labelled_training_errors(tmp_path, tiny_init):
+    from helpers import make_colour_folder
+    no_train = make_colour_folder(tmp_path / "nt", {"val": 1, "test": 1}, size=24)
+    with pytest.raises(InputError, match="no train split"):
+        train_clip(TrainClipConfig(out_dir=str(tmp_path / "a"), data=str(no_train), init=tiny_init, steps=1,
+                                   batch_size=2), progress=False)
+    ok = make_colour_folder(tmp_path / "ok", {"train": 1}, size=24)
+    with pytest.raises(InputError, match="--wise"):
+        train_clip(TrainClipConfig(out_dir=str(tmp_path / "b"), data=str(ok), model_cfg=TINY, steps=1,
+                                   batch_size=2, wise=(0.5,)), progress=False)
+    with pytest.raises(InputError, match="outside"):
+        train_clip(TrainClipConfig(out_dir=str(tmp_path / "c"), data=str(ok), init=tiny_init, steps=1,
+                                   batch_size=2, wise=(1.5,)), progress=False)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes_image_folder(tmp_path, tiny_init):
+    import subprocess
+    import sys
+
+    from helpers import make_colour_folder
+    data = make_colour_folder(tmp_path / "colours", {"train": 4, "val": 1}, size=24)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "clipkit.cli.main", "-q", "train", "clip", "--data", str(data), "--init", tiny_init,
+           "--out", str(out), "--steps", "2", "--batch-size", "3", "--eval-every", "2", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    assert doc["steps"] == 2 and doc["processes"] == 2 and "val_top1" in doc["final_eval"]
+    assert (out / "model" / "open_clip_model.safetensors").is_file()
