@@ -53,6 +53,18 @@ class FloatList(click.ParamType):
         return out
 
 
+def check_report_outputs(csv_path, sheet, overwrite: bool, inputs) -> None:
+    """Validate ``--csv`` and ``--sheet`` before any work (see clipkit.core.outputs)."""
+    from pathlib import Path
+
+    from clipkit.core.outputs import check_output_file
+    for opt, path in (("--csv", csv_path), ("--sheet", sheet)):
+        if path:
+            check_output_file(path, overwrite=overwrite, inputs=inputs, what=opt)
+    if csv_path and sheet and Path(csv_path).resolve() == Path(sheet).resolve():
+        raise click.UsageError("--csv and --sheet name the same file")
+
+
 def clip_option(f):
     return click.option("--clip", "clip_spec", default=None, metavar="SPEC",
                         help="CLIP model: shapes, openclip:ARCH/TAG, hf:ORG/NAME or a directory "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import FiniteFloat, FloatList, batch_size_option, clip_option, emit_json, fmt_table, json_option, make_scorer, progress
+from clipkit.cli.common import check_report_outputs, FiniteFloat, FloatList, batch_size_option, clip_option, emit_json, fmt_table, json_option, make_scorer, progress
 
 
 @click.command()
@@ -48,9 +48,7 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
       clipkit rerank photos/ --query-image example.png --csv ranking.csv
       clipkit rerank image.png --texts candidates.txt
     """
-    from pathlib import Path
 
-    from clipkit.core.outputs import check_output_file
     from clipkit.rerank.rank import rank_texts
     from clipkit.rerank.rank import rerank as do_rerank
     w = None
@@ -63,12 +61,7 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
             raise click.UsageError(f"{opt} writes one ranking: use --combine with several queries")
     # every output is checked before the model loads and the folder is ranked
     inputs = list(candidates) + list(query_images) + ([texts_file] if texts_file else [])
-    if csv_path:
-        check_output_file(csv_path, overwrite=overwrite, inputs=inputs, what="--csv")
-    if sheet:
-        check_output_file(sheet, overwrite=overwrite, inputs=inputs, what="--sheet")
-    if csv_path and sheet and Path(csv_path).resolve() == Path(sheet).resolve():
-        raise click.UsageError("--csv and --sheet name the same file")
+    check_report_outputs(csv_path, sheet, overwrite, inputs)
     texts = None
     if texts_file:
         if len(candidates) != 1 or queries or query_images:

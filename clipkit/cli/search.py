@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import clip_option, emit_json, fmt_table, json_option
+from clipkit.cli.common import check_report_outputs, clip_option, emit_json, fmt_table, json_option
 
 
 @click.command()
@@ -32,21 +32,14 @@ def search(settings, index_path, query, query_image, top_k, nprobe, csv_path, sh
       clipkit search photos.idx --query-image example.png --json
       clipkit search photos.idx -q "a dog" --csv top.csv --sheet top.png
     """
-    from pathlib import Path
 
     from clipkit.cli.index import index_scorer
-    from clipkit.core.outputs import check_output_file
     from clipkit.search.query import search as do_search
     from clipkit.search.store import IndexReader
     if (query is None) == (query_image is None):
         raise click.UsageError("give --query TEXT or --query-image IMG (exactly one)")
     inputs = [index_path] + ([query_image] if query_image else [])
-    if csv_path:
-        check_output_file(csv_path, overwrite=overwrite, inputs=inputs, what="--csv")
-    if sheet:
-        check_output_file(sheet, overwrite=overwrite, inputs=inputs, what="--sheet")
-    if csv_path and sheet and Path(csv_path).resolve() == Path(sheet).resolve():
-        raise click.UsageError("--csv and --sheet name the same file")
+    check_report_outputs(csv_path, sheet, overwrite, inputs)
     reader = IndexReader(index_path)
     scorer = index_scorer(settings, reader, clip_spec)
     res = do_search(reader, scorer, text=query, image=query_image, top_k=top_k, nprobe=nprobe)

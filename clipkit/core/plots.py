@@ -4,6 +4,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def save_figure(fig, out_path, dpi: int = 100, overwrite: bool = False) -> Path:
+    """Write a matplotlib figure atomically (never through a link; an existing file only with
+    ``overwrite``) and close it."""
+    import matplotlib.pyplot as plt
+
+    from clipkit.core.outputs import write_atomic
+    try:
+        return write_atomic(out_path, lambda t: fig.savefig(t, dpi=dpi), overwrite=overwrite)
+    finally:
+        plt.close(fig)
+
+
 def similarity_heatmap(images, texts, sim, out_path, labels=None, thumb: int = 64, overwrite: bool = False) -> Path:
     """Draw cosine ``sim`` [N, M] with image thumbnails as row labels and texts as columns."""
     import matplotlib
@@ -33,11 +45,7 @@ def similarity_heatmap(images, texts, sim, out_path, labels=None, thumb: int = 6
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_title("cosine similarity")
     fig.tight_layout()
-    from clipkit.core.outputs import write_atomic
-    try:
-        return write_atomic(out_path, lambda t: fig.savefig(t, dpi=110), overwrite=overwrite)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, out_path, dpi=110, overwrite=overwrite)
 
 
 def confusion_matrix_plot(confusion, names, out_path, title: str = "", overwrite: bool = False) -> Path:
@@ -72,8 +80,4 @@ def confusion_matrix_plot(confusion, names, out_path, title: str = "", overwrite
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    from clipkit.core.outputs import write_atomic
-    try:
-        return write_atomic(out_path, lambda t: fig.savefig(t, dpi=100), overwrite=overwrite)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, out_path, overwrite=overwrite)

@@ -183,11 +183,8 @@ def plot_curves(csv_path, png_path, x: str = "step", ys: list[str] | None = None
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    from clipkit.core.outputs import write_atomic
-    try:
-        return write_atomic(png_path, lambda t: fig.savefig(t, dpi=100), overwrite=True)
-    finally:
-        plt.close(fig)
+    from clipkit.core.plots import save_figure
+    return save_figure(fig, png_path, overwrite=True)
 
 
 def plan_steps(cfg, steps_done: int, window_s: float, step: int, elapsed_s: float) -> None:

@@ -95,7 +95,6 @@ class WiseReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from clipkit.core.outputs import write_atomic
         a = [r.alpha for r in self.rows]
         fig, ax = plt.subplots(figsize=(5.0, 3.4))
         ax.plot(a, [r.top1 for r in self.rows], "o-", label=f"new task ({self.split}) top-1")
@@ -109,10 +108,8 @@ class WiseReport:
         ax.legend(fontsize=8)
         ax.set_title("WiSE-FT", fontsize=10)
         fig.tight_layout()
-        try:
-            return write_atomic(path, lambda t: fig.savefig(t, dpi=100), overwrite=overwrite)
-        finally:
-            plt.close(fig)
+        from clipkit.core.plots import save_figure
+        return save_figure(fig, path, overwrite=overwrite)
 
 
 def wise_ft(init_spec: str, finetuned: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, out_dir,
