@@ -6,6 +6,20 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(autouse=True)
+def _clipkit_logs_reach_caplog():
+    """An in-process CLI run (CliRunner) configures logging for a terminal: clipkit's logger stops
+    propagating and the root logger goes quiet. Undo that before each test so ``caplog`` sees
+    library warnings whatever ran before."""
+    import logging
+    lg = logging.getLogger("clipkit")
+    lg.handlers[:] = []
+    lg.propagate = True
+    lg.setLevel(logging.NOTSET)
+    logging.getLogger().setLevel(logging.WARNING)
+    yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny models: on a shared, busy CPU two OpenMP threads stall
