@@ -322,6 +322,12 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000):
     """A threaded WSGI server (werkzeug) for ``app``; ``port=0`` picks a free port (``.server_port``)."""
     from werkzeug.serving import make_server as _make
     try:
-        return _make(host, port, app, threaded=True)
+        server = _make(host, port, app, threaded=True)
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    # Request threads are joined by ``server_close`` rather than left as daemons: a daemon thread
+    # still finishing a request when the interpreter exits is killed inside native code, and the
+    # process aborts ("terminate called without an active exception") instead of exiting 0.
+    server.daemon_threads = False
+    server.block_on_close = True
+    return server
