@@ -1,0 +1,296 @@
+"""Differentiable image objectives (DESIGN §6): ``objective(pixels) -> per-sample loss``.
+
+An objective maps pixels in [0, 1], a float tensor [B, 3, H, W], to a loss [B] (lower is better).
+Guidance differentiates it; evaluated without gradients the same objective ranks candidates
+(best-of, rerank), so generating, selecting and reranking share one scoring vocabulary.
+
+Building blocks, all small and composable:
+
+* :class:`ClipTarget` — spherical (or cosine) distance from a CLIP's embedding of the pixels to
+  target embeddings: text prompts (:func:`clip_text`) or image prompts (:func:`clip_image`).
+* :class:`Weighted` — a weighted sum of objectives; negative weights push away (negative prompts);
+  an ensemble of several CLIPs is a weighted sum of their targets.
+* :class:`Views` — the mean of an objective over augmented views / cutouts of the pixels, evaluated
+  in chunks under activation checkpointing so memory does not grow with the number of cuts.
+* Regularisers: :func:`tv`, :func:`range_excess`, :func:`saturation`.
+* :class:`AestheticHead` — a linear or MLP head on CLIP image embeddings in the LAION
+  aesthetic-predictor layouts (``--scorer aesthetic:PATH``); its objective is the negated score.
+
+Prompts with weights use Disco Diffusion's syntax, parts separated by `` | ``, each with an
+optional ``:weight`` (:func:`parse_weighted_prompt`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from clipkit.core.errors import InputError, ModelLoadError
+from clipkit.core.losses import get_loss
+
+
+class Objective(Protocol):
+    """pixels in [0, 1] [B, 3, H, W] -> loss [B]; lower is better."""
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------- weighted prompts
+
+_WEIGHT = re.compile(r"^(?P<text>.*?)\s*:\s*(?P<w>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class PromptPart:
+    text: str
+    weight: float = 1.0
+
+
+def parse_weighted_prompt(prompt: str) -> list[PromptPart]:
+    """``"a red circle:2 | a square:-1"`` -> parts with weights (default 1).
+
+    A part ends in ``:NUMBER`` to set its weight; any other colon belongs to the text. Empty parts
+    are ignored; an empty prompt gives no parts (a run guided by image prompts only).
+    """
+    if not isinstance(prompt, str):
+        raise InputError(f"a prompt must be a string, got {type(prompt).__name__}")
+    parts = []
+    for raw in prompt.split(" | "):
+        raw = raw.strip()
+        if not raw:
+            continue
+        m = _WEIGHT.match(raw)
+        text, w = (m.group("text").strip(), float(m.group("w"))) if m else (raw, 1.0)
+        if not math.isfinite(w):
+            raise InputError(f"prompt part {raw!r}: the weight must be a finite number")
+        if not text:
+            raise InputError(f"prompt part {raw!r} has a weight but no text")
+        parts.append(PromptPart(text, w))
+    return parts
+
+
+def parse_weighted_path(value: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` (``--image-prompt``): a trailing ``:NUMBER`` is the weight, default 1."""
+    m = _WEIGHT.match(value)
+    if m and m.group("text"):
+        w = float(m.group("w"))
+        if not math.isfinite(w):
+            raise InputError(f"{value!r}: the weight must be a finite number")
+        return m.group("text"), w
+    return value, 1.0
+
+
+# ---------------------------------------------------------------- CLIP targets
+
+@dataclass
+class ClipTarget:
+    """Distance from ``scorer``'s embedding of the pixels to ``targets`` ([M, D], or [B, M, D] per
+    sample), averaged over the M targets with ``weights`` (default: equal)."""
+    scorer: object
+    targets: torch.Tensor
+    weights: torch.Tensor | None = None
+    loss: str = "spherical"
+
+    def __post_init__(self):
+        self.loss_fn = get_loss(self.loss)
+        self.targets = F.normalize(self.targets.float(), dim=-1)
+        if self.weights is None:
+            self.weights = torch.full((self.targets.shape[-2],), 1.0 / self.targets.shape[-2])
+        self.weights = torch.as_tensor(self.weights, dtype=torch.float32)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.scorer.embed_pixels(pixels)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        emb = self.embed(pixels).float()                                         # [B, D]
+        tgt = self.targets.to(emb.device)
+        tgt = tgt if tgt.ndim == 3 else tgt[None]                                # [B|1, M, D]
+        dist = self.loss_fn(emb[:, None, :], tgt)                                # [B, M]
+        return (dist * self.weights.to(emb.device)).sum(-1)
+
+    def cosine(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The weighted mean cosine [B] (what a user reads as "the CLIP score")."""
+        emb = F.normalize(self.embed(pixels).float(), dim=-1)
+        tgt = self.targets.to(emb.device)
+        tgt = tgt if tgt.ndim == 3 else tgt[None]
+        return ((emb[:, None, :] * tgt).sum(-1) * self.weights.to(emb.device)).sum(-1)
+
+
+def clip_text(scorer, texts: Sequence[str], weights: Sequence[float] | None = None,
+              loss: str = "spherical") -> ClipTarget:
+    """The CLIP text objective: distance to each text's embedding (spherical, as Crowson's notebooks)."""
+    if not texts:
+        raise InputError("clip_text needs at least one text")
+    return ClipTarget(scorer, scorer.text_embeddings(list(texts)), _weights(weights, len(texts)), loss)
+
+
+def clip_image(scorer, images, weights: Sequence[float] | None = None, loss: str = "spherical") -> ClipTarget:
+    """The CLIP image-prompt objective: distance to the embeddings of user images (paths, PIL
+    images or a [N, 3, H, W] tensor), each preprocessed as the scorer's own image path does."""
+    emb = scorer.encode_images(images)
+    return ClipTarget(scorer, emb, _weights(weights, emb.shape[0]), loss)
+
+
+def _weights(weights, n: int) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    w = torch.as_tensor(list(weights), dtype=torch.float32)
+    if w.shape != (n,) or not torch.isfinite(w).all():
+        raise InputError(f"need {n} finite weights, got {list(weights)!r}")
+    return w
+
+
+# ---------------------------------------------------------------- composition
+
+@dataclass
+class Weighted:
+    """``sum_i w_i * objective_i(pixels)``; a negative weight pushes away from that objective."""
+    terms: list[tuple[float, Callable]] = field(default_factory=list)
+
+    def __post_init__(self):
+        for w, _ in self.terms:
+            if not math.isfinite(w):
+                raise InputError(f"objective weights must be finite, got {w!r}")
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.terms:
+            return pixels.new_zeros(pixels.shape[0])
+        return sum(w * obj(pixels) for w, obj in self.terms)
+
+
+@dataclass
+class Views:
+    """The mean of ``objective`` over ``make_views(pixels) -> [B*K, 3, H, W]`` (sample-major).
+
+    The K views go through the objective ``chunk`` samples at a time; with gradients enabled each
+    chunk runs under activation checkpointing, so peak memory is that of one chunk whatever K is.
+    """
+    objective: Callable
+    make_views: Callable[[torch.Tensor], torch.Tensor]
+    chunk: int = 8
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        B = pixels.shape[0]
+        views = self.make_views(pixels)
+        K = views.shape[0] // B
+        n = max(1, self.chunk)
+        losses = []
+        for a in range(0, views.shape[0], n):
+            part = views[a:a + n]
+            if torch.is_grad_enabled() and part.requires_grad:
+                losses.append(checkpoint(self.objective, part, use_reentrant=False))
+            else:
+                losses.append(self.objective(part))
+        return torch.cat(losses).view(B, K).mean(dim=1)
+
+
+# ---------------------------------------------------------------- regularisers (pixels in [0, 1])
+
+def tv(pixels: torch.Tensor) -> torch.Tensor:
+    """Total variation [B]: mean squared difference of neighbouring pixels."""
+    return ((pixels[..., 1:, :] - pixels[..., :-1, :]).pow(2).mean(dim=(1, 2, 3))
+            + (pixels[..., :, 1:] - pixels[..., :, :-1]).pow(2).mean(dim=(1, 2, 3)))
+
+
+def range_excess(pixels: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance outside [0, 1] [B] (Disco's range loss)."""
+    return (pixels - pixels.clamp(0, 1)).pow(2).mean(dim=(1, 2, 3))
+
+
+def saturation(pixels: torch.Tensor) -> torch.Tensor:
+    """Mean absolute distance outside [0, 1] [B] (Disco's saturation loss)."""
+    return (pixels - pixels.clamp(0, 1)).abs().mean(dim=(1, 2, 3))
+
+
+# ---------------------------------------------------------------- aesthetic / preference heads
+
+class AestheticHead(torch.nn.Module):
+    """A head on L2-normalised CLIP image embeddings, in the LAION layouts:
+
+    * linear (LAION-AI/aesthetic-predictor): ``weight`` [1, D], ``bias`` [1];
+    * MLP (christophschuhmann/improved-aesthetic-predictor): ``layers.{0,2,4,6,7}.{weight,bias}``,
+      Linear(D,1024) -> Dropout -> Linear(1024,128) -> Dropout -> Linear(128,64) -> Dropout ->
+      Linear(64,16) -> Linear(16,1), no activations (as published).
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        if set(state) == {"weight", "bias"}:
+            w = state["weight"]
+            self.layers = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0]))
+            self.layers[0].load_state_dict(state)
+            self.kind = "linear"
+        else:
+            want = {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
+            if set(state) != want:
+                raise ValueError("not a LAION aesthetic head: expected weight/bias (linear) or "
+                                 "layers.{0,2,4,6,7}.weight/bias (MLP), got " + ", ".join(sorted(state)[:6]))
+            dims = [state["layers.0.weight"].shape[1]] + [state[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6, 7)]
+            mods: list[torch.nn.Module] = []
+            drops = {0: 0.2, 2: 0.2, 4: 0.1}
+            for j, i in enumerate((0, 2, 4, 6, 7)):
+                mods.append(torch.nn.Linear(dims[j], dims[j + 1]))
+                if i in drops:
+                    mods.append(torch.nn.Dropout(drops[i]))
+            self.layers = torch.nn.Sequential(*mods)
+            self.layers.load_state_dict({k[len("layers."):]: v for k, v in state.items()})
+            self.kind = "mlp"
+        self.dim = self.layers[0].in_features
+        self.eval().requires_grad_(False)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.layers(F.normalize(emb.float(), dim=-1)).squeeze(-1)
+
+
+def load_aesthetic_head(path: str | Path) -> AestheticHead:
+    """A ``.safetensors`` file or a PyTorch state dict (``.pth``/``.pt``, loaded with
+    ``weights_only=True``: pickled code is refused, never run)."""
+    from clipkit.core.io import open_regular
+    p = Path(path).expanduser()
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            open_regular(p).close()
+            state = load_file(str(p))
+        else:
+            with open_regular(p) as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError("not a state dict of tensors")
+        return AestheticHead(state)
+    except Exception as e:                                          # one line, naming the file
+        msg = getattr(e, "reason", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"aesthetic:{path}", msg, "point --scorer at a LAION aesthetic-predictor "
+                             "state dict (.pth or .safetensors)") from None
+
+
+@dataclass
+class AestheticScore:
+    """Objective: minus the head's score of the CLIP image embedding (higher score, lower loss)."""
+    scorer: object
+    head: AestheticHead
+
+    def score(self, pixels: torch.Tensor) -> torch.Tensor:
+        emb = self.scorer.embed_pixels(pixels)
+        if emb.shape[-1] != self.head.dim:
+            raise InputError(f"the aesthetic head takes {self.head.dim}-d CLIP embeddings; "
+                             f"this CLIP gives {emb.shape[-1]}-d")
+        return self.head.to(emb.device)(emb)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return -self.score(pixels)
+
+
+# ---------------------------------------------------------------- ranking with an objective
+
+@torch.no_grad()
+def evaluate(objective: Callable, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The objective's loss [N] for candidates [N, 3, H, W], without gradients, in batches."""
+    return torch.cat([objective(pixels[a:a + batch_size]).float().cpu()
+                      for a in range(0, pixels.shape[0], batch_size)])

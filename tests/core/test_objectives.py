@@ -1,0 +1,150 @@
+"""core/objectives.py: the differentiable image-objective protocol (DESIGN §6)."""
+import pytest
+import torch
+
+from clipkit.core.errors import InputError, ModelLoadError
+from clipkit.core import objectives as ob
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from clipkit.core.scorer import load_scorer
+    return load_scorer("shapes", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def renders():
+    from clipkit.shapes.render import render_scenes
+    from clipkit.shapes.world import Scene, ShapeObject
+    red = Scene((ShapeObject("circle", "red", "large", "top left"),))
+    blue = Scene((ShapeObject("square", "blue", "large", "bottom right"),))
+    return render_scenes([red, blue])
+
+
+def test_weighted_prompt_syntax():
+    P = ob.PromptPart
+    assert ob.parse_weighted_prompt("a red circle:2 | a square : -1.5") == [P("a red circle", 2.0), P("a square", -1.5)]
+    assert ob.parse_weighted_prompt("a cat: the best") == [P("a cat: the best", 1.0)]   # not a number: text
+    assert ob.parse_weighted_prompt("") == [] and ob.parse_weighted_prompt(" | ") == []
+    assert ob.parse_weighted_prompt("a|b") == [P("a|b", 1.0)]                            # parts need " | "
+    with pytest.raises(InputError, match="no text"):
+        ob.parse_weighted_prompt(":2")
+    with pytest.raises(InputError, match="finite"):
+        ob.parse_weighted_prompt("x:1e999")
+    assert ob.parse_weighted_path("img.png:0.5") == ("img.png", 0.5)
+    assert ob.parse_weighted_path("img.png") == ("img.png", 1.0)
+
+
+def test_clip_text_is_the_scorers_spherical_loss(scorer, renders):
+    obj = ob.clip_text(scorer, ["a red circle"])
+    loss = obj(renders)
+    ref = scorer.loss_and_grad(renders, ["a red circle"]).loss
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert loss[0] < loss[1]                                  # the red circle is closer to its text
+    cos = obj.cosine(renders)
+    assert torch.allclose(cos, scorer.similarity(renders, ["a red circle"])[:, 0], atol=1e-5)
+
+
+def test_gradient_flows_to_pixels(scorer, renders):
+    x = renders.clone().requires_grad_(True)
+    ob.clip_text(scorer, ["a red circle"])(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_weighted_sum_and_negative_weights(scorer, renders):
+    a, b = ob.clip_text(scorer, ["a red circle"]), ob.clip_text(scorer, ["a blue square"])
+    w = ob.Weighted([(1.0, a), (-0.5, b)])
+    assert torch.allclose(w(renders), a(renders) - 0.5 * b(renders), atol=1e-6)
+    assert torch.equal(ob.Weighted([])(renders), torch.zeros(2))
+    with pytest.raises(InputError):
+        ob.Weighted([(float("nan"), a)])
+    # weights inside one target: 2 texts weighted 3:1
+    t = ob.clip_text(scorer, ["a red circle", "a blue square"], weights=[0.75, 0.25])
+    assert torch.allclose(t(renders), 0.75 * a(renders) + 0.25 * b(renders), atol=1e-6)
+    with pytest.raises(InputError, match="2 finite weights"):
+        ob.clip_text(scorer, ["x", "y"], weights=[1.0])
+
+
+def test_image_prompt_prefers_the_prompt_image(scorer, renders):
+    obj = ob.clip_image(scorer, renders[:1])
+    loss = obj(renders)
+    assert loss[0] < 1e-3 < loss[1]
+
+
+def test_views_chunked_equals_unchunked_in_value_and_gradient(scorer, renders):
+    def views(x):                                              # 6 deterministic shifted views
+        return torch.stack([torch.roll(x, k, dims=-1) for k in range(6)], 1).flatten(0, 1)
+    base = ob.clip_text(scorer, ["a red circle"])
+    grads, vals = [], []
+    for chunk in (1, 4, 100):
+        x = renders.clone().requires_grad_(True)
+        v = ob.Views(base, views, chunk=chunk)(x)
+        v.sum().backward()
+        vals.append(v.detach())
+        grads.append(x.grad)
+    for v, g in zip(vals[1:], grads[1:]):
+        assert torch.allclose(v, vals[0], atol=1e-6) and torch.allclose(g, grads[0], atol=1e-6)
+
+
+def test_regularisers():
+    flat = torch.full((1, 3, 8, 8), 0.5)
+    assert ob.tv(flat).item() == 0 and ob.range_excess(flat).item() == 0 and ob.saturation(flat).item() == 0
+    hot = torch.full((1, 3, 8, 8), 1.5)
+    assert ob.range_excess(hot).item() == pytest.approx(0.25) and ob.saturation(hot).item() == pytest.approx(0.5)
+    stripes = torch.zeros(1, 3, 8, 8)
+    stripes[..., ::2] = 1
+    assert ob.tv(stripes).item() == pytest.approx(1.0)
+
+
+def _laion_mlp(d):
+    """The improved-aesthetic-predictor MLP as published (Linear/Dropout stack, no activations)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(d, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)).eval()
+
+
+@pytest.mark.parametrize("layout", ["linear", "mlp"])
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_aesthetic_heads_in_the_laion_layouts(tmp_path, scorer, renders, layout, fmt):
+    d = scorer.encode_images(renders).shape[1]
+    if layout == "linear":
+        ref = torch.nn.Linear(d, 1)
+        state = ref.state_dict()
+    else:
+        ref = _laion_mlp(d)
+        state = {f"layers.{k}": v for k, v in ref.state_dict().items()}
+    path = tmp_path / f"head.{fmt}"
+    if fmt == "pth":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    head = ob.load_aesthetic_head(path)
+    assert head.kind == layout
+    obj = ob.AestheticScore(scorer, head)
+    emb = scorer.encode_images(renders)                         # unit norm, as LAION feeds the head
+    with torch.no_grad():
+        want = ref(emb).squeeze(-1)
+    assert torch.allclose(obj.score(renders), want, atol=1e-4)
+    assert torch.allclose(ob.evaluate(obj, renders), -want, atol=1e-4)
+
+
+def test_aesthetic_head_errors(tmp_path, scorer, renders):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"weight": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ModelLoadError) as e:
+        ob.load_aesthetic_head(tmp_path / "evil.pth")
+    assert "\n" not in str(e.value) and "evil.pth" in str(e.value)
+    torch.save({"fc.weight": torch.zeros(1, 4)}, tmp_path / "odd.pth")
+    with pytest.raises(ModelLoadError, match="not a LAION aesthetic head"):
+        ob.load_aesthetic_head(tmp_path / "odd.pth")
+    with pytest.raises(ModelLoadError, match="no such file"):
+        ob.load_aesthetic_head(tmp_path / "missing.pth")
+    torch.save({"weight": torch.zeros(1, 7), "bias": torch.zeros(1)}, tmp_path / "w7.pth")
+    with pytest.raises(InputError, match="7-d"):
+        ob.AestheticScore(scorer, ob.load_aesthetic_head(tmp_path / "w7.pth")).score(renders)
