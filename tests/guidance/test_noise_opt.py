@@ -24,7 +24,6 @@ def redness(pixels):                                # a toy objective: want red 
 
 
 def test_norm_regulariser_is_minimal_at_the_gaussian_shell():
-    d = 3 * 8 * 8
     radii = torch.tensor([0.5, 0.9, 1.0, 1.1, 2.0])
     zs = torch.ones(5, 3, 8, 8) * radii.view(-1, 1, 1, 1)        # |z|^2 = d * r^2
     nll = gaussian_norm_nll(zs)
