@@ -41,12 +41,12 @@ def encode_throughput(n, batch):
 
     from clipkit.core.backends import OpenClipBackend
     from clipkit.core.preprocess import normalize
-    from clipkit.core.registry import _openclip_preprocess
+    from clipkit.core.registry import openclip_preprocess
     from clipkit.core.scorer import ClipScorer
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None)
     tok = open_clip.get_tokenizer("ViT-B-32")
-    scorer = ClipScorer(OpenClipBackend(model, tok, _openclip_preprocess(model), "ViT-B-32 (random)"),
+    scorer = ClipScorer(OpenClipBackend(model, tok, openclip_preprocess(model), "ViT-B-32 (random)"),
                         batch_size=batch)
     x = torch.rand(n, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     texts = [f"a photo of a thing number {i}" for i in range(n * 4)]

@@ -65,6 +65,26 @@ CONFIGS = {
 }
 
 
+def draw_prompts(n: int, seed: int, name_shape: bool = False, two: bool = False):
+    """``n`` prompts drawn with random.Random(seed) -> (expected objects per prompt, prompt texts)."""
+    rng = random.Random(seed)
+
+    def draw_object(taken=()):
+        pos = rng.choice([p for p in POSITIONS if p not in taken])
+        e = {"color": rng.choice(COLOR_NAMES), "position": pos}
+        if name_shape:
+            e["shape"] = rng.choice(SHAPES)
+        return e
+    expected, texts = [], []
+    for _ in range(n):
+        objs = [draw_object()]
+        if two:
+            objs.append(draw_object(taken={objs[0]["position"]}))
+        expected.append(objs)
+        texts.append(" and ".join(f"a {e['color']} {e.get('shape', 'shape')} {AT[e['position']]}" for e in objs))
+    return expected, texts
+
+
 def main():
     from diffusers import DDIMScheduler, DDPMPipeline
     ap = argparse.ArgumentParser()
@@ -86,21 +106,7 @@ def main():
     scorer = load_scorer("shapes", device="cpu")
     judges = [load_scorer(j, device="cpu") for j in args.judge_clip]
     noise_scorer = load_scorer(args.noise_clip, device="cpu")
-    rng = random.Random(args.prompt_seed)
-
-    def draw_object(taken=()):
-        pos = rng.choice([p for p in POSITIONS if p not in taken])
-        e = {"color": rng.choice(COLOR_NAMES), "position": pos}
-        if args.name_shape:
-            e["shape"] = rng.choice(SHAPES)
-        return e
-    expected, texts = [], []
-    for _ in range(args.prompts):
-        objs = [draw_object()]
-        if args.two:
-            objs.append(draw_object(taken={objs[0]["position"]}))
-        expected.append(objs)
-        texts.append(" and ".join(f"a {e['color']} {e.get('shape', 'shape')} {AT[e['position']]}" for e in objs))
+    expected, texts = draw_prompts(args.prompts, args.prompt_seed, args.name_shape, args.two)
     model = lambda x, t: unet(x, t).sample  # noqa: E731
     print(f"# guidance benchmark: {args.prompts} {'two' if args.two else 'single'}-object prompts (prompt seed "
           f"{args.prompt_seed}, sampling seed {args.seed}), DDIM {args.steps} steps, 32x32, CPU "

@@ -28,7 +28,7 @@ from PIL import Image
 from clipkit.core.io import load_image
 from clipkit.core.preprocess import pil_to_tensor
 from clipkit.core.scorer import load_scorer
-from clipkit.rerank.cache import EmbeddingCache
+from clipkit.core.cache import EmbeddingCache
 from clipkit.rerank.rank import rerank
 from clipkit.shapes.oracle import read_attributes
 from clipkit.shapes.render import render_scenes, to_pil

@@ -17,7 +17,8 @@ JUDGE_CFG = {"embed_dim": 64,
 
 
 def main():
-    from clipkit.core.train_clip import TrainClipConfig, train_clip
+    from clipkit.core.train_clip import TrainClipConfig
+    from clipkit.shapes.recipes import train_clip      # the Shapes data and evaluation
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/judge_clip")
     ap.add_argument("--steps", type=int, default=4000)

@@ -157,3 +157,17 @@ def make_colour_folder(root: Path, per_class: dict | None = None, size: int = 32
                 ImageDraw.Draw(im).ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
                 im.save(d / f"{i}.png")
     return root
+
+
+TINY_GPT = dict(vocab_size=60, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+
+
+def tiny_clipcap(mapper="mlp", seed=0, **kw):
+    """A tiny random ClipCap (16-d CLIP embeddings, prefix 4, 2-layer GPT-2 with EOS = 0), in eval mode."""
+    import torch
+
+    from clipkit.captioning.model import CaptionerConfig, ClipCapModel
+    torch.manual_seed(seed)
+    cfg = CaptionerConfig(mapper=mapper, clip_dim=16, prefix_length=4, clip_length=3, mapper_layers=2,
+                          mapper_heads=4, decoder=dict(TINY_GPT), **kw)
+    return ClipCapModel(cfg).eval()

@@ -1,7 +1,7 @@
 """``Captioner``: CLIP scorer + ClipCap model + tokenizer -> captions, optionally CLIP-reranked.
 
-Candidates (``DecodeConfig.candidates`` > 1) are reranked against their image with the rerank
-core (:mod:`clipkit.rerank.rank`: same cosine, same ordering rule, ties by text) by
+Candidates (``DecodeConfig.candidates`` > 1) are reranked against their image with core's
+ranking (:mod:`clipkit.core.ranking`: rerank's cosine and ordering rule, ties by text) by
 
     rank_score = cos(image, caption) + lm_weight * mean token log-prob
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ class Candidate:
     clip_score: float      # cosine(image, caption) under the captioner's CLIP
     rank_score: float
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 @dataclass
 class CaptionResult:
@@ -38,7 +42,19 @@ class CaptionResult:
     source: str | None = None         # path of the image, when it came from a file
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """``{path, caption, score (the cosine), logprob[, candidates]}``: candidates only when there
+        were several, best first (what ``clipkit caption --json`` prints per image)."""
+        d = {"path": self.source, "caption": self.caption, "score": self.clip_score, "logprob": self.logprob}
+        if self.candidates:
+            d["candidates"] = [c.to_dict() for c in self.candidates]
+        return d
+
+
+def decode_config(strategy: str = "beam", beams: int = 5, candidates: int = 1, **decode_kw) -> DecodeConfig:
+    """A validated DecodeConfig for a strategy: beam search widens to at least ``candidates`` beams
+    (it returns its best ``candidates`` beams); greedy and nucleus decode with one beam."""
+    return DecodeConfig(strategy=strategy, beams=max(beams, candidates) if strategy == "beam" else 1,
+                        candidates=candidates, **decode_kw).validate()
 
 
 class Captioner:
@@ -91,9 +107,9 @@ class Captioner:
         return out
 
     def _finish(self, img: torch.Tensor, seqs, lm_weight: float) -> list[CaptionResult]:
-        """Score every candidate with the rerank core (cosine with its image, + lm_weight * mean
+        """Score every candidate with core's ranking (cosine with its image, + lm_weight * mean
         log-prob) and order them by it, ties broken by the caption text."""
-        from clipkit.rerank.rank import cosines, order
+        from clipkit.core.ranking import cosines, order
         texts = [[self.tokenizer.decode(s.tokens, skip_special_tokens=True).strip() for s in row]
                  for row in seqs]
         flat = [t if t else " " for row in texts for t in row]
@@ -112,6 +128,38 @@ class Captioner:
                                          ordered if len(ordered) > 1 else []))
         return results
 
+    @torch.inference_mode()
+    def token_logprobs(self, images, texts: Sequence[str], batch_size: int = 32) -> list[torch.Tensor]:
+        """Teacher-forced log-probabilities of each text's tokens, then of ending the caption, given
+        its image: one 1-D tensor per (image, text) pair (the last entry is the end)."""
+        texts = list(texts)
+        embeds = self.image_embeddings(images)
+        if len(texts) != len(embeds):
+            raise InputError(f"need one text per image, got {len(texts)} texts for {len(embeds)} images")
+        end = self.eos_id if self.stop_at_eos or not self.stop_ids else self.stop_ids[0]
+        out: list[torch.Tensor] = []
+        for a in range(0, len(texts), batch_size):
+            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [end] for t in texts[a:a + batch_size]]
+            T = max(len(i) for i in ids)
+            input_ids = torch.zeros(len(ids), T, dtype=torch.long)
+            mask = torch.zeros(len(ids), T, dtype=torch.long)
+            for r, i in enumerate(ids):
+                input_ids[r, :len(i)], mask[r, :len(i)] = torch.tensor(i), 1
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            logits = self.model(embeds[a:a + batch_size].to(self.device), input_ids, mask).logits.float()
+            lp = logits.log_softmax(-1).gather(-1, input_ids[..., None])[..., 0].cpu()
+            out += [lp[r, :len(i)] for r, i in enumerate(ids)]
+        return out
+
+    def text_logprob(self, images, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """log P(text, then the end of the caption | image) [N], summed over tokens."""
+        return torch.stack([lp.sum() for lp in self.token_logprobs(images, texts, batch_size)])
+
+    def end_logprob(self, images, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """log P(the caption ends | image, text) [N]: low when the image holds more than the text
+        says (the captioner wants to go on: "... and a blue square"), which a CLIP cosine misses."""
+        return torch.stack([lp[-1] for lp in self.token_logprobs(images, texts, batch_size)])
+
     def caption(self, images, cfg: DecodeConfig | None = None, lm_weight: float = 0.1,
                 batch_size: int = 32, generator: torch.Generator | None = None) -> list[CaptionResult]:
         """Caption PIL images, paths or a [B,3,H,W] tensor in [0, 1]."""
@@ -125,6 +173,23 @@ class Captioner:
         return res
 
 
+@dataclass
+class CaptionEndSelector:
+    """Best-of selection for ``generate`` (its ``Selector`` protocol): the CLIP cosine plus
+    ``weight`` times log P(the caption ends right after the prompt | image) under a captioner.
+
+    A CLIP scores what an image holds, not what it holds *besides* the prompt; a captioner that
+    wants to go on after the prompt ("... and a blue square") has seen more. ``weight`` was chosen
+    on a development set of prompts (BENCHMARKS.md, "best-of selection")."""
+    captioner: Captioner
+    weight: float = 0.05
+    name: str = "caption-end"
+
+    def __call__(self, images, prompt: str, clip_scores: torch.Tensor) -> torch.Tensor:
+        end = self.captioner.end_logprob(images, [prompt] * len(images))
+        return clip_scores.float().cpu() + self.weight * end
+
+
 def _embed_dim(scorer) -> int:
     with torch.inference_mode():
         return scorer.encode_texts(["a"]).shape[-1]
@@ -136,24 +201,15 @@ def load_captioner(spec: str = "shapes", clip: str | None = None, device="auto",
     (then ``tokenizer`` names a GPT-2 tokenizer dir/repo). ``clip`` defaults to the CLIP recorded in
     the captioner's config: for official checkpoints the one their mapper's width implies (OpenAI
     ViT-B/32 for the 512-d MLP ones, RN50x4 for the 640-d transformer_weights.pt)."""
-    from clipkit.captioning.checkpoint import CONFIG_NAME, import_official, load_captioner_dir
-    from clipkit.core.registry import bundled_path
+    from clipkit.captioning.checkpoint import import_official, load_captioner_dir
+    from clipkit.core.registry import resolve
     from clipkit.core.scorer import load_scorer
-    if not isinstance(spec, str) or not spec.strip():
-        raise ModelLoadError(str(spec), "empty captioner spec", "use 'shapes', a directory or a ClipCap .pt")
-    path = bundled_path(spec, "captioner") if spec == "shapes" else Path(spec).expanduser()
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
+    path = Path(resolve(spec, "captioner").location)    # bundled or our directory, or an official .pt
+    if path.is_dir():
         model, tok = load_captioner_dir(path)
-    elif path.is_file():
+    else:
         model, tok = import_official(path, tokenizer=tokenizer or "gpt2",
                                      local_only=tokenizer is not None and Path(tokenizer).is_dir())
-    elif spec == "shapes":
-        raise ModelLoadError(spec, f"bundled captioner missing from {path}",
-                             "reinstall clipkit, or train it with `clipkit train captioner --data shapes`")
-    else:
-        raise ModelLoadError(spec, "no such captioner directory or .pt file",
-                             "use 'shapes', a directory written by `clipkit train captioner`, "
-                             "or an official ClipCap .pt")
     if tokenizer is not None and path.is_dir():
         from clipkit.captioning.tokenizer import load_tokenizer
         tok = load_tokenizer(tokenizer)
@@ -179,6 +235,5 @@ def caption(images, captioner: str | Captioner = "shapes", strategy: str = "beam
     >>> caption(["examples/red_circle.png"])[0].caption      # doctest: +SKIP
     """
     cap = captioner if isinstance(captioner, Captioner) else load_captioner(captioner, device=device)
-    cfg = DecodeConfig(strategy=strategy, beams=max(beams, candidates) if strategy == "beam" else 1,
-                       candidates=candidates, **decode_kw)
+    cfg = decode_config(strategy, beams, candidates, **decode_kw)
     return cap.caption(images, cfg, lm_weight=check_lm_weight(lm_weight))

@@ -325,3 +325,33 @@ def ref_clip_s(scorer, images, captions: Sequence[str], references: Sequence[Seq
     cs = _clip_s_from(img, cand, w)
     ref_sim = best.clamp(min=0)
     return RefClipScores(cs, ref_sim, harmonic_mean(cs, ref_sim))
+
+
+# ---- references from a file ---------------------------------------------------------------------
+
+def read_references(path) -> dict[str, list[str]]:
+    """A JSON object ``{image path, file name or stem: [reference captions]}``."""
+    import json
+
+    from clipkit.core.io import read_text_file
+    try:
+        doc = json.loads(read_text_file(path, "references"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"cannot read references {path}: {e}") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, list) for v in doc.values()):
+        raise InputError(f"{path}: expected a JSON object {{image: [reference captions]}}")
+    return {k: [str(c) for c in v] for k, v in doc.items()}
+
+
+def match_references(sources: Sequence[str], references: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """``{source: its references}`` for the image paths that have some, looked up by the path itself,
+    else its file name, else its stem; raises InputError when none has."""
+    from pathlib import Path
+    out = {}
+    for s in sources:
+        key = next((k for k in (s, Path(s).name, Path(s).stem) if k in references), None)
+        if key is not None:
+            out[s] = list(references[key])
+    if not out:
+        raise InputError("--eval: none of the images has references (keys: path, file name or stem)")
+    return out

@@ -1,15 +1,17 @@
 """``clipkit train captioner``: train a ClipCap mapper (+ GPT-2) on image-caption pairs.
 
-Data: ``shapes`` (rendered on the fly from seeds), a ``captions.jsonl`` (``{"image", "caption"}``
-lines) or a COCO captions JSON (``images`` + ``annotations``). CLIP image embeddings are computed
-once per *image* (the official code encodes each image once per caption, 5x the work on COCO) and
-cached in ``OUT/clip_embeddings.safetensors``; a rerun with the same data and CLIP reuses them.
+Data: ``shapes`` (rendered on the fly from seeds, by :mod:`clipkit.shapes.recipes`), a
+``captions.jsonl`` (``{"image", "caption"}`` lines) or a COCO captions JSON (``images`` + ``annotations``).
+CLIP image embeddings are computed once per *image* (the official code encodes each image once per
+caption, 5x the work on COCO) and cached in ``OUT/clip_embeddings.safetensors``; a rerun with the same
+data and CLIP reuses them.
 
 The decoder is GPT-2 from a spec (``gpt2``, a hub repo or a local dir) or, with ``decoder="tiny"``,
 a small GPT-2 trained from scratch with a byte-level BPE tokenizer trained on the captions (the
 bundled Shapes captioner). Loss on caption tokens only (masks, not a pad id); AdamW + warmup/cosine;
-accelerate (``accelerate launch`` for several processes); resumable checkpoints; CSV log + PNG plot;
-validation loss and caption metrics every epoch.
+core's training loop (:func:`clipkit.core.training.train_loop`) under accelerate (``accelerate launch``
+for several processes); resumable checkpoints; CSV log + PNG plot; validation loss and caption metrics
+every epoch.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ import hashlib
 import json
 import logging
 import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -153,17 +155,6 @@ def embed_images(scorer, keys: list[str], load, cache: Path | None, batch_size: 
     return embeds
 
 
-def shapes_data(scorer, split: str, n: int, cache: Path | None, size: int = 64) -> CaptionData:
-    from clipkit.shapes.parse import describing_captions
-    from clipkit.shapes.render import render_scenes
-    from clipkit.shapes.world import sample_scene, split_seed
-    scenes = [sample_scene(split_seed(split, i)) for i in range(n)]
-    keys = [str(s.seed) for s in scenes]
-    by_key = {str(s.seed): s for s in scenes}
-    embeds = embed_images(scorer, keys, lambda ks: render_scenes([by_key[k] for k in ks], size), cache)
-    return CaptionData(embeds, [describing_captions(s) for s in scenes], keys)
-
-
 def file_data(scorer, pairs: dict[str, list[str]], cache: Path | None) -> CaptionData:
     from clipkit.core.errors import ImageLoadError
     from clipkit.core.io import load_image
@@ -209,13 +200,11 @@ def build_model(cfg: TrainCaptionerConfig, clip_dim: int, corpus: list[str]):
                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         gpt = GPT2LMHeadModel(gcfg)
     else:
-        from clipkit.core.registry import _short_timeouts
-        _short_timeouts()
-        local = Path(cfg.decoder).is_dir()
-        name = cfg.decoder[3:] if cfg.decoder.startswith("hf:") else cfg.decoder
+        from clipkit.core.registry import resolve
+        r = resolve(cfg.decoder, "decoder")     # a GPT-2 directory or hub repo; hub checks done
         try:
-            tok = load_tokenizer(name, local_only=local)
-            gpt = GPT2LMHeadModel.from_pretrained(name, local_files_only=local)
+            tok = load_tokenizer(r.location, local_only=r.local_only)
+            gpt = GPT2LMHeadModel.from_pretrained(r.location, local_files_only=r.local_only)
         except Exception as e:
             from clipkit.core.errors import ModelLoadError
             raise ModelLoadError(cfg.decoder, str(e).splitlines()[0][:200],
@@ -232,8 +221,9 @@ def build_model(cfg: TrainCaptionerConfig, clip_dim: int, corpus: list[str]):
 
 @torch.inference_mode()
 def evaluate(model: ClipCapModel, tokenizer, data: CaptionData, n_decode: int, max_tokens: int,
-             device, shapes: bool) -> dict:
-    """Validation loss over all of ``data`` and greedy-caption metrics on its first ``n_decode`` images."""
+             device, metrics=None) -> dict:
+    """Validation loss over all of ``data`` and greedy-caption metrics on its first ``n_decode`` images;
+    ``metrics``: ``{key: caption} -> {name: value}``, more metrics of a recipe (Shapes: ``exact_attr``)."""
     from clipkit.captioning.decode import DecodeConfig, decode
     from clipkit.captioning.tokenizer import encode_captions
     model.eval()
@@ -260,49 +250,66 @@ def evaluate(model: ClipCapModel, tokenizer, data: CaptionData, n_decode: int, m
             out.update(bleu4=m.bleu4, cider_d=m.cider_d)
         except ImportError:
             pass
-        if shapes:
-            from clipkit.shapes.parse import caption_matches
-            from clipkit.shapes.world import sample_scene
-            ok = [caption_matches(cands[k], sample_scene(int(k)))["exact"] for k in cands]
-            out["exact_attr"] = sum(ok) / len(ok)
+        if metrics is not None:
+            out.update(metrics(cands))
     model.train()
     return out
 
 
 # ---- training ---------------------------------------------------------------------------------
 
-def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCaptionerResult:
+@dataclass
+class CaptionSplits:
+    """What :func:`train_captioner` trains and validates on, from a recipe
+    (:func:`clipkit.shapes.recipes.shapes_caption_data` for ``--data shapes``)."""
+    train: CaptionData
+    val: CaptionData
+    metrics: Callable | None = None     # {image key: greedy caption} -> more validation metrics
+
+
+#: A recipe's data: (config, CLIP scorer, embedding cache folder) -> :class:`CaptionSplits`.
+CaptionDataFactory = Callable[[TrainCaptionerConfig, object, Path], CaptionSplits]
+
+
+def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True,
+                    data: CaptionDataFactory | None = None) -> TrainCaptionerResult:
+    """Train a ClipCap captioner (see the module docstring). ``data``: a recipe's splits
+    (``cfg.data == "shapes"`` needs :func:`clipkit.shapes.recipes.shapes_caption_data`, which
+    ``clipkit train captioner`` wires); a captions.jsonl or COCO JSON is read here."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     from clipkit.captioning.checkpoint import save_captioner
     from clipkit.captioning.tokenizer import encode_captions
     from clipkit.core.dist import accelerator
     from clipkit.core.scorer import load_scorer
-    from clipkit.core.training import CsvLog, plan_steps, plot_curves, resume_step, save_checkpoint, warmup_cosine
+    from clipkit.core.training import LoopSettings, StepOutput, export_dtype, train_loop
 
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise InputError("epochs and batch_size must be >= 1 and lr > 0")
+    if data is None and cfg.data == "shapes":
+        raise InputError("--data shapes: the Shapes data comes from its recipe "
+                         "(clipkit.shapes.recipes.train_captioner, or `clipkit train captioner`)")
+    dtype = export_dtype(cfg.export_dtype)
     acc = accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
     scorer = load_scorer(cfg.clip, device=acc.device)
-    shapes = cfg.data == "shapes"
     cache = out / "clip_embeddings"
+    metrics = None
     with acc.main_process_first():      # the main process encodes and caches; the others read the cache
-        if shapes:
-            train = shapes_data(scorer, "train", cfg.shapes_train, cache / "train.safetensors")
-            val = shapes_data(scorer, "val", cfg.shapes_val, cache / "val.safetensors")
+        if data is not None:
+            splits = data(cfg, scorer, cache)
+            train, val, metrics = splits.train, splits.val, splits.metrics
         else:
             pairs, _ = read_caption_pairs(cfg.data, cfg.images)
-            data = file_data(scorer, pairs, cache / "all.safetensors")
-    if not shapes:
-        n_val = int(len(data.keys) * cfg.val_fraction) if len(data.keys) >= 20 else 0
-        perm = torch.randperm(len(data.keys), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        pick = lambda idx: CaptionData(data.embeds[idx], [data.captions[i] for i in idx],
-                                       [data.keys[i] for i in idx])
+            every = file_data(scorer, pairs, cache / "all.safetensors")
+    if data is None:
+        n_val = int(len(every.keys) * cfg.val_fraction) if len(every.keys) >= 20 else 0
+        perm = torch.randperm(len(every.keys), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        pick = lambda idx: CaptionData(every.embeds[idx], [every.captions[i] for i in idx],
+                                       [every.keys[i] for i in idx])
         val, train = pick(perm[:n_val]), pick(perm[n_val:])
     del scorer
     corpus = [c for caps in train.captions for c in caps]
@@ -320,82 +327,41 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True) -> TrainCa
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(loader) // acc.num_processes)
-    total = cfg.epochs * steps_per_epoch
-    step = resume_step(ckpt_dir, model, opt, cfg.resume, rng={})     # {}: the global torch RNG (dropout)
     if not cfg.resume and acc.is_main_process:
         tokenizer.save_pretrained(str(out / "tokenizer"))
     model, opt, loader = acc.prepare(model, opt, loader)
     unwrapped = acc.unwrap_model(model)
 
-    class _Plan:      # plan_steps() shrinks .steps to fit a time limit
-        steps, time_limit_s = total, cfg.time_limit_s
-    plan = _Plan()
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, plan.steps, cfg.warmup), last_epoch=step - 1 if step else -1)
-    cols = ["step", "epoch", "loss", "lr", "samples_per_s"]
-    eval_cols = ["step", "epoch", "val_loss", "bleu4", "cider_d", "exact_attr"]
-    logf = CsvLog(out / "train_log.csv", cols, append=cfg.resume, resume_from=step) if acc.is_main_process else None
-    evalf = CsvLog(out / "eval_log.csv", eval_cols, append=cfg.resume, resume_from=step) \
-        if acc.is_main_process else None
-    bar = tqdm(total=total, initial=step, disable=not (progress and acc.is_main_process), desc="train captioner")
-    t0, seen, last_eval, start = time.time(), 0, {}, step
-    model.train()
-    while step < plan.steps:
-        epoch = step // steps_per_epoch
-        ds.epoch = epoch
+    def step_fn(batch) -> StepOutput:
+        emb, ids, mask = batch
+        with acc.autocast():
+            res = model(emb, ids, mask)
+        return StepOutput(res.loss, len(emb))
+
+    def on_epoch(epoch):
+        ds.epoch = epoch                  # fresh captions each epoch
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        skip = step % steps_per_epoch
-        it = acc.skip_first_batches(loader, skip) if skip else loader
-        for emb, ids, mask in it:
-            with acc.autocast():
-                res = model(emb, ids, mask)
-            acc.backward(res.loss)
-            if cfg.grad_clip:
-                acc.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            seen += len(emb)
-            bar.update(1)
-            if cfg.time_limit_s and step == start + 20:
-                t_mark = time.time()
-            if cfg.time_limit_s and step == start + 120:
-                plan_steps(plan, 100, time.time() - t_mark, step, time.time() - t0)
-                bar.total = plan.steps
-            if acc.is_main_process and (step % cfg.log_every == 0 or step >= plan.steps):
-                sps = seen * acc.num_processes / (time.time() - t0)
-                logf.write(step=step, epoch=epoch, loss=res.loss.item(), lr=sched.get_last_lr()[0],
-                           samples_per_s=sps)
-                bar.set_postfix(loss=f"{res.loss.item():.3f}")
-            end_epoch = step % steps_per_epoch == 0 or step >= plan.steps
-            if acc.is_main_process and end_epoch and len(val.keys):
-                last_eval = evaluate(unwrapped, tokenizer, val, cfg.val_decode, cfg.max_tokens, acc.device, shapes)
-                evalf.write(step=step, epoch=epoch, **last_eval)
-                log.info("epoch %d step %d %s", epoch, step, {k: round(v, 4) for k, v in last_eval.items()})
-            if step % cfg.save_every == 0 or end_epoch:
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    save_checkpoint(ckpt_dir, unwrapped, opt, step, cfg, {"eval": last_eval}, rng={})
-                    plot_curves(out / "train_log.csv", out / "train_curves.png", ys=["loss", "lr"],
-                                title="captioner training")
-            if step >= plan.steps or end_epoch:
-                break
-    bar.close()
-    acc.wait_for_everyone()
+
+    def eval_fn(step):
+        return evaluate(unwrapped, tokenizer, val, cfg.val_decode, cfg.max_tokens, acc.device, metrics)
+
+    settings = LoopSettings(
+        out_dir=out, steps=cfg.epochs * steps_per_epoch, warmup=cfg.warmup,
+        log_columns=["step", "epoch", "loss", "lr", "samples_per_s"], grad_clip=cfg.grad_clip,
+        log_every=cfg.log_every, save_every=cfg.save_every, eval_every=steps_per_epoch,
+        eval_columns=["step", "epoch", "val_loss", "bleu4", "cider_d", "exact_attr"],
+        epoch_length=steps_per_epoch, save_each_epoch=True, resume=cfg.resume, time_limit_s=cfg.time_limit_s,
+        plan_window=(20, 120), progress=progress, desc="train captioner",
+        train_plot=(["loss", "lr"], "captioner training"), eval_plot_title="captioner validation")
+    run = train_loop(acc, model, opt, loader, step_fn, settings, eval_fn=eval_fn if len(val.keys) else None,
+                     on_epoch=on_epoch, config=cfg)
     model_dir = out / "model"
     if acc.is_main_process:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[cfg.export_dtype]
         from clipkit.core.outputs import atomic_dir
         with atomic_dir(model_dir, overwrite=True) as tmp:       # never half a model, never through a link
             save_captioner(tmp, unwrapped, tokenizer, dtype=dtype)
             (tmp / "clipkit_training.json").write_text(json.dumps(
-                {"training": asdict(cfg), "eval": last_eval, "steps": step}, indent=2))
-        logf.close()
-        evalf.close()
-        if len(val.keys):
-            plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="captioner validation")
-    secs = time.time() - t0
-    return TrainCaptionerResult(str(out), str(model_dir), step, secs, last_eval, acc.num_processes,
-                                seen * acc.num_processes / max(secs, 1e-9))
+                {"training": asdict(cfg), "eval": run.final_eval, "steps": run.steps}, indent=2))
+    return TrainCaptionerResult(str(out), str(model_dir), run.steps, run.wall_s, run.final_eval, acc.num_processes,
+                                run.samples_per_s)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import FiniteFloat, batch_size_option, clip_option, emit_json, json_option, resolve_spec
+from clipkit.cli.common import (FiniteFloat, ModelSpecType, batch_size_option, clip_option, emit_json, json_option,
+                                resolve_spec)
 
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(readable=False))
-@click.option("--captioner", "captioner_spec", default=None, metavar="SPEC",
+@click.option("--captioner", "captioner_spec", type=ModelSpecType("captioner"), default=None, metavar="SPEC",
               help="shapes (bundled), a directory from `clipkit train captioner`, or an official ClipCap .pt.")
 @click.option("--tokenizer", default=None, metavar="DIR",
               help="GPT-2 tokenizer for an official .pt (default: gpt2 from the hub cache).")
@@ -48,17 +49,16 @@ def caption(settings, images, captioner_spec, tokenizer, strategy, beams, candid
     """
     import logging
 
-    from clipkit.captioning.captioner import load_captioner
-    from clipkit.captioning.decode import DecodeConfig
+    from clipkit.captioning.captioner import decode_config, load_captioner
     from clipkit.cli.common import load_images_tolerant, progress
     quiet = settings.quiet or as_json
-    if strategy == "beam" and candidates > beams:
-        beams = candidates
-    cfg = DecodeConfig(strategy=strategy, beams=beams if strategy == "beam" else 1, candidates=candidates,
-                       max_length=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                       seed=seed).validate()
+    cfg = decode_config(strategy, beams, candidates, max_length=max_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, seed=seed)
     spec = resolve_spec(settings, "captioner", captioner_spec)
-    refs = _read_refs(refs_path) if refs_path else None
+    refs = None
+    if refs_path:
+        from clipkit.captioning.metrics import read_references
+        refs = read_references(refs_path)
     cap = load_captioner(spec, clip=clip_spec, device=settings.device, precision=settings.precision,
                          tokenizer=tokenizer, batch_size=batch_size)
     if stop_token is not None:
@@ -76,12 +76,13 @@ def caption(settings, images, captioner_spec, tokenizer, strategy, beams, candid
                 click.echo(f"{p}\t{r.caption}\t{r.clip_score:.4f}")
     doc = {"captioner": spec, "clip": cap.scorer.spec, "score": "cosine(image, caption)",
            "decode": cap.decode_config(cfg).to_dict(), "lm_weight": lm_weight,
-           "results": [{"path": r.source, "caption": r.caption, "score": r.clip_score, "logprob": r.logprob,
-                        **({"candidates": [c.__dict__ for c in r.candidates]} if r.candidates else {})}
-                       for r in results],
-           "skipped": loaded.skipped}
+           "results": [r.to_dict() for r in results], "skipped": loaded.skipped}
     if refs is not None:
-        doc["eval"] = _evaluate(cap, loaded, results, refs)
+        from clipkit.captioning.metrics import evaluate_captions, match_references
+        matched = match_references([r.source for r in results], refs)
+        keep = [(r, im) for r, im in zip(results, loaded.images) if r.source in matched]
+        doc["eval"] = evaluate_captions({r.source: r.caption for r, _ in keep}, matched, scorer=cap.scorer,
+                                        images={r.source: im for r, im in keep}).to_dict()
         if not as_json:
             click.echo("# eval: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in doc["eval"].items()))
@@ -89,42 +90,3 @@ def caption(settings, images, captioner_spec, tokenizer, strategy, beams, candid
         emit_json(doc)
     if loaded.skipped:
         logging.getLogger("clipkit.cli").warning("%d file(s) skipped (unreadable)", len(loaded.skipped))
-
-
-def _read_refs(path) -> dict[str, list[str]]:
-    import json
-
-    from clipkit.core.errors import InputError
-    from clipkit.core.io import read_text_file
-    try:
-        doc = json.loads(read_text_file(path, "references"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"cannot read references {path}: {e}") from None
-    if not isinstance(doc, dict) or not all(isinstance(v, list) for v in doc.values()):
-        raise InputError(f"{path}: expected a JSON object {{image: [reference captions]}}")
-    return {k: [str(c) for c in v] for k, v in doc.items()}
-
-
-def _evaluate(cap, loaded, results, refs) -> dict:
-    from pathlib import Path
-
-    from clipkit.captioning.metrics import evaluate_captions, ref_clip_s
-    from clipkit.core.errors import InputError
-
-    def key(p):
-        for k in (p, Path(p).name, Path(p).stem):
-            if k in refs:
-                return k
-        return None
-    pairs = [(r, key(r.source)) for r in results]
-    pairs = [(r, k) for r, k in pairs if k is not None]
-    if not pairs:
-        raise InputError("--eval: none of the images has references (keys: path, file name or stem)")
-    cands = {r.source: r.caption for r, _ in pairs}
-    m = evaluate_captions(cands, {r.source: refs[k] for r, k in pairs})
-    out = {k: v for k, v in m.to_dict().items() if v is not None}
-    imgs = [loaded.images[loaded.paths.index(r.source)] for r, _ in pairs]
-    rc = ref_clip_s(cap.scorer, imgs, [r.caption for r, _ in pairs], [refs[k] for _, k in pairs])
-    out["clip_s"] = float(rc.clip_s.mean())
-    out["ref_clip_s"] = float(rc.ref_clip_s.mean())
-    return out

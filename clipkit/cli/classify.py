@@ -28,26 +28,22 @@ def classify(settings, images, labels, templates, top, clip_spec, batch_size, as
     Example:
       clipkit classify shapes/*.png --labels "red,green,blue" --templates "a {} shape"
     """
-    from clipkit.core.prompts import build_classifier, parse_labels, resolve_templates
-    labels = parse_labels(labels)
+    from clipkit.core.prompts import classify as do_classify
+    from clipkit.core.prompts import parse_labels, resolve_templates
+    labels = parse_labels(labels)                  # bad labels or templates fail before the model loads
     tmpl = resolve_templates(templates)
     scorer = make_scorer(settings, clip_spec, batch_size)
     loaded = load_images_tolerant(images, quiet=settings.quiet or as_json)
-    cls = build_classifier(scorer, labels, tmpl)
-    sim = scorer.encode_images(loaded.images) @ cls.T
-    probs = (scorer.logit_scale * sim).softmax(dim=-1).cpu()
+    res = do_classify(loaded.images, labels, tmpl, scorer=scorer)
+    res.sources = loaded.paths
     if as_json:
-        emit_json({
-            "model": scorer.spec, "labels": labels, "templates": len(tmpl),
-            "results": [{"path": p, "label": labels[int(probs[i].argmax())],
-                         "probs": dict(zip(labels, probs[i].tolist()))}
-                        for i, p in enumerate(loaded.paths)],
-            "skipped": loaded.skipped})
+        emit_json({**res.to_dict(), "skipped": loaded.skipped})
         return
+    probs = res.probs.cpu()
     k = min(top, len(labels))
     rows = []
-    for i, p in enumerate(loaded.paths):
+    for i, p in enumerate(res.sources):
         vals, idx = probs[i].topk(k)
         rows.append([p] + [f"{labels[j]} {v:.3f}" for v, j in zip(vals.tolist(), idx.tolist())])
-    click.echo(f"# zero-shot probabilities ({scorer.spec}, {len(tmpl)} templates)")
+    click.echo(f"# zero-shot probabilities ({res.model}, {len(res.templates)} templates)")
     click.echo(fmt_table(["image"] + [f"#{j + 1}" for j in range(k)], rows))

@@ -53,6 +53,30 @@ class FloatList(click.ParamType):
         return out
 
 
+class ModelSpecType(click.ParamType):
+    """A model spec for one kind of model (``ModelSpecType("diffusion")``), checked at parse time by the
+    registry's own parser (``clipkit.core.registry.parse_spec``): syntax and the source's kind only, nothing
+    is loaded and the network is not touched. The value stays the string the user typed; a bad one
+    raises the registry's ModelLoadError, which the CLI prints as the same one line as a failed load
+    (``Error: cannot load model ...``, exit 2)."""
+    name = "spec"
+
+    def __init__(self, component: str = "clip"):
+        self.component = component
+
+    def convert(self, value, param, ctx):
+        from clipkit.core.registry import parse_spec
+        parse_spec(value, self.component)
+        return value
+
+
+def scheduler_choice() -> click.Choice:
+    """The sampler scheduler names (``clipkit.guidance.schedulers.SCHEDULER_NAMES``) as a click choice.
+    Called by ``generate`` when its module loads; that table imports neither torch nor diffusers."""
+    from clipkit.guidance.schedulers import SCHEDULER_NAMES
+    return click.Choice(SCHEDULER_NAMES)
+
+
 def check_report_outputs(csv_path, sheet, overwrite: bool, inputs) -> None:
     """Validate ``--csv`` and ``--sheet`` before any work (see clipkit.core.outputs)."""
     from pathlib import Path
@@ -66,7 +90,7 @@ def check_report_outputs(csv_path, sheet, overwrite: bool, inputs) -> None:
 
 
 def clip_option(f):
-    return click.option("--clip", "clip_spec", default=None, metavar="SPEC",
+    return click.option("--clip", "clip_spec", type=ModelSpecType("clip"), default=None, metavar="SPEC",
                         help="CLIP model: shapes, openclip:ARCH/TAG, hf:ORG/NAME or a directory "
                              "(overrides --profile).")(f)
 

@@ -34,7 +34,7 @@ def embed(settings, folder, out_path, workers, timeout_s, overwrite, cache_dir, 
       clipkit embed photos/ --out photos.safetensors
     """
     from clipkit.core.outputs import check_output_file
-    from clipkit.rerank.cache import default_cache_dir
+    from clipkit.core.cache import default_cache_dir
     from clipkit.rerank.embed import embed_folder_distributed
     check_output_file(out_path, overwrite=overwrite, inputs=folder, what="--out")   # before the model loads
     res = embed_folder_distributed(list(folder), out_path, make_scorer(settings, clip_spec, batch_size),

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import FiniteFloat, emit_json, fmt_table, json_option, progress
+from clipkit.cli.common import (FiniteFloat, ModelSpecType, emit_json, fmt_table, json_option, progress,
+                                scheduler_choice)
 
 
 @click.command()
@@ -22,25 +23,31 @@ from clipkit.cli.common import FiniteFloat, emit_json, fmt_table, json_option, p
               help="First seed (default: random, printed and saved); candidate k uses SEED+k.")
 @click.option("--best-of", "best_of", type=int, default=1, show_default=True,
               help="Draw M candidates per kept image; keep the N best by CLIP score.")
+@click.option("--select", type=click.Choice(["clip", "caption"]), default="clip", show_default=True,
+              help="How --best-of keeps its N: clip = the guiding CLIP's cosine; caption = that cosine plus "
+                   "the captioner's log-probability that the caption ends right after the prompt (penalises "
+                   "images holding more than the prompt names).")
+@click.option("--captioner", "captioner_spec", type=ModelSpecType("captioner"), default=None, metavar="SPEC",
+              help="Captioner for --select caption (default: the profile's).")
 @click.option("--guide-target", type=click.Choice(["auto", "x0", "xt"]), default="auto", show_default=True,
               help="What the CLIP sees: x0 = the denoised estimate (any CLIP); xt = the noisy sample itself "
                    "(GLIDE-style: a noise-aware CLIP from `clipkit train clip --noise-aware`; pixel models); "
                    "auto = xt when the CLIP is noise-aware and the model is pixel-space, else x0.")
-@click.option("--scheduler", default="ddim", show_default=True,
-              help="ddim, ddpm, euler, euler_a, lms, dpmpp or pndm.")
+@click.option("--scheduler", type=scheduler_choice(), default="ddim", show_default=True,
+              help="Sampler (a diffusers scheduler built from the model's own noise schedule).")
 @click.option("--size", type=int, default=None, help="Image side in pixels (default: the model's own, 32 for shapes).")
 @click.option("--out", "out_dir", type=click.Path(readable=False), default="generated", show_default=True,
               help="Output directory for <slug>-<seed>.png and <slug>-<seed>.json.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, exit 2).")
-@click.option("--diffusion", "diffusion_spec", default=None, metavar="SPEC",
+@click.option("--diffusion", "diffusion_spec", type=ModelSpecType("diffusion"), default=None, metavar="SPEC",
               help="Diffusion model: shapes, hf:ORG/NAME or a diffusers pipeline directory (overrides --profile).")
-@click.option("--clip", "clip_spec", default=None, metavar="SPEC",
+@click.option("--clip", "clip_spec", type=ModelSpecType("clip"), default=None, metavar="SPEC",
               help="CLIP that guides and scores: shapes-noised (the bundled profile's noise-aware guide), "
                    "shapes, openclip:ARCH/TAG, hf:ORG/NAME or a directory (overrides --profile).")
 @json_option
 @click.pass_obj
-def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, guide_target, scheduler, size,
-             out_dir, overwrite, diffusion_spec, clip_spec, as_json):
+def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, select, captioner_spec,
+             guide_target, scheduler, size, out_dir, overwrite, diffusion_spec, clip_spec, as_json):
     """Generate images for each PROMPT (quote each one) with CLIP-guided diffusion.
 
     Writes OUT/<slug>-<seed>.png and a JSON sidecar with every parameter, the model specs, the seed
@@ -53,6 +60,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     Examples:
       clipkit generate "a red circle at the top left"
       clipkit generate "a blue square" "a green triangle" -n 2 --best-of 4 --seed 0 --out shapes/
+      clipkit generate "a red square at the bottom left" -n 1 --best-of 4 --select caption
       clipkit generate "a church at sunset" -n 1 --diffusion hf:google/ddpm-church-256 \
           --clip openclip:ViT-B-32/laion2b_s34b_b79k
     """
@@ -63,6 +71,11 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     clip = resolve_spec(settings, "guide", clip_spec)
     # one notice at most: the first lookup printed it if the default profile was implicit
     diffusion = resolve_spec(dataclasses.replace(settings, quiet=True), "diffusion", diffusion_spec)
+    selector = None
+    if select == "caption" and best_of > 1:
+        from clipkit.captioning.captioner import CaptionEndSelector, load_captioner
+        cap_spec = resolve_spec(dataclasses.replace(settings, quiet=True), "captioner", captioner_spec)
+        selector = CaptionEndSelector(load_captioner(cap_spec, device=settings.device))
     bars = []
 
     def on_step(done: int, total: int):
@@ -73,7 +86,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         res = do_generate(list(prompts), n, seed=seed, diffusion=diffusion, clip=clip, device=settings.device,
                           precision=settings.precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step,
                           steps=steps, clip_scale=clip_scale, cfg_scale=cfg_scale, cutouts=cutouts,
-                          best_of=best_of, scheduler=scheduler, size=size, guide_target=guide_target)
+                          best_of=best_of, select=selector, scheduler=scheduler, size=size, guide_target=guide_target)
     finally:
         for b in bars:
             b.close()

@@ -44,7 +44,7 @@ def embedding_options(f):
 def open_cache_for(scorer, cache_dir, no_cache):
     if no_cache:
         return None
-    from clipkit.rerank.cache import default_cache_dir, open_cache
+    from clipkit.core.cache import default_cache_dir, open_cache
     return open_cache(cache_dir or default_cache_dir(), scorer.spec, scorer.preprocess)
 
 

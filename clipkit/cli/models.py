@@ -16,14 +16,16 @@ def models(as_json):
       shapes                 bundled offline Shapes models
       openclip:ARCH/TAG      e.g. openclip:ViT-B-32/laion2b_s34b_b79k
       hf:ORG/NAME            a Hugging Face hub repository
-      /path/to/dir           a local transformers / diffusers / open_clip directory
+      /path/to/dir           a local open_clip / transformers / diffusers / captioner directory
+      /path/to/file.pt       an official ClipCap checkpoint (--captioner)
     """
     from dataclasses import asdict
 
     from clipkit.core.registry import PROFILES, list_models
     entries = list_models()
     if as_json:
-        emit_json({"profiles": {p.name: asdict(p) for p in PROFILES.values()},
+        emit_json({"profiles": {p.name: {k: v for k, v in asdict(p).items() if k != "vocabulary"}   # a code hook
+                                for p in PROFILES.values()},
                    "models": [asdict(e) for e in entries]})
         return
     rows = [[e.profile, e.component, e.spec, "yes" if e.available else "no", e.note] for e in entries]

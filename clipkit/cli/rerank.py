@@ -77,7 +77,7 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
     else:
         cache = None
         if not no_cache:
-            from clipkit.rerank.cache import default_cache_dir, open_cache
+            from clipkit.core.cache import default_cache_dir, open_cache
             cache = open_cache(cache_dir or default_cache_dir(), scorer.spec, scorer.preprocess)
         try:
             out = do_rerank(list(candidates), list(queries) or None, scorer, top_k,

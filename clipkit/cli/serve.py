@@ -30,6 +30,7 @@ def serve(settings, index_path, host, port, captioner, max_upload, clip_spec):
     """
     import logging
 
+    from clipkit.captioning.captioner import load_captioner
     from clipkit.cli.index import index_scorer
     from clipkit.core.registry import DEFAULT_PROFILE, PROFILES
     from clipkit.search.server import LOCAL_HOSTS, ServeConfig, create_app, make_server
@@ -43,7 +44,7 @@ def serve(settings, index_path, host, port, captioner, max_upload, clip_spec):
         captioner = None
     if host not in LOCAL_HOSTS:
         log.warning("serving on %s: anyone who can reach this address can search and see the indexed images", host)
-    app = create_app(reader, scorer, ServeConfig(max_upload=max_upload << 20, captioner=captioner))
+    app = create_app(reader, scorer, ServeConfig(max_upload=max_upload << 20, captioner=captioner), load_captioner)
     server = make_server(app, host, port)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {index_path} ({len(reader)} images) on http://{shown}:{server.server_port}/ "

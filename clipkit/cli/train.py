@@ -87,7 +87,8 @@ def clip(settings, data, init, model_config, augment, noise_aware, train_only, w
       clipkit train clip --data data/digits --class-names data/digits/class_names.json --init shapes \\
           --out runs/digits --wise 0.25,0.5,0.75          # FLYP fine-tuning + WiSE-FT on an ImageFolder
     """
-    from clipkit.core.train_clip import TrainClipConfig, train_clip
+    from clipkit.core.train_clip import TrainClipConfig
+    from clipkit.shapes.recipes import train_clip       # --data shapes: the Shapes recipe's data
     model_cfg = None
     if model_config:
         import json
@@ -109,7 +110,7 @@ def clip(settings, data, init, model_config, augment, noise_aware, train_only, w
                                "(an ImageFolder or a path,label list)")
     if wise and not init:
         raise click.UsageError("--wise interpolates between --init SPEC and the fine-tuned model: give --init")
-    ref_name, ref_fn = _reference(reference, init) if wise else (None, None)
+    ref_name, ref_fn = reference_task(reference, init) if wise else (None, None)
     cfg = _config(TrainClipConfig, data=data, init=init, model_cfg=model_cfg, augment=augment,
                   noise_aware=noise_aware, train_only=tuple(train_only) or None, warmup=warmup, class_names=class_names,
                   templates=templates, wise=tuple(wise) if wise else None, reference=ref_name, **kw)
@@ -117,7 +118,7 @@ def clip(settings, data, init, model_config, augment, noise_aware, train_only, w
     _report(res, as_json)
 
 
-def _reference(task: str, init: str):
+def reference_task(task: str, init: str):
     """The WiSE-FT reference task -> (name, scorer -> {metric: value}) or (None, None)."""
     if task == "none":
         return None, None
@@ -128,10 +129,7 @@ def _reference(task: str, init: str):
             return None, None
         task = "shapes"
     if task == "shapes":
-        from clipkit.shapes.probes import reference_accuracy
-
-        def shapes_reference(scorer):
-            return reference_accuracy(scorer, attributes=("color", "shape"))
+        from clipkit.shapes.recipes import shapes_reference
         return "shapes zero-shot", shapes_reference
     from pathlib import Path
     if not Path(task).exists():
@@ -159,7 +157,8 @@ def diffusion(settings, init, device_data, as_json, **kw):
     Example:
       clipkit train diffusion --out runs/diffusion --steps 30000 --mixed-precision bf16
     """
-    from clipkit.guidance.train_diffusion import TrainDiffusionConfig, train_diffusion
+    from clipkit.guidance.train_diffusion import TrainDiffusionConfig
+    from clipkit.shapes.recipes import train_diffusion  # the Shapes recipe's data
     cfg = _config(TrainDiffusionConfig, init=init, device_data=device_data, **kw)
     res = train_diffusion(cfg, progress=not (settings.quiet or as_json))
     _report(res, as_json)
@@ -189,7 +188,8 @@ def captioner(settings, data, images, clip, mapper, prefix_length, decoder, epoc
       clipkit train captioner --data captions.jsonl --decoder gpt2 --clip openclip:ViT-B-32/laion2b_s34b_b79k --out runs/cc
       accelerate launch --multi_gpu --num_processes 2 -m clipkit.cli.main train captioner --out runs/cc
     """
-    from clipkit.captioning.train import TrainCaptionerConfig, train_captioner
+    from clipkit.captioning.train import TrainCaptionerConfig
+    from clipkit.shapes.recipes import train_captioner  # --data shapes: the Shapes recipe's data
     for opt in ("steps", "eval_every"):
         if kw.pop(opt) is not None:
             raise click.UsageError(f"--{opt.replace('_', '-')} does not apply to the captioner: it trains "

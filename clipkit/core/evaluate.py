@@ -137,7 +137,7 @@ def encode_files(scorer, paths: Sequence[str], batch_size: int | None = None, nu
             log.warning("skipped %s: %s", paths[i], reason)
         if px is not None:
             index += idx
-            embs.append(scorer._encode_pixels_batch(px).float().cpu())
+            embs.append(scorer.encode_pixel_batch(px).float().cpu())
     if skipped:
         log.warning("%d of %d images could not be read and were skipped", len(skipped), len(paths))
     dim = embs[0].shape[1] if embs else 0

@@ -78,10 +78,22 @@ class Classification:
     probs: torch.Tensor            # [N, L] softmax(logit_scale * cos) over labels
     similarity: torch.Tensor       # [N, L] cosine with each ensembled label embedding
     templates: list[str] = field(default_factory=list)
+    model: str | None = None       # the scorer's spec
+    sources: list[str] = field(default_factory=list)   # [N] image paths, when the images came from files
 
     @property
     def top(self) -> list[str]:
         return [self.labels[i] for i in self.probs.argmax(dim=1).tolist()]
+
+    def to_dict(self) -> dict:
+        """``{model, labels, templates (count), results: [{path, label, probs: {label: p}}]}`` (``path``
+        is None for images that did not come from files)."""
+        probs = self.probs.detach().cpu()
+        paths = self.sources or [None] * len(probs)
+        return {"model": self.model, "labels": self.labels, "templates": len(self.templates),
+                "results": [{"path": p, "label": self.labels[int(probs[i].argmax())],
+                             "probs": dict(zip(self.labels, probs[i].tolist()))}
+                            for i, p in enumerate(paths)]}
 
 
 def classify(images, labels, templates: Templates = "simple", scorer=None) -> Classification:
@@ -100,5 +112,14 @@ def classify(images, labels, templates: Templates = "simple", scorer=None) -> Cl
     tmpl = resolve_templates(templates)
     cls = build_classifier(scorer, labels, tmpl)
     img = scorer.encode_images(images)
-    sim = img @ cls.T
-    return Classification(labels, (scorer.logit_scale * sim).softmax(dim=-1), sim, tmpl)
+    sim = img @ cls.T                                                    # [N, L]
+    sources = [] if isinstance(images, torch.Tensor) else _sources(images)
+    return Classification(labels, (scorer.logit_scale * sim).softmax(dim=-1), sim, tmpl,
+                          model=scorer.spec, sources=sources)
+
+
+def _sources(images) -> list[str]:
+    """[N] paths of the images given as paths (None for the others); [] when none was a path."""
+    items = [images] if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence) else images
+    out = [str(x) if isinstance(x, (str, os.PathLike)) else None for x in items]
+    return out if any(out) else []

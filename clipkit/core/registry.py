@@ -1,31 +1,43 @@
-"""Model specs, resolved in one place (DESIGN §2).
+"""Model specs, resolved in one place for every model kind (DESIGN §2).
 
 Syntax, everywhere (``--clip``, ``--diffusion``, ``--captioner``, Python):
 
 * ``shapes``                    the bundled, offline Shapes models (package data)
 * ``openclip:ARCH/TAG``         open_clip architecture + pretrained tag, e.g. ``openclip:ViT-B-32/laion2b_s34b_b79k``
-* ``hf:ORG/NAME``               a Hugging Face hub repository (transformers CLIP, diffusers pipeline, ...)
-* ``/a/local/dir``              a local directory: ``config.json`` (transformers) or
-                                ``open_clip_config.json`` + weights (open_clip)
+* ``hf:ORG/NAME``               a Hugging Face hub repository (transformers CLIP, diffusers pipeline, GPT-2, ...)
+* ``/a/local/dir``              a local directory: ``open_clip_config.json`` + weights (open_clip; an *overlay*
+                                when it names a base CLIP), ``config.json`` (transformers), ``model_index.json``
+                                (diffusers) or ``clipcap_config.json`` (a clipkit captioner)
+* ``/a/file.pt``                an official ClipCap checkpoint (captioner)
+
+Each way of writing a spec is a :class:`Source` (one row of :data:`SOURCES`); :func:`parse_spec` binds a
+spec string to the first source that takes it, for one model *kind* (``clip``, ``diffusion``,
+``captioner``, ``decoder``: the GPT-2 a captioner is trained on). Core loads CLIPs itself
+(:func:`load_clip`); the plugins, which build their own models (diffusers pipelines, ClipCap), ask
+:func:`resolve` where the model is (a local path or a hub repo id, and whether to stay offline),
+with the hub checks done.
 
 Every failure raises :class:`ModelLoadError` with one line naming the spec and the fix. We never
-hang on the network: hub calls get short timeouts, and ``HF_HUB_OFFLINE=1`` is respected.
+hang on the network: hub calls get short timeouts, and ``HF_HUB_OFFLINE=1`` is respected
+(:mod:`clipkit.core.hub`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
+from clipkit.core import hub
 from clipkit.core.errors import ModelLoadError
 
 BUNDLED = "shapes"
 #: bundled model names: ``shapes`` (every component) and ``shapes-noised`` (the noise-aware guide
 #: CLIP: an overlay of the bundled CLIP whose early image layers were fine-tuned on DDPM-noised x_t)
 BUNDLED_NAMES = (BUNDLED, "shapes-noised")
-OFFLINE_FIX = "check the network, or download it once and set HF_HUB_OFFLINE=1 to use the cache"
 
 
 @dataclass(frozen=True)
@@ -37,12 +49,13 @@ class Profile:
     captioner: str | None
     description: str
     guide: str | None = None     # the CLIP that steers `generate` (None: ``clip``)
+    vocabulary: str | None = None  # "module:function" -> the words its models know (None: any); see known_words
 
 
 PROFILES: dict[str, Profile] = {
     "shapes": Profile("shapes", "shapes", "shapes", "shapes",
                       "bundled, offline demo models; they know only the Shapes world",
-                      guide="shapes-noised"),
+                      guide="shapes-noised", vocabulary="clipkit.shapes.world:vocabulary"),
     "sd": Profile("sd", "openclip:ViT-B-32/laion2b_s34b_b79k",
                   "hf:stable-diffusion-v1-5/stable-diffusion-v1-5", None,
                   "real models from the hub (needs a network once, or a cache); "
@@ -51,12 +64,436 @@ PROFILES: dict[str, Profile] = {
 DEFAULT_PROFILE = "shapes"
 
 
+# --------------------------------------------------------------------------------------------
+# Model kinds
+# --------------------------------------------------------------------------------------------
+
+#: the fix for a spec that names nothing
+SPEC_USAGE = "use 'shapes', 'openclip:ARCH/TAG', 'hf:ORG/NAME' or a local directory"
+#: the file that marks a clipkit captioner directory (``clipkit.captioning.checkpoint.CONFIG_NAME``)
+CLIPCAP_CONFIG = "clipcap_config.json"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A model kind (the ``component`` argument of :func:`parse_spec`): what its errors say."""
+    name: str                        # clip | diffusion | captioner | decoder
+    label: str                       # "... is not a {label} model spec"
+    usage: str                       # the fix naming the specs of this kind
+    marker: str | None = None        # the file a bundled model directory of this kind holds
+    missing: str = "bundled weights missing"
+    bundled_fix: str = "reinstall clipkit"
+    empty: str = "empty model spec"
+    empty_fix: str = SPEC_USAGE
+    not_found: str | None = None     # one reason for every spec of no source of this kind (captioner)
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("clip", "CLIP", "use a directory, 'openclip:ARCH/TAG' or 'hf:ORG/NAME'", "open_clip_config.json",
+         bundled_fix="reinstall clipkit, or train them with `clipkit train clip`"),
+    Kind("diffusion", "diffusion", "use 'shapes', 'hf:ORG/NAME' or a diffusers pipeline directory", "model_index.json",
+         bundled_fix="reinstall clipkit, or train them with `clipkit train diffusion`"),
+    Kind("captioner", "captioner", "use 'shapes', a directory written by `clipkit train captioner`, "
+         "or an official ClipCap .pt", CLIPCAP_CONFIG, missing="bundled captioner missing",
+         bundled_fix="reinstall clipkit, or train it with `clipkit train captioner --data shapes`",
+         empty="empty captioner spec", empty_fix="use 'shapes', a directory or a ClipCap .pt",
+         not_found="no such captioner directory or .pt file"),
+    Kind("decoder", "GPT-2", "use a local GPT-2 directory, 'hf:ORG/NAME' or a hub name such as gpt2"),
+)}
+#: profile components -> the kind their spec is
+COMPONENT_KINDS = {"clip": "clip", "guide": "clip", "diffusion": "diffusion", "captioner": "captioner",
+                   "decoder": "decoder"}
+
+
+def _kind(component: str) -> Kind:
+    try:
+        return KINDS[COMPONENT_KINDS[component]]
+    except KeyError:
+        raise ValueError(f"unknown model kind {component!r}; one of: {', '.join(COMPONENT_KINDS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Specs, sources, resolved locations
+# --------------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class ModelSpec:
+    """A spec string bound to its :class:`Source`, for one model kind."""
     raw: str
-    kind: str        # "bundled" | "openclip" | "hf" | "local-openclip" | "local-hf"
-    target: str      # bundled name, "ARCH/TAG", "ORG/NAME" or a directory path
+    source: "Source"
+    target: str      # bundled name, "ARCH/TAG", "ORG/NAME" or a local path
     extra: dict = field(default_factory=dict, compare=False)
+    component: str = "clip"
+
+    @property
+    def kind(self) -> str:
+        """The source's name: bundled | openclip | hf | local-openclip | overlay | local-hf | local-diffusers |
+        clipcap-dir | file."""
+        return self.source.kind
+
+    def available(self) -> tuple[bool, str]:
+        """Whether it can be loaded offline right now, and a short note why (not)."""
+        return self.source.is_available(self)
+
+    def resolve(self) -> "Resolved":
+        return self.source.resolve(self)
+
+    def load_clip(self):
+        return self.source.load_clip(self)
+
+    def training_info(self) -> dict:
+        return self.source.training_info(self)
+
+    def model_cfg(self) -> dict:
+        return self.source.model_cfg(self)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a model is, as a loader takes it (``from_pretrained(location, local_files_only=local_only)``);
+    the hub checks are done: a hub model is cached or downloadable."""
+    spec: ModelSpec
+    location: str        # a local directory or file, or a hub repository id
+    local_only: bool     # a local path, HF_HUB_OFFLINE, or already in the hub cache
+    on_disk: bool        # ``location`` is a local path (False: a hub repository)
+
+    @property
+    def raw(self) -> str:
+        return self.spec.raw
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def bundled(self) -> bool:
+        return self.spec.source.bundled
+
+    def fix(self, local_fix: str) -> str:
+        """The fix of a failed load: ``local_fix`` for a local model, the hub's for a hub one."""
+        return local_fix if self.on_disk else hub.OFFLINE_FIX
+
+    def file(self, name: str) -> Path:
+        """A file of the model (``model_index.json``, ...) on disk: in its directory, or from the hub
+        (its cache, or a download when allowed). Errors are huggingface_hub's / FileNotFoundError."""
+        if self.on_disk:
+            return Path(self.location) / name
+        from huggingface_hub import hf_hub_download
+        return Path(hf_hub_download(self.location, name, local_files_only=self.local_only))
+
+
+def _local(s: ModelSpec) -> Resolved:
+    return Resolved(s, s.target, True, True)
+
+
+def _open_clip_json(directory: Path) -> dict:
+    """``open_clip_config.json`` of a directory; {} when missing or unreadable."""
+    try:
+        d = json.loads((Path(directory) / "open_clip_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _training_info(directory: Path) -> dict:
+    info = _open_clip_json(directory).get("clipkit", {})
+    return info.get("training", {}) if isinstance(info, dict) else {}
+
+
+def _dir_model_cfg(spec: str, directory: Path) -> dict:
+    cfg = _open_clip_json(directory).get("model_cfg")
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(spec, f"no model_cfg in {Path(directory) / 'open_clip_config.json'}",
+                             "point at an open_clip model directory")
+    return cfg
+
+
+class Source:
+    """One way of writing a model spec (a row of :data:`SOURCES`).
+
+    ``parse`` claims a spec string (None: not this source's syntax; ModelLoadError: this source's syntax
+    but malformed). The rest act on a parsed :class:`ModelSpec`; a source supports the model kinds in
+    ``components`` and refuses the others with a one-line :class:`ModelLoadError`.
+    """
+    kind: ClassVar[str]
+    syntax: ClassVar[str]                  # how its specs are written (for listings)
+    noun: ClassVar[str]                    # "... is not a CLIP model spec" starts with it
+    components: ClassVar[frozenset[str]]
+    bundled: ClassVar[bool] = False
+
+    def parse(self, spec: str, component: str) -> ModelSpec | None:
+        raise NotImplementedError
+
+    def resolve(self, s: ModelSpec) -> Resolved:
+        """Where the model is, for the plugin that builds it; hub checks done."""
+        return _local(s)
+
+    def is_available(self, s: ModelSpec) -> tuple[bool, str]:
+        return True, "local"
+
+    def load_clip(self, s: ModelSpec):
+        """A :class:`~clipkit.core.backends.ClipBackend` (CPU, fp32)."""
+        raise self.wrong_kind(s.raw, "clip")
+
+    def training_info(self, s: ModelSpec) -> dict:
+        """The training config saved inside a clipkit-trained CLIP; {} for anything else."""
+        return {}
+
+    def model_cfg(self, s: ModelSpec) -> dict:
+        """The open_clip model config (architecture) of an open_clip CLIP."""
+        raise ModelLoadError(s.raw, "not an open_clip model", "use shapes, openclip:ARCH/TAG or an open_clip directory")
+
+    def wrong_kind(self, spec: str, component: str) -> ModelLoadError:
+        kind = _kind(component)
+        if kind.not_found:
+            return ModelLoadError(spec, kind.not_found, kind.usage)
+        return ModelLoadError(spec, f"{self.noun} is not a {kind.label} model spec", kind.usage)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.kind}>"
+
+
+class BundledSource(Source):
+    kind, syntax, noun = "bundled", " | ".join(BUNDLED_NAMES), "a bundled model"
+    components = frozenset({"clip", "diffusion", "captioner"})
+    bundled = True
+
+    def parse(self, spec, component):
+        return ModelSpec(spec, self, spec, component=component) if spec in BUNDLED_NAMES else None
+
+    def resolve(self, s):
+        kind, path = _kind(s.component), bundled_path(s.target, s.component)
+        if not (path / kind.marker).is_file():
+            raise ModelLoadError(s.raw, f"{kind.missing} from {path}", kind.bundled_fix)
+        return Resolved(s, str(path), True, True)
+
+    def is_available(self, s):
+        ok = bundled_path(s.target, s.component).is_dir()
+        return ok, "bundled" if ok else "not bundled in this installation"
+
+    def load_clip(self, s):
+        path = self.resolve(s).location
+        backend = parse_spec(path).load_clip()      # an open_clip directory, or an overlay of one
+        backend.spec = s.raw
+        return backend
+
+    def training_info(self, s):
+        return _training_info(bundled_path(s.target, s.component))
+
+    def model_cfg(self, s):
+        return _dir_model_cfg(s.raw, bundled_path(s.target, s.component))
+
+
+class OpenClipSource(Source):
+    kind, syntax, noun = "openclip", "openclip:ARCH/TAG", "an open_clip model"
+    components = frozenset({"clip"})
+
+    def parse(self, spec, component):
+        if not spec.startswith("openclip:"):
+            return None
+        body = spec[len("openclip:"):]
+        arch, _, tag = body.partition("/")
+        if not arch or not tag:
+            raise ModelLoadError(spec, "expected openclip:ARCH/TAG",
+                                 "e.g. openclip:ViT-B-32/laion2b_s34b_b79k; `clipkit models` lists some")
+        return ModelSpec(spec, self, body, {"arch": arch, "tag": tag}, component)
+
+    def _check(self, s: ModelSpec) -> bool:
+        """Validate arch and tag; -> whether the tag is a local weights file."""
+        import open_clip
+        arch, tag = s.extra["arch"], s.extra["tag"]
+        if arch not in open_clip.list_models():
+            raise ModelLoadError(s.raw, f"unknown open_clip architecture {arch!r}",
+                                 "see open_clip.list_models(), e.g. ViT-B-32, ViT-B-32-quickgelu")
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if tag not in tags and not Path(tag).is_file():
+            raise ModelLoadError(s.raw, f"unknown pretrained tag {tag!r} for {arch}",
+                                 f"choose one of: {', '.join(tags) or '(none)'}")
+        if not Path(tag).is_file():
+            hub.require_cached_or_online(s)
+            return False
+        return True
+
+    def resolve(self, s):
+        local_file = self._check(s)
+        hub.short_timeouts()
+        return Resolved(s, s.target, local_file or hub.offline() or s.available()[0], False)
+
+    def is_available(self, s):
+        try:
+            import open_clip
+            cfg = open_clip.get_pretrained_cfg(s.extra["arch"], s.extra["tag"])
+        except Exception:
+            cfg = {}
+        repo = (cfg or {}).get("hf_hub", "").rstrip("/")
+        ok = bool(repo) and hub.hub_cached(repo, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+        return ok, "in the hub cache" if ok else "not cached (needs a download)"
+
+    def load_clip(self, s):
+        self._check(s)
+        arch, tag = s.extra["arch"], s.extra["tag"]
+        if tag == "openai" and "quickgelu" not in arch.lower():
+            # OpenAI weights were trained with QuickGELU; open_clip >= 2.29 no longer switches it on
+            # for ('ViT-B-32', 'openai') and silently loses accuracy (FIELD_NOTES A).
+            kwargs = {"force_quick_gelu": True}
+        else:
+            kwargs = {}
+        return _create_openclip(s, arch, tag, kwargs, hub.OFFLINE_FIX)
+
+    def model_cfg(self, s):
+        import open_clip
+        return open_clip.get_model_config(s.extra["arch"])
+
+
+class _LocalDirSource(Source):
+    """A local directory holding ``marker``."""
+    marker: ClassVar[str]
+
+    def parse(self, spec, component):
+        path = Path(spec).expanduser()
+        if path.is_dir() and (path / self.marker).is_file() and self.claims(path):
+            return ModelSpec(spec, self, str(path), component=component)
+        return None
+
+    def claims(self, path: Path) -> bool:
+        return True
+
+
+class OverlaySource(_LocalDirSource):
+    """A partial fine-tune of another CLIP (``open_clip_config.json`` names its base): load the base,
+    then replace the weights the overlay holds (:mod:`clipkit.core.artifacts`). ``shapes-noised`` is one."""
+    kind, syntax, noun = "overlay", "/dir (open_clip_config.json naming a base CLIP)", "an open_clip overlay"
+    marker, components = "open_clip_config.json", frozenset({"clip"})
+
+    def claims(self, path):
+        return self.base(path) is not None
+
+    @staticmethod
+    def base(path) -> str | None:
+        info = _open_clip_json(path).get("clipkit", {})
+        return info.get("base") if isinstance(info, dict) else None
+
+    def load_clip(self, s):
+        from clipkit.core.artifacts import apply_overlay
+        base = self.base(s.target)
+        if base in (s.raw, s.target):
+            raise ModelLoadError(s.raw, "overlay names itself as its base", "check open_clip_config.json")
+        backend = load_clip(base)
+        try:
+            apply_overlay(backend.module, s.target)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(s.raw, hub.one_line(e), f"the overlay must come from fine-tuning {base!r}") from e
+        backend.spec = s.raw
+        return backend
+
+    def training_info(self, s):
+        return _training_info(Path(s.target))
+
+    def model_cfg(self, s):
+        return _dir_model_cfg(s.raw, Path(s.target))
+
+
+class LocalOpenClipSource(_LocalDirSource):
+    kind, syntax, noun = "local-openclip", "/dir (open_clip_config.json + weights)", "an open_clip directory"
+    marker, components = "open_clip_config.json", frozenset({"clip"})
+
+    def load_clip(self, s):
+        # open_clip only *warns* when a local dir has no weights and returns a random model: refuse.
+        if not any(any(Path(s.target).glob(g)) for g in ("*.safetensors", "*.bin", "*.pth")):
+            raise ModelLoadError(s.raw, "no weights file (*.safetensors, *.bin, *.pth) in the directory",
+                                 "save the weights beside open_clip_config.json")
+        return _create_openclip(s, f"local-dir:{s.target}", None, {}, "check the directory's config and weights")
+
+    def training_info(self, s):
+        return _training_info(Path(s.target))
+
+    def model_cfg(self, s):
+        return _dir_model_cfg(s.raw, Path(s.target))
+
+
+class LocalDiffusersSource(_LocalDirSource):
+    kind, syntax, noun = "local-diffusers", "/dir (model_index.json: a diffusers pipeline)", "a diffusers pipeline"
+    marker, components = "model_index.json", frozenset({"diffusion"})
+
+
+class LocalTransformersSource(_LocalDirSource):
+    kind, syntax, noun = "local-hf", "/dir (config.json: a transformers model)", "a transformers directory"
+    marker, components = "config.json", frozenset({"clip", "decoder"})
+
+    def load_clip(self, s):
+        return _load_hf_clip(s)
+
+    def wrong_kind(self, spec, component):
+        if component == "diffusion":
+            return ModelLoadError(spec, "directory has no model_index.json",
+                                  "point at a saved diffusers pipeline directory (unet/ + scheduler/)")
+        return super().wrong_kind(spec, component)
+
+
+class ClipCapDirSource(_LocalDirSource):
+    kind, syntax, noun = "clipcap-dir", f"/dir ({CLIPCAP_CONFIG}: a clipkit captioner)", "a captioner directory"
+    marker, components = CLIPCAP_CONFIG, frozenset({"captioner"})
+
+
+class CheckpointFileSource(Source):
+    """A single file: an official ClipCap ``.pt`` checkpoint (read safely by the captioning plugin)."""
+    kind, syntax, noun = "file", "/file.pt (an official ClipCap checkpoint)", "a single file"
+    components = frozenset({"captioner"})
+
+    def parse(self, spec, component):
+        path = Path(spec).expanduser()
+        if not path.exists() or path.is_dir():
+            return None
+        if not path.is_file():                  # a FIFO, socket or device would block the loader for ever
+            raise ModelLoadError(spec, "not a regular file", "point it at a checkpoint file")
+        return ModelSpec(spec, self, str(path), component=component)
+
+
+class HfSource(Source):
+    kind, syntax, noun = "hf", "hf:ORG/NAME", "a hub repository"
+    components = frozenset({"clip", "diffusion", "decoder"})
+
+    def parse(self, spec, component):
+        if not spec.startswith("hf:"):
+            return None
+        repo = spec[3:]
+        # GPT-2 decoders may use transformers' legacy one-word repos (hf:gpt2)
+        ok = (repo.count("/") == 1 and all(repo.split("/"))) or (component == "decoder" and _HUB_NAME.fullmatch(repo))
+        if not ok:
+            raise ModelLoadError(spec, "expected hf:ORG/NAME", "e.g. hf:openai/clip-vit-base-patch32")
+        return ModelSpec(spec, self, repo, component=component)
+
+    def resolve(self, s):
+        hub.short_timeouts()
+        hub.require_cached_or_online(s)
+        return Resolved(s, s.target, hub.offline() or s.available()[0], False)
+
+    def is_available(self, s):
+        ok = hub.hub_cached(s.target, ("config.json", "model_index.json"))
+        return ok, "in the hub cache" if ok else "not cached (needs a download)"
+
+    def load_clip(self, s):
+        return _load_hf_clip(s)
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?")
+
+
+class HubNameSource(HfSource):
+    """A GPT-2 decoder named as transformers takes it, without ``hf:`` (``gpt2``, ``ORG/NAME``)."""
+    kind, syntax = "hf", "NAME | ORG/NAME (decoders)"
+    components = frozenset({"decoder"})
+
+    def parse(self, spec, component):
+        if component != "decoder" or not _HUB_NAME.fullmatch(spec) or Path(spec).expanduser().exists():
+            return None
+        return ModelSpec(spec, self, spec, component=component)
+
+
+#: every spec source, in the order :func:`parse_spec` tries them
+SOURCES: tuple[Source, ...] = (BundledSource(), OpenClipSource(), HfSource(), OverlaySource(),
+                               LocalOpenClipSource(), LocalDiffusersSource(), LocalTransformersSource(),
+                               ClipCapDirSource(), CheckpointFileSource(), HubNameSource())
 
 
 def assets_dir() -> Path:
@@ -68,41 +505,52 @@ def bundled_path(name: str, component: str) -> Path:
     return assets_dir() / f"{name}_{component}"
 
 
-def parse_spec(spec: str, component: str = "clip") -> ModelSpec:
-    """Parse a model spec string; raises ModelLoadError for malformed or unknown ones."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ModelLoadError(str(spec), "empty model spec", "use 'shapes', 'openclip:ARCH/TAG', "
-                             "'hf:ORG/NAME' or a local directory")
-    spec = spec.strip()
-    if spec in BUNDLED_NAMES:
-        return ModelSpec(spec, "bundled", spec)
-    if spec.startswith("openclip:"):
-        body = spec[len("openclip:"):]
-        arch, _, tag = body.partition("/")
-        if not arch or not tag:
-            raise ModelLoadError(spec, "expected openclip:ARCH/TAG",
-                                 "e.g. openclip:ViT-B-32/laion2b_s34b_b79k; `clipkit models` lists some")
-        return ModelSpec(spec, "openclip", body, {"arch": arch, "tag": tag})
-    if spec.startswith("hf:"):
-        repo = spec[3:]
-        if repo.count("/") != 1 or not all(repo.split("/")):
-            raise ModelLoadError(spec, "expected hf:ORG/NAME", "e.g. hf:openai/clip-vit-base-patch32")
-        return ModelSpec(spec, "hf", repo)
+def _unknown(spec: str) -> ModelLoadError:
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / "open_clip_config.json").is_file():
-            return ModelSpec(spec, "local-openclip", str(path))
-        if (path / "config.json").is_file() or (path / "model_index.json").is_file():
-            return ModelSpec(spec, "local-hf", str(path))
-        raise ModelLoadError(spec, "directory has no config.json, model_index.json or open_clip_config.json",
-                             "point at a saved transformers/diffusers/open_clip model directory")
-    if path.exists():
-        return ModelSpec(spec, "file", str(path))
+        return ModelLoadError(spec, "directory has no config.json, model_index.json or open_clip_config.json",
+                              "point at a saved transformers/diffusers/open_clip model directory")
     if "/" in spec or os.sep in spec or spec.startswith("."):
-        raise ModelLoadError(spec, "no such directory", "check the path")
-    raise ModelLoadError(spec, "unknown model spec",
-                         "use 'shapes', 'openclip:ARCH/TAG', 'hf:ORG/NAME' or a local directory; "
-                         "`clipkit models` lists them")
+        return ModelLoadError(spec, "no such directory", "check the path")
+    return ModelLoadError(spec, "unknown model spec", SPEC_USAGE + "; `clipkit models` lists them")
+
+
+def parse_spec(spec: str, component: str = "clip") -> ModelSpec:
+    """Bind a spec string to its source, for a model kind (clip, diffusion, captioner, decoder);
+    raises a one-line ModelLoadError for malformed or unknown specs and for a source that cannot
+    give this kind of model."""
+    kind = _kind(component)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(str(spec), kind.empty, kind.empty_fix)
+    spec = spec.strip()
+    try:
+        first = s = None
+        for src in SOURCES:               # the first source that parses the spec and gives this kind
+            p = src.parse(spec, kind.name)
+            if p is not None:
+                first = first or p
+                if kind.name in src.components:
+                    s = p
+                    break
+                if first.source.bundled:      # a bundled name is that name, whatever comes later
+                    break
+        s = s or first
+        if s is None:
+            raise _unknown(spec)
+    except ModelLoadError:
+        if kind.not_found:
+            raise ModelLoadError(spec, kind.not_found, kind.usage) from None
+        raise
+    if kind.name not in s.source.components:
+        raise s.source.wrong_kind(s.raw, kind.name)
+    return s
+
+
+def resolve(spec: str | ModelSpec, component: str = "clip") -> Resolved:
+    """Where the model named by ``spec`` is, for a loader: a local path or a hub repo id, whether to stay
+    offline; a hub model is checked to be cached or downloadable (fails in seconds otherwise)."""
+    s = parse_spec(spec, component) if isinstance(spec, str) else spec
+    return s.resolve()
 
 
 def clip_training_info(spec: str) -> dict:
@@ -112,14 +560,7 @@ def clip_training_info(spec: str) -> dict:
         s = parse_spec(spec)
     except ModelLoadError:
         return {}
-    path = bundled_path(s.target, "clip") if s.kind == "bundled" else Path(s.target)
-    if s.kind not in ("bundled", "local-openclip"):
-        return {}
-    try:
-        info = json.loads((path / "open_clip_config.json").read_text()).get("clipkit", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return info.get("training", {}) if isinstance(info, dict) else {}
+    return s.training_info()
 
 
 def is_noise_aware(spec: str) -> bool:
@@ -127,56 +568,11 @@ def is_noise_aware(spec: str) -> bool:
     return bool(clip_training_info(spec).get("noise_aware"))
 
 
-def _short_timeouts() -> None:
-    # huggingface_hub reads these at call time; short values mean "fail fast, never hang".
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
-
-
-_short_timeouts()   # before huggingface_hub is imported: it reads these once
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
-    """A TCP connect to the hub endpoint with a short timeout (huggingface_hub itself retries with
-    back-off for ~30-60 s before giving up on an unreachable network)."""
-    import socket
-    from urllib.parse import urlparse
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True, ""
-    except OSError as e:
-        return False, f"{host} unreachable ({e.strerror or type(e).__name__})"
-
-
-def _require_cached_or_online(spec: "ModelSpec") -> None:
-    """Fail in seconds, with the fix, when a hub model is neither cached nor downloadable."""
-    if is_available(spec.raw)[0]:
-        return
-    if _offline():
-        raise ModelLoadError(spec.raw, "not in the local cache and HF_HUB_OFFLINE is set",
-                             "download it once with a network, or unset HF_HUB_OFFLINE")
-    ok, why = hub_reachable()
-    if not ok:
-        raise ModelLoadError(spec.raw, f"not in the local cache and the hub is {why.split(' ', 1)[1]}"
-                             if " " in why else why, OFFLINE_FIX)
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return msg if len(msg) < 200 else msg[:197] + "..."
-
-
 # --------------------------------------------------------------------------------------------
 # CLIP loading
 # --------------------------------------------------------------------------------------------
 
-def _openclip_preprocess(model, spec: str = "open_clip model"):
+def openclip_preprocess(model, spec: str = "open_clip model"):
     """open_clip's inference transform (``image_transform``) as a PreprocessConfig: PIL resize of the
     shortest side (or squash), torchvision CenterCrop rounding; ModelLoadError for what we cannot match."""
     import open_clip
@@ -197,50 +593,21 @@ def _openclip_preprocess(model, spec: str = "open_clip model"):
             "image_size": size, "mean": cfg.get("mean"), "std": cfg.get("std"),
             "interpolation": interpolation, "resize_mode": cfg.get("resize_mode") or "shortest"})
     except ValueError as e:
-        raise ModelLoadError(spec, f"open_clip preprocess_cfg: {_one_line(e)}",
+        raise ModelLoadError(spec, f"open_clip preprocess_cfg: {hub.one_line(e)}",
                              "use resize_mode 'shortest' or 'squash' and bicubic/bilinear interpolation") from e
 
 
-def _load_openclip(spec: ModelSpec):
+def _create_openclip(s: ModelSpec, name: str, pretrained: str | None, kwargs: dict, fix: str):
     import open_clip
 
     from clipkit.core.backends import OpenClipBackend
-    if spec.kind == "openclip":
-        arch, tag = spec.extra["arch"], spec.extra["tag"]
-        if arch not in open_clip.list_models():
-            raise ModelLoadError(spec.raw, f"unknown open_clip architecture {arch!r}",
-                                 "see open_clip.list_models(), e.g. ViT-B-32, ViT-B-32-quickgelu")
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        if tag not in tags and not Path(tag).is_file():
-            raise ModelLoadError(spec.raw, f"unknown pretrained tag {tag!r} for {arch}",
-                                 f"choose one of: {', '.join(tags) or '(none)'}")
-        if not Path(tag).is_file():
-            _require_cached_or_online(spec)
-        name, pretrained = arch, tag
-        if tag == "openai" and "quickgelu" not in arch.lower():
-            # OpenAI weights were trained with QuickGELU; open_clip >= 2.29 no longer switches it on
-            # for ('ViT-B-32', 'openai') and silently loses accuracy (FIELD_NOTES A).
-            kwargs = {"force_quick_gelu": True}
-        else:
-            kwargs = {}
-    else:
-        from clipkit.core.artifacts import overlay_base
-        base = overlay_base(spec.target)
-        if base is not None:
-            return _load_overlay(spec, base)
-        # open_clip only *warns* when a local dir has no weights and returns a random model: refuse.
-        if not any(any(Path(spec.target).glob(g)) for g in ("*.safetensors", "*.bin", "*.pth")):
-            raise ModelLoadError(spec.raw, "no weights file (*.safetensors, *.bin, *.pth) in the directory",
-                                 "save the weights beside open_clip_config.json")
-        name, pretrained, kwargs = f"local-dir:{spec.target}", None, {}
-    _short_timeouts()
+    hub.short_timeouts()
     try:
         model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # download/cache/format failures all end here
-        fix = OFFLINE_FIX if spec.kind == "openclip" else "check the directory's config and weights"
-        raise ModelLoadError(spec.raw, _one_line(e), fix) from e
-    return OpenClipBackend(model, tokenizer, _openclip_preprocess(model, spec.raw), spec.raw)
+        raise ModelLoadError(s.raw, hub.one_line(e), fix) from e
+    return OpenClipBackend(model, tokenizer, openclip_preprocess(model, s.raw), s.raw)
 
 
 #: where transformers keeps a CLIPProcessor's image settings, in the order it reads them:
@@ -249,25 +616,20 @@ def _load_openclip(spec: ModelSpec):
 HF_PROCESSOR_FILES = (("processor_config.json", "image_processor"), ("preprocessor_config.json", None))
 
 
-def _hf_processor_dict(path_or_repo: str, local_only: bool) -> tuple[dict, str] | None:
+def _hf_processor_dict(r: Resolved) -> tuple[dict, str] | None:
     """The image processor settings transformers would use for this directory or hub repo, and the
     file they came from; None when there are none."""
-    p = Path(path_or_repo)
     for name, key in HF_PROCESSOR_FILES:
-        if p.is_dir():
-            f = p / name
-        else:
-            try:
-                from huggingface_hub import hf_hub_download
-                f = Path(hf_hub_download(path_or_repo, name, local_files_only=local_only))
-            except Exception:
-                continue
+        try:
+            f = r.file(name)
+        except Exception:
+            continue
         if not f.is_file():
             continue
         try:
             d = json.loads(f.read_text())
         except (OSError, ValueError) as e:
-            raise ValueError(f"{name} is not valid JSON ({_one_line(e)})") from e
+            raise ValueError(f"{name} is not valid JSON ({hub.one_line(e)})") from e
         if key is not None:
             d = d.get(key) if isinstance(d, dict) else None
             if d is None:
@@ -285,7 +647,7 @@ def _hf_resize_backend() -> str:
     return "torchvision" if int(transformers.__version__.split(".")[0]) >= 5 else "pil"
 
 
-def _hf_preprocess(spec: ModelSpec, model, local_only: bool):
+def _hf_preprocess(r: Resolved, model):
     """The preprocessing ``CLIPProcessor.from_pretrained`` would apply, exactly; ModelLoadError for
     settings we cannot reproduce or that do not fit the model."""
     import logging
@@ -294,74 +656,45 @@ def _hf_preprocess(spec: ModelSpec, model, local_only: bool):
     size = int(model.config.vision_config.image_size)
     fix = "use a CLIPImageProcessor with shortest_edge or height/width resizing and a centre crop of the model's size"
     try:
-        found = _hf_processor_dict(spec.target, local_only)
+        found = _hf_processor_dict(r)
         if found is None:
             logging.getLogger(__name__).warning(
                 "%s: no processor_config.json or preprocessor_config.json; using CLIPImageProcessor's defaults "
-                "(bicubic, OpenAI mean/std) at the model's %d px", spec.raw, size)
+                "(bicubic, OpenAI mean/std) at the model's %d px", r.raw, size)
             d, source = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}, "defaults"
         else:
             d, source = found
         cfg = from_hf_image_processor(d, resize_backend=_hf_resize_backend())
     except ValueError as e:
-        raise ModelLoadError(spec.raw, _one_line(e), fix) from e
+        raise ModelLoadError(r.raw, hub.one_line(e), fix) from e
     if cfg.output_hw != (size, size):
         h, w = cfg.output_hw
-        raise ModelLoadError(spec.raw, f"{source} gives {h}x{w} pixels but the vision model takes {size}x{size}", fix)
+        raise ModelLoadError(r.raw, f"{source} gives {h}x{w} pixels but the vision model takes {size}x{size}", fix)
     return cfg
 
 
-def _load_hf_clip(spec: ModelSpec):
+def _load_hf_clip(s: ModelSpec):
+    """A transformers ``CLIPModel`` + tokenizer from a directory or a hub repo."""
     from transformers import AutoTokenizer, CLIPModel
     from transformers.utils import logging as hf_logging
 
     from clipkit.core.backends import HFClipBackend
     hf_logging.disable_progress_bar()
-    _short_timeouts()
-    local_only = spec.kind == "local-hf" or _offline()
-    if spec.kind == "hf":
-        _require_cached_or_online(spec)
-        local_only = local_only or is_available(spec.raw)[0]
+    hub.short_timeouts()
+    r = s.resolve()
     try:
-        model = CLIPModel.from_pretrained(spec.target, local_files_only=local_only)
-        tokenizer = AutoTokenizer.from_pretrained(spec.target, local_files_only=local_only)
+        model = CLIPModel.from_pretrained(r.location, local_files_only=r.local_only)
+        tokenizer = AutoTokenizer.from_pretrained(r.location, local_files_only=r.local_only)
     except Exception as e:
-        fix = OFFLINE_FIX if spec.kind == "hf" else "the directory must hold a transformers CLIPModel and its tokenizer"
-        raise ModelLoadError(spec.raw, _one_line(e), fix) from e
-    return HFClipBackend(model, tokenizer, _hf_preprocess(spec, model, local_only), spec.raw)
-
-
-def _load_overlay(spec: ModelSpec, base: str):
-    """A partial fine-tune: load its base CLIP, then replace the weights the overlay holds."""
-    from clipkit.core.artifacts import apply_overlay
-    if base in (spec.raw, spec.target):
-        raise ModelLoadError(spec.raw, "overlay names itself as its base", "check open_clip_config.json")
-    backend = load_clip(base)
-    try:
-        apply_overlay(backend.module, spec.target)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(spec.raw, _one_line(e), f"the overlay must come from fine-tuning {base!r}") from e
-    backend.spec = spec.raw
-    return backend
+        raise ModelLoadError(s.raw, hub.one_line(e),
+                             r.fix("the directory must hold a transformers CLIPModel and its tokenizer")) from e
+    return HFClipBackend(model, tokenizer, _hf_preprocess(r, model), s.raw)
 
 
 def load_clip(spec: str | ModelSpec = BUNDLED):
     """Resolve and load a CLIP model -> a :class:`~clipkit.core.backends.ClipBackend` (CPU, fp32)."""
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
-    if spec.kind == "bundled":
-        path = bundled_path(spec.target, "clip")
-        if not (path / "open_clip_config.json").is_file():
-            raise ModelLoadError(spec.raw, f"bundled weights missing from {path}",
-                                 "reinstall clipkit, or train them with `clipkit train clip`")
-        backend = _load_openclip(ModelSpec(str(path), "local-openclip", str(path)))
-        backend.spec = spec.raw
-        return backend
-    if spec.kind in ("openclip", "local-openclip"):
-        return _load_openclip(spec)
-    if spec.kind in ("hf", "local-hf"):
-        return _load_hf_clip(spec)
-    raise ModelLoadError(spec.raw, "a single file is not a CLIP model spec",
-                         "use a directory, 'openclip:ARCH/TAG' or 'hf:ORG/NAME'")
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    return s.load_clip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,57 +710,52 @@ class ModelEntry:
     note: str = ""
 
 
-def _hub_cached(repo: str, filenames: tuple[str, ...]) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    for f in filenames:
-        hit = try_to_load_from_cache(repo, f)
-        if isinstance(hit, str):
-            return True
-    return False
-
-
 def is_available(spec: str, component: str = "clip") -> tuple[bool, str]:
     """Whether ``spec`` can be loaded offline right now, and a short note why (not)."""
     try:
         s = parse_spec(spec, component)
     except ModelLoadError as e:
         return False, e.reason
-    if s.kind == "bundled":
-        ok = bundled_path(s.target, component).is_dir()
-        return ok, "bundled" if ok else "not bundled in this installation"
-    if s.kind in ("local-openclip", "local-hf", "file"):
-        return True, "local"
-    if s.kind == "hf":
-        ok = _hub_cached(s.target, ("config.json", "model_index.json"))
-        return ok, "in the hub cache" if ok else "not cached (needs a download)"
-    try:
-        import open_clip
-        cfg = open_clip.get_pretrained_cfg(s.extra["arch"], s.extra["tag"])
-    except Exception:
-        cfg = {}
-    repo = (cfg or {}).get("hf_hub", "").rstrip("/")
-    ok = bool(repo) and _hub_cached(repo, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
-    return ok, "in the hub cache" if ok else "not cached (needs a download)"
+    return s.available()
+
+
+def list_sources() -> list[dict]:
+    """Every spec source: its name, how its specs are written, and the model kinds it gives."""
+    return [{"kind": src.kind, "syntax": src.syntax, "components": sorted(src.components)} for src in SOURCES]
+
+
+#: the components a profile names, in the order `clipkit models` lists them, and a note on each
+PROFILE_COMPONENTS = {"clip": "", "guide": "; guides `generate`", "diffusion": "", "captioner": ""}
 
 
 def list_models() -> list[ModelEntry]:
-    """Every profile's models, with whether each is available offline."""
+    """Every profile's models (each through the one registry, as its kind), with whether each is
+    available offline."""
     out = []
     for prof in PROFILES.values():
-        for comp in ("clip", "guide", "diffusion", "captioner"):
+        for comp, note_extra in PROFILE_COMPONENTS.items():
             spec = getattr(prof, comp)
-            if comp == "guide":
-                if spec is None:
-                    continue
-                ok, note = is_available(spec, "clip")
-                out.append(ModelEntry(spec, comp, prof.name, ok, note + "; guides `generate`"))
-                continue
             if spec is None:
-                out.append(ModelEntry("-", comp, prof.name, False, "user supplies --" + comp))
+                if comp != "guide":         # no guide: the profile's clip guides
+                    out.append(ModelEntry("-", comp, prof.name, False, "user supplies --" + comp))
                 continue
             ok, note = is_available(spec, comp)
-            out.append(ModelEntry(spec, comp, prof.name, ok, note))
+            out.append(ModelEntry(spec, comp, prof.name, ok, note + note_extra))
     return out
+
+
+def resolve_hook(ref: str):
+    """``"package.module:name"`` -> that object, imported on first use (a hook names a package that
+    core must not import statically, e.g. the Shapes world)."""
+    import importlib
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def known_words(spec: str) -> set[str] | None:
+    """The words that the models of a profile using ``spec`` know (its ``vocabulary`` hook), or None
+    when no such profile declares a vocabulary (real models: any word)."""
+    for prof in PROFILES.values():
+        if prof.vocabulary and spec in (prof.clip, prof.guide, prof.diffusion, prof.captioner):
+            return set(resolve_hook(prof.vocabulary)())
+    return None

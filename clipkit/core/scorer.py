@@ -161,7 +161,7 @@ class ClipScorer:
         return F.normalize(feats, dim=-1) if normalize else feats
 
     @torch.inference_mode()
-    def _encode_pixels_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         """Already-preprocessed (normalised) pixels [B,3,S,S] -> normalised embeddings."""
         return self._encode_pixels(pixels)
 

@@ -1,4 +1,5 @@
-"""Contrastive training of CLIP (``clipkit train clip``): from scratch on the Shapes world, or
+"""Contrastive training of CLIP (``clipkit train clip``): from scratch on the Shapes world
+(through ``clipkit.shapes.recipes``, which supplies its data and evaluation), or
 fine-tuning any open_clip CLIP on a folder of image-caption pairs (``captions.jsonl``) or on a
 labelled image set (an ImageFolder or a ``path,label`` list: FLYP, below).
 
@@ -19,7 +20,7 @@ negatives: with few classes, a batch holds many. The validation split is evaluat
 export WiSE-FT interpolations of the initial and fine-tuned weights (:mod:`clipkit.core.wise`).
 
 Runs through ``accelerate`` (``accelerate launch`` for several processes; each process contrasts
-its own batch). Checkpoints are safetensors + JSON and resumable; a CSV log and a PNG of the curves
+its own batch). Checkpoints (core.training: accelerate save_state, never unpickled with code) are resumable; a CSV log and a PNG of the curves
 are written as training goes.
 
 Robust training (``augment="robust"``) shows the CLIP images like the x0 estimates that guidance
@@ -31,11 +32,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -279,12 +278,7 @@ def _build_model(cfg: TrainClipConfig):
         if not isinstance(backend, OpenClipBackend):
             raise InputError(f"--init {cfg.init}: fine-tuning supports open_clip models "
                              "(shapes, openclip:ARCH/TAG, open_clip directories)")
-        if spec.kind == "openclip":
-            model_cfg = open_clip.get_model_config(spec.extra["arch"])
-        else:
-            from clipkit.core.registry import bundled_path
-            d = bundled_path(spec.target, "clip") if spec.kind == "bundled" else Path(spec.target)
-            model_cfg = json.loads((d / "open_clip_config.json").read_text())["model_cfg"]
+        model_cfg = spec.model_cfg()       # its open_clip architecture, from its source
         pp = backend.preprocess
         preprocess = {"size": pp.image_size, "mean": list(pp.mean), "std": list(pp.std),
                       "interpolation": pp.interpolation, "resize_mode": pp.resize_mode}
@@ -447,44 +441,49 @@ class TrainResult:
     wise: dict = field(default_factory=dict)        # the WiSE-FT report (labelled data with ``wise``)
 
 
-def _shapes_eval(model, preprocess: PreprocessConfig, tokenizer, device, n: int = 512) -> dict:
-    from clipkit.shapes.data import single_object_scenes
-    from clipkit.shapes.probes import zero_shot_accuracy
-    from clipkit.shapes.render import render_scenes
-    scenes = single_object_scenes("val", n)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        x = render_scenes(scenes, preprocess.image_size, device=device)
-        img = F.normalize(model.encode_image(torch_preprocess(x, preprocess)).float(), dim=-1)
-
-        def enc(texts):
-            return F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
-        acc = zero_shot_accuracy(img, scenes, enc)
-    model.train(was_training)
-    return acc
+@dataclass
+class ClipData:
+    """What :func:`train_clip` trains on, from a recipe (:func:`clipkit.shapes.recipes.shapes_clip_data`
+    for ``--data shapes``) or from the data files that core reads itself (captions.jsonl, labelled)."""
+    dataset: Dataset                          # items: dicts of tensors ("pixels" [3,H,W] in [0,1], "tokens" [L])
+    collate: Callable = _collate
+    shuffle: bool = True
+    to_pixels: Callable | None = None         # batch -> [B,3,H,W] in [0,1] on the device (default: batch["pixels"])
+    rng: dict = field(default_factory=dict)   # generators to_pixels draws from (checkpointed)
+    evaluate: Callable | None = None          # (model, preprocess, tokenizer, device) -> {metric: value}
+    eval_columns: tuple = ()
+    eval_every: int = 500
 
 
-def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None) -> TrainResult:
+#: A recipe's data: (config, tokenizer, number of processes) -> :class:`ClipData`.
+ClipDataFactory = Callable[[TrainClipConfig, object, int], ClipData]
+
+
+def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None,
+               data: ClipDataFactory | None = None) -> TrainResult:
     """Train (or fine-tune) a CLIP; see the module docstring.
 
-    ``reference``: with ``cfg.wise``, a callable ``scorer -> {metric: value}`` measuring each
-    WiSE-FT model on a reference task (e.g. :func:`clipkit.shapes.probes.reference_accuracy`);
-    the caller supplies it, so that core knows no particular task."""
+    ``data``: the training data of a recipe (``cfg.data == "shapes"`` needs one:
+    :func:`clipkit.shapes.recipes.shapes_clip_data`, which ``clipkit train clip`` wires); captions.jsonl
+    and labelled data are read here. ``reference``: with ``cfg.wise``, a callable ``scorer ->
+    {metric: value}`` measuring each WiSE-FT model on a reference task (e.g.
+    :func:`clipkit.shapes.probes.reference_accuracy`); the caller supplies it, so that core knows no
+    particular task."""
     from accelerate.utils import set_seed
 
-    from clipkit.core.dist import accelerator
-    from tqdm.auto import tqdm
-
     from clipkit.core.artifacts import save_openclip_dir
-    from clipkit.core.training import CsvLog, plan_steps, plot_curves, resume_step, save_checkpoint, warmup_cosine
-    from clipkit.shapes.render import render
+    from clipkit.core.dist import accelerator
+    from clipkit.core.training import LoopSettings, RngStates, StepOutput, export_dtype, train_loop
 
     if cfg.augment not in ("robust", "none", "auto"):
         raise InputError(f"augment must be 'robust', 'none' or 'auto', got {cfg.augment!r}")
     if cfg.steps < 1 or cfg.batch_size < 2:
         raise InputError("steps must be >= 1 and batch_size >= 2 (contrastive loss needs negatives)")
-    kind = data_kind(cfg.data)
+    dtype = export_dtype(cfg.export_dtype)
+    kind = "recipe" if data is not None else data_kind(cfg.data)
+    if kind == "shapes":
+        raise InputError("--data shapes: the Shapes data comes from its recipe "
+                         "(clipkit.shapes.recipes.train_clip, or `clipkit train clip`)")
     if cfg.wise:
         from clipkit.core.wise import check_alphas
         cfg.wise = tuple(check_alphas(cfg.wise))
@@ -494,84 +493,40 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None) -> T
     acc = accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    ckpt_dir = out / "checkpoint"
     model, tokenizer, model_cfg, pp_dict = _build_model(cfg)
     trained = freeze_except(model, cfg.train_only) if cfg.train_only else None
     pp = PreprocessConfig.from_dict({**pp_dict, "image_size": pp_dict["size"]})
-    shapes = kind == "shapes"
     flyp = None
-    if shapes:
-        from clipkit.shapes.data import ShapesCaptions
-        ds = ShapesCaptions("train", length=cfg.steps * cfg.batch_size * acc.num_processes,
-                            p_two=cfg.p_two, tokenizer=tokenizer)
+    if kind == "recipe":
+        cd = data(cfg, tokenizer, acc.num_processes)
     elif kind == "labelled":
         flyp = prepare_labelled(cfg, tokenizer, int(getattr(tokenizer, "context_length", None) or 77))
-        ds = LabelledImages(flyp.train.paths, flyp.train.labels, pp.image_size)
+        cd = ClipData(LabelledImages(flyp.train.paths, flyp.train.labels, pp.image_size))
     else:
         pairs, _ = read_captions_jsonl(cfg.data)
-        ds = ImageCaptionPairs(pairs, pp.image_size, tokenizer)
-        if len(ds) < 2:
+        cd = ClipData(ImageCaptionPairs(pairs, pp.image_size, tokenizer))
+        if len(cd.dataset) < 2:
             raise InputError("need at least 2 image-caption pairs for contrastive training")
+    ds = cd.dataset
     augment = cfg.augment if cfg.augment != "auto" else ("none" if flyp else "robust")
-    loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=not shapes,
-                        num_workers=cfg.num_workers, collate_fn=_collate, drop_last=True,
+    loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=cd.shuffle,
+                        num_workers=cfg.num_workers, collate_fn=cd.collate, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
-    size_rng = random.Random(cfg.seed)
-    rng = {f"gen{acc.process_index}": gen, "size_rng": size_rng}      # saved in checkpoints, restored on resume
-    step = resume_step(ckpt_dir, model, opt, cfg.resume, rng=rng)
-    if step and not acc.is_main_process:      # only the main process's states are in the checkpoint
-        gen.manual_seed(cfg.seed * 1000 + acc.process_index + step)
-    if not cfg.resume and acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    rng = RngStates({f"gen{acc.process_index}": gen, **cd.rng}, cfg.seed)   # checkpointed, restored on resume
     model, opt, loader = acc.prepare(model, opt, loader)
-    eval_every = cfg.eval_every or (max(1, len(loader)) if flyp else 500)
     val_loader = None
     if flyp is not None and flyp.val is not None and acc.is_main_process:
         val_loader = DataLoader(LabelledImages(flyp.val.paths, flyp.val.labels, pp.image_size),
                                 batch_size=max(64, cfg.batch_size), shuffle=False, collate_fn=_collate,
                                 num_workers=cfg.num_workers)
     prompt_ids = flyp.prompt_ids.to(acc.device) if flyp else None
-    warmup = min(cfg.warmup, cfg.steps // 10)     # a short fine-tune still reaches its peak LR and decays
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg.steps, warmup), last_epoch=step - 1 if step else -1)
     abar = ddpm_alphas_cumprod() if cfg.noise_aware else None
     unwrapped = acc.unwrap_model(model)
-    cols = ["step", "loss", "acc_i2t", "acc_t2i", "logit_scale", "lr", "samples_per_s"]
-    eval_cols = ["step", "color", "shape", "size", "position"] if shapes else \
-        ["step", "val_top1", "val_balanced_accuracy", "val_loss"]
-    logf = CsvLog(out / "train_log.csv", cols, append=cfg.resume, resume_from=step) if acc.is_main_process else None
-    evaluating = shapes or val_loader is not None
 
-    def run_eval():
-        if shapes:
-            return _shapes_eval(unwrapped, pp, tokenizer, acc.device)
-        return labelled_eval(unwrapped, flyp, val_loader, pp, acc.device)
-
-    evalf = CsvLog(out / "eval_log.csv", eval_cols, append=cfg.resume, resume_from=step) \
-        if acc.is_main_process and evaluating else None
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and acc.is_main_process), desc="train clip")
-    start_step = step
-    t0, seen, last_eval = time.time(), 0, {}
-    if flyp is not None and evalf is not None and step == 0:      # the zero-shot starting point
-        last_eval = run_eval()
-        evalf.write(step=0, **last_eval)
-        log.info("step 0 eval %s", last_eval)
-    data_iter = iter(acc.skip_first_batches(loader, step % max(1, len(loader))) if step else loader)
-    model.train()
-    while step < cfg.steps:
-        try:
-            batch = next(data_iter)
-        except StopIteration:
-            data_iter = iter(loader)
-            continue
-        if batch is None:
-            continue
-        if shapes:
-            x = render(batch["params"], size=size_rng.choice(cfg.render_sizes))
-        else:
-            x = batch["pixels"]
+    def step_fn(batch) -> StepOutput:
+        x = cd.to_pixels(batch) if cd.to_pixels is not None else batch["pixels"]
         classes = None
         if flyp is not None:       # FLYP: a caption per image from a random template and its class name
             classes = batch["label"]
@@ -593,54 +548,42 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None) -> T
                 img, txt, scale = res[:3]
             loss, a_i, a_t = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
                                        scale.float().log(), classes if cfg.class_positives else None)
-        acc.backward(loss)
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        return StepOutput(loss, len(pixels), {"acc_i2t": a_i, "acc_t2i": a_t})
+
+    def after_step(step):
         with torch.no_grad():
             unwrapped.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        if cfg.time_limit_s and step == start_step + 50:
-            t_mark = time.time()      # measure the rate after start-up (workers, kernels) is over
-        if cfg.time_limit_s and step == start_step + 300:
-            plan_steps(cfg, 250, time.time() - t_mark, step, time.time() - t0)
-        seen += len(pixels)
-        bar.update(1)
-        if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
-            sps = seen * acc.num_processes / (time.time() - t0)
-            logf.write(step=step, loss=loss.item(), acc_i2t=a_i.item(), acc_t2i=a_t.item(),
-                       logit_scale=float(unwrapped.logit_scale.detach().exp()), lr=sched.get_last_lr()[0],
-                       samples_per_s=sps)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{a_i.item():.2f}")
-        if evalf is not None and (step % eval_every == 0 or step == cfg.steps):
-            last_eval = run_eval()
-            evalf.write(step=step, **last_eval)
-            log.info("step %d eval %s", step, last_eval)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(ckpt_dir, unwrapped, opt, step, cfg, {"eval": last_eval}, rng=rng)
-                plot_curves(out / "train_log.csv", out / "train_curves.png",
-                            ys=["loss", "acc_i2t", "logit_scale", "lr"], title="CLIP training")
-                if evalf is not None and flyp is not None:
-                    plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="zero-shot (val)")
-    bar.close()
-    acc.wait_for_everyone()
+        return {"logit_scale": float(unwrapped.logit_scale.detach().exp())}
+
+    eval_fn, eval_cols = None, None
+    if cd.evaluate is not None:
+        eval_cols = ["step", *cd.eval_columns]
+
+        def eval_fn(step):
+            return cd.evaluate(unwrapped, pp, tokenizer, acc.device)
+    elif val_loader is not None:
+        eval_cols = ["step", "val_top1", "val_balanced_accuracy", "val_loss"]
+
+        def eval_fn(step):
+            return labelled_eval(unwrapped, flyp, val_loader, pp, acc.device)
+    settings = LoopSettings(
+        out_dir=out, steps=cfg.steps, warmup=min(cfg.warmup, cfg.steps // 10),   # a short fine-tune still decays
+        log_columns=["step", "loss", "acc_i2t", "acc_t2i", "logit_scale", "lr", "samples_per_s"],
+        grad_clip=cfg.grad_clip, log_every=cfg.log_every, save_every=cfg.save_every,
+        eval_every=cfg.eval_every or (max(1, len(loader)) if flyp else cd.eval_every), eval_columns=eval_cols,
+        eval_at_start=flyp is not None, resume=cfg.resume, time_limit_s=cfg.time_limit_s, progress=progress,
+        desc="train clip", train_plot=(["loss", "acc_i2t", "logit_scale", "lr"], "CLIP training"),
+        eval_plot_title="zero-shot accuracy (val)")
+    run = train_loop(acc, model, opt, loader, step_fn, settings, eval_fn=eval_fn, after_step=after_step,
+                     rng=rng, config=cfg)
     model_dir = out / "model"
+    overlay = trained is not None and cfg.init
     if acc.is_main_process:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[cfg.export_dtype]
-        overlay = trained is not None and cfg.init
         from clipkit.core.outputs import atomic_dir
         with atomic_dir(model_dir, overwrite=True) as tmp:       # never half a model, never through a link
             save_openclip_dir(unwrapped, model_cfg, pp_dict, tmp, dtype=dtype,
-                              extra={"training": asdict(cfg), "eval": last_eval},
+                              extra={"training": asdict(cfg), "eval": run.final_eval},
                               keys=trained if overlay else None, base=cfg.init if overlay else None)
-        if evalf is not None:
-            evalf.close()
-            plot_curves(out / "eval_log.csv", out / "eval_curves.png", title="zero-shot accuracy (val)")
-        logf.close()
     wise = {}
     if cfg.wise and acc.is_main_process:
         from clipkit.core.wise import wise_ft
@@ -649,4 +592,4 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None) -> T
                          export_dtype=dtype, keys=trained if overlay else None,
                          extra={"training": asdict(cfg)}, device=acc.device)
         wise = report.to_dict()
-    return TrainResult(str(out), str(model_dir), step, time.time() - t0, last_eval, acc.num_processes, wise)
+    return TrainResult(str(out), str(model_dir), run.steps, run.wall_s, run.final_eval, acc.num_processes, wise)

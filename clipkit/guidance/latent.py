@@ -111,18 +111,13 @@ def load_latent_pipeline(spec: str, device="cpu", dtype: torch.dtype = torch.flo
     Raises :class:`ModelLoadError` (one line, with the fix) for bad paths, non-SD directories and hub
     models that are neither cached nor downloadable; never hangs on the network.
     """
-    from clipkit.core import registry
-    s = registry.parse_spec(spec, "diffusion")
-    if s.kind == "bundled":
+    from clipkit.core.registry import parse_spec
+    s = parse_spec(spec, "diffusion")
+    if s.source.bundled:
         raise ModelLoadError(spec, "the bundled Shapes diffusion model is a pixel model, not a latent one",
                              "use clipkit.guidance.pipeline for it, or give a Stable Diffusion directory / hf:ORG/NAME")
-    if s.kind not in ("hf", "local-hf"):
-        raise ModelLoadError(spec, "not a diffusers pipeline", "give a Stable Diffusion directory or hf:ORG/NAME")
-    local_only = True
-    if s.kind == "hf":
-        registry._require_cached_or_online(s)
-        local_only = registry._offline() or registry.is_available(s.raw, "diffusion")[0]
-    comps = load_components(s.target, spec, local_only, device, dtype)
+    r = s.resolve()             # a directory or a hub repo id; hub checks done (fails fast offline)
+    comps = load_components(r.location, spec, r.local_only, device, dtype)
     return comps.with_scheduler(scheduler) if scheduler else comps
 
 
@@ -130,14 +125,14 @@ def load_components(source: str, spec: str, local_only: bool, device="cpu",
                     dtype: torch.dtype = torch.float32) -> LatentComponents:
     """The components of a Stable Diffusion pipeline in ``source`` (a directory or a hub repo id),
     with its own scheduler; failures are one-line :class:`ModelLoadError` naming ``spec``."""
-    from clipkit.core import registry
+    from clipkit.core import hub
     is_dir = Path(source).is_dir()
     if is_dir:
         missing = [f for f in SUBFOLDERS if not (Path(source) / f).is_dir()]
         if missing:
             raise ModelLoadError(spec, f"not a Stable Diffusion pipeline directory (missing {', '.join(missing)}/)",
                                  "save one with StableDiffusionPipeline.save_pretrained")
-    registry._short_timeouts()
+    hub.short_timeouts()
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -157,8 +152,8 @@ def load_components(source: str, spec: str, local_only: bool, device="cpu",
             raise ValueError(f"unknown scheduler class {sched_cfg.get('_class_name')!r}")
         sched = sched_cls.from_config(sched_cfg)
     except Exception as e:
-        fix = "check the directory's components" if is_dir else registry.OFFLINE_FIX
-        raise ModelLoadError(spec, registry._one_line(e), fix) from e
+        fix = "check the directory's components" if is_dir else hub.OFFLINE_FIX
+        raise ModelLoadError(spec, hub.one_line(e), fix) from e
     return LatentComponents(unet, vae, text_encoder, tokenizer, sched, spec).to(device, dtype)
 
 

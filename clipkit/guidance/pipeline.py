@@ -6,7 +6,8 @@
    its own, so its seed alone fixes it (``-n 1 --seed S`` regenerates the file ``<slug>-S.png``,
    bit for bit on the same machine, torch build and thread count);
 2. score each candidate *as saved* (8-bit RGB) by cosine with the prompt under the guiding CLIP,
-   ranked with :func:`clipkit.rerank.rank.rerank` (score descending, ties by candidate);
+   ranked with core's ranking (:func:`clipkit.core.ranking.order`: score descending, rounded to
+   1e-6, ties by seed);
 3. keep the ``n`` best; optionally write ``DIR/<slug>-<seed>.png`` and a ``.json`` sidecar.
 
 With CLIP guidance off (``clip_scale=0``) candidate seed S is, pixel for pixel, what diffusers' own
@@ -36,13 +37,14 @@ import time
 import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Callable, Collection, Protocol, Sequence, runtime_checkable
 
 import torch
 from PIL import Image
 
 from clipkit.core.errors import InputError, ModelLoadError
-from clipkit.core.registry import BUNDLED_NAMES
+from clipkit.core.ranking import cosines, order
+from clipkit.core.registry import BUNDLED, known_words
 from clipkit.guidance.schedulers import OUTPUT_ONLY, SCHEDULERS, count_timesteps, make_scheduler
 from clipkit.guidance.wrapper import GuidanceConfig
 
@@ -271,46 +273,23 @@ def load_diffusion(spec: str = "shapes", device="cpu", precision: str = "fp32") 
     ``shapes`` (bundled), a local diffusers pipeline directory (``model_index.json``) or ``hf:ORG/NAME``.
     Failures raise :class:`ModelLoadError` naming the spec and the fix; hub loads fail fast offline.
     """
-    from clipkit.core.registry import (OFFLINE_FIX, _offline, _one_line, _require_cached_or_online,
-                                       bundled_path, is_available, parse_spec)
+    from clipkit.core import hub
+    from clipkit.core.registry import parse_spec
     from clipkit.core.scorer import resolve_device, resolve_dtype
     s = parse_spec(spec, "diffusion")
     device, dtype = resolve_device(device), resolve_dtype(precision)
-    local_only = True
-    if s.kind == "bundled":
-        source = str(bundled_path(s.target, "diffusion"))
-        if not (Path(source) / "model_index.json").is_file():
-            raise ModelLoadError(s.raw, f"bundled weights missing from {source}",
-                                 "reinstall clipkit, or train them with `clipkit train diffusion`")
-    elif s.kind == "local-hf":
-        source = s.target
-        if not (Path(source) / "model_index.json").is_file():
-            raise ModelLoadError(s.raw, "directory has no model_index.json",
-                                 "point at a saved diffusers pipeline directory (unet/ + scheduler/)")
-    elif s.kind == "hf":
-        source = s.target
-        _require_cached_or_online(s)
-        local_only = _offline() or is_available(s.raw, "diffusion")[0]
-    else:
-        raise ModelLoadError(s.raw, "not a diffusion model spec",
-                             "use 'shapes', 'hf:ORG/NAME' or a diffusers pipeline directory")
+    r = s.resolve()             # a directory or a hub repo id; hub checks done (fails fast offline)
     try:
-        if Path(source).is_dir():
-            index_path = Path(source) / "model_index.json"
-        else:
-            from huggingface_hub import hf_hub_download
-            index_path = Path(hf_hub_download(source, "model_index.json", local_files_only=local_only))
-        class_name = json.loads(index_path.read_text()).get("_class_name", "?")
+        class_name = json.loads(r.file("model_index.json").read_text()).get("_class_name", "?")
     except Exception as e:
-        raise ModelLoadError(s.raw, _one_line(e), OFFLINE_FIX if s.kind == "hf" else "check the directory") from e
-    loader = _resolve_loader(class_name, s.raw)
+        raise ModelLoadError(r.raw, hub.one_line(e), r.fix("check the directory")) from e
+    loader = _resolve_loader(class_name, r.raw)
     try:
-        return loader(source, s.raw, local_only, device=device, dtype=dtype)
+        return loader(r.location, r.raw, r.local_only, device=device, dtype=dtype)
     except ModelLoadError:
         raise
     except Exception as e:
-        fix = OFFLINE_FIX if s.kind == "hf" else "check the pipeline's unet/ and scheduler/ folders"
-        raise ModelLoadError(s.raw, _one_line(e), fix) from e
+        raise ModelLoadError(r.raw, hub.one_line(e), r.fix("check the pipeline's unet/ and scheduler/ folders")) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,9 +305,11 @@ class GeneratedImage:
     rank: int                       # 1 = best of this prompt's candidates
     path: str | None = None         # the PNG, when written
     sidecar: str | None = None      # its JSON sidecar
+    selection_score: float | None = None    # the Selector's score, when one chose among candidates
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "image"}
+        return {k: v for k, v in asdict(self).items()
+                if k != "image" and not (k == "selection_score" and v is None)}
 
 
 @dataclass
@@ -427,10 +408,11 @@ def write_image(img: GeneratedImage, png: Path, sidecar: dict, overwrite: bool) 
     img.path, img.sidecar = str(png), str(png.with_suffix(".json"))
 
 
-def unknown_words(prompt: str) -> list[str]:
-    """Words of ``prompt`` that no Shapes caption uses (in order, without repeats)."""
-    from clipkit.shapes.world import vocabulary
-    vocab = vocabulary()
+def unknown_words(prompt: str, vocab: Collection[str] | None = None) -> list[str]:
+    """Words of ``prompt`` not in ``vocab`` (in order, without repeats); ``vocab`` defaults to the
+    words the bundled Shapes models know (no Shapes caption uses the others)."""
+    if vocab is None:
+        vocab = known_words(BUNDLED) or set()
     words = re.findall(r"[a-z]+", prompt.lower())
     return list(dict.fromkeys(w for w in words if w not in vocab))
 
@@ -439,9 +421,9 @@ def _spec_of(model) -> str:
     return model if isinstance(model, str) else getattr(model, "spec", type(model).__name__)
 
 
-def warn_unknown_words(prompts: Sequence[str]) -> None:
+def warn_unknown_words(prompts: Sequence[str], vocab: Collection[str] | None = None) -> None:
     for p in prompts:
-        unknown = unknown_words(p)
+        unknown = unknown_words(p, vocab)
         if unknown:
             log.warning("%r: the bundled Shapes models do not know %s (they know only shapes, colours, sizes and "
                         "positions); for real prompts use --profile sd, or --diffusion SPEC and --clip SPEC",
@@ -469,6 +451,22 @@ def make_config(config: GenerateConfig | None, options: dict) -> GenerateConfig:
     return GenerateConfig(**{**base, **options}).validate()
 
 
+class Selector(Protocol):
+    """Best-of selection: ``(candidate images, prompt, their CLIP cosines [N]) -> scores [N]``,
+    higher is better; ``name`` goes in the sidecars. Plugins or the CLI supply one (e.g. the
+    captioning plugin's :class:`~clipkit.captioning.captioner.CaptionEndSelector`)."""
+    name: str
+
+    def __call__(self, images: Sequence[Image.Image], prompt: str, clip_scores: torch.Tensor) -> torch.Tensor: ...
+
+
+def _candidate_scores(images: Sequence[Image.Image], prompt: str, scorer) -> torch.Tensor:
+    """[N] cosine of each candidate image with the prompt (core's exact, chunking-independent
+    cosines, as ``rerank`` scores), for :func:`~clipkit.core.ranking.order`."""
+    q = scorer.encode_texts([prompt]).cpu()                                   # [1, D]
+    return cosines(scorer.encode_images(images), q)[:, 0]
+
+
 def _step_counter(on_step, total: int):
     """A no-argument callback that reports (steps done, total) to ``on_step``."""
     done = [0]
@@ -482,7 +480,8 @@ def _step_counter(on_step, total: int):
 def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = None,
              config: GenerateConfig | None = None, diffusion="shapes", clip="shapes-noised", device="auto",
              precision: str = "fp32", out_dir=None, overwrite: bool = False,
-             on_step: Callable[[int, int], None] | None = None, **options) -> GenerateResult:
+             on_step: Callable[[int, int], None] | None = None, select: "Selector | None" = None,
+             **options) -> GenerateResult:
     """Generate ``n`` images per prompt with CLIP guidance (and best-of-``best_of`` CLIP reranking).
 
     Args:
@@ -497,6 +496,8 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         out_dir: write ``<slug>-<seed>.png`` + ``.json`` sidecars there; existing files are an error
             unless ``overwrite`` (checked before anything is generated).
         on_step: ``on_step(done, total)`` after every denoising step of every candidate (progress bars).
+        select: how best-of keeps its ``n`` (a :class:`Selector`: candidates, prompt and their CLIP
+            cosines -> selection scores, higher is better); None: the CLIP cosine itself.
     """
     t0 = time.time()
     # 1. validate everything that needs no model
@@ -510,8 +511,9 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - n_cand:
         raise InputError(f"seed must be an integer in [0, {MAX_SEED - n_cand}], got {seed!r}")
     seeds = list(range(seed, seed + n_cand))
-    if {_spec_of(clip), _spec_of(diffusion)} & set(BUNDLED_NAMES):
-        warn_unknown_words(prompts)
+    vocab = next((v for v in map(known_words, (_spec_of(clip), _spec_of(diffusion))) if v is not None), None)
+    if vocab is not None:                         # a bundled model: it knows only its world's words
+        warn_unknown_words(prompts, vocab)
     # 2. outputs: every file that could be written, checked before any work
     targets: dict = {}
     if out_dir is not None:
@@ -532,24 +534,27 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     step = None if on_step is None else _step_counter(on_step, len(prompts) * n_cand * pipe.steps_per_image(cfg))
     # 4. sample, score, keep the best, write
     from clipkit import __version__
-    from clipkit.rerank.rank import rerank
     if out_dir is not None:
         make_out_dir(out_dir)
     kept: list[GeneratedImage] = []
     for pi, prompt in enumerate(prompts):
         images = pipe.generate(prompt, seeds, cfg, scorer, on_step=step)
-        ranking = rerank(images, query=prompt, scorer=scorer, top_k=n)         # items "#k", best first
-        for item in ranking.results:
-            k = int(item.path[1:])
-            img = GeneratedImage(prompt, seeds[k], images[k], item.score, item.rank)
+        scores = _candidate_scores(images, prompt, scorer)                        # [n_cand]
+        chosen = scores if select is None or n_cand == n else \
+            torch.as_tensor(select(images, prompt, scores), dtype=torch.float32)
+        for k, rank in order(seeds, chosen, n):                                # the n best, ties by seed
+            img = GeneratedImage(prompt, seeds[k], images[k], float(scores[k]), rank,
+                                 selection_score=None if chosen is scores else float(chosen[k]))
             if out_dir is not None:
                 png = targets[(pi, seeds[k])]
                 sidecar = {"clipkit": __version__, "prompt": prompt, "seed": seeds[k], "image": png.name,
-                           "clip_score": item.score, "score": "cosine", "score_note": SCORE_NOTE,
-                           "rank": item.rank, "candidates": n_cand, "models": models,
+                           "clip_score": img.clip_score, "score": "cosine", "score_note": SCORE_NOTE,
+                           "rank": rank, "candidates": n_cand, "models": models,
                            "parameters": parameters(cfg, n, seed),
                            "device": str(scorer.device), "precision": precision,
                            "size": list(img.image.size)}
+                if img.selection_score is not None:
+                    sidecar.update(selection=select.name, selection_score=img.selection_score)
                 write_image(img, png, sidecar, overwrite)
             kept.append(img)
     return GenerateResult(kept, cfg, models, n, seed, n_cand, time.time() - t0,

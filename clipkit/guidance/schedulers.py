@@ -54,7 +54,7 @@ def count_timesteps(name: str, config, steps: int, spec: str, latent: bool = Fal
     try:
         sched.set_timesteps(steps)
     except Exception as e:   # e.g. PNDM with Runge-Kutta warm-up needs more steps
-        from clipkit.core.registry import _one_line
+        from clipkit.core.hub import one_line
         raise InputError(f"scheduler {name!r} cannot run {steps} steps for {spec!r} "
-                         f"({type(e).__name__}: {_one_line(e)}); try more steps or another scheduler") from None
+                         f"({type(e).__name__}: {one_line(e)}); try more steps or another scheduler") from None
     return len(sched.timesteps)

@@ -1,20 +1,20 @@
-"""DDPM training of the bundled unconditional Shapes model (``clipkit train diffusion``).
+"""DDPM training of an unconditional pixel model (``clipkit train diffusion``; the bundled Shapes model's
+recipe is :mod:`clipkit.shapes.recipes`).
 
-A diffusers ``UNet2DModel`` at 32x32 learns eps-prediction (Ho et al. 2020, Alg. 1) on Shapes renders
-drawn on the device; an EMA of the weights is what gets exported, as a diffusers ``DDPMPipeline``
+A diffusers ``UNet2DModel`` (32x32 for Shapes) learns eps-prediction (Ho et al. 2020, Alg. 1) on the
+images of a recipe (Shapes renders drawn on the device) through core's training loop; an EMA
+(diffusers' ``EMAModel``) of the weights is what gets exported, as a diffusers ``DDPMPipeline``
 directory (``model_index.json`` + ``unet/`` + ``scheduler/``, safetensors), so the same loader reads it
-and any ``google/ddpm-*`` repository. During training, samples are drawn with DDIM and judged by the
-oracle: the fraction with a valid Shapes object and the colour/position histograms are logged.
+and any ``google/ddpm-*`` repository. During training, samples are drawn with DDIM, saved as a grid and
+judged by the recipe's judge (Shapes: the oracle's valid-object rate and colour/position histograms).
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -88,41 +88,55 @@ def sample_ddim(unet, scheduler_config: dict, n: int, steps: int, generator: tor
     return torch.cat(out)
 
 
-def judge_samples(images: torch.Tensor) -> dict:
-    """Oracle statistics of unguided samples: valid-object rate and attribute histograms."""
-    from clipkit.shapes.oracle import read_attributes
-    valid, n_obj = 0, Counter()
-    colors, positions, shapes = Counter(), Counter(), Counter()
-    for im in images:
-        found = read_attributes(im)
-        n_obj[len(found)] += 1
-        good = [o for o in found if o.valid]
-        if good and len(good) == len(found) and len(found) <= 2:
-            valid += 1
-        for o in good:
-            colors[o.color] += 1
-            positions[o.position] += 1
-            shapes[o.shape] += 1
-    return {"valid": valid / len(images), "objects": dict(sorted(n_obj.items())),
-            "colors": dict(colors), "positions": dict(positions), "shapes": dict(shapes)}
+@dataclass
+class DiffusionData:
+    """Training images for :func:`train_diffusion`, from a recipe
+    (:func:`clipkit.shapes.recipes.shapes_diffusion_data` for the bundled Shapes model)."""
+    batches: Iterable                   # a DataLoader (prepared here) or an endless iterator of batches
+    to_images: Callable                 # batch -> x0 [B, 3, H, W] in [0, 1] on the device
+    judge: Callable | None = None       # samples [N, 3, H, W] in [0, 1] -> {metric: value}, every evaluation
+    eval_columns: tuple = ()            # eval_log.csv columns of the judge's metrics
 
 
-def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> DiffusionTrainResult:
+#: A recipe's data: (config, sample size, the trainer's generator, number of processes) -> DiffusionData.
+DiffusionDataFactory = Callable[[TrainDiffusionConfig, int, torch.Generator, int], DiffusionData]
+
+
+class _EmaState:
+    """diffusers' EMAModel as an accelerate checkpoint object; its shadow weights go back to the
+    training device after loading (they are loaded on the CPU)."""
+
+    def __init__(self, ema, device):
+        self.ema, self.device = ema, device
+
+    def state_dict(self):
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state):
+        self.ema.load_state_dict(state)
+        self.ema.to(self.device)
+
+
+def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True,
+                    data: DiffusionDataFactory | None = None) -> DiffusionTrainResult:
+    """DDPM training (see the module docstring) on the images of ``data``, a recipe's factory
+    (:func:`clipkit.shapes.recipes.shapes_diffusion_data`; ``clipkit train diffusion`` wires it)."""
     from accelerate.utils import set_seed
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-    from tqdm.auto import tqdm
+    from diffusers.training_utils import EMAModel
 
-    from clipkit.core.training import CsvLog, load_checkpoint, plan_steps, resume_step, plot_curves, save_checkpoint, warmup_cosine
-    from clipkit.shapes.data import ShapesCaptions, collate
-    from clipkit.shapes.render import render
+    from clipkit.core.dist import accelerator
+    from clipkit.core.training import LoopSettings, RngStates, StepOutput, export_dtype, train_loop
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError("steps and batch_size must be >= 1")
-    from clipkit.core.dist import accelerator
+    if data is None:
+        raise InputError("train_diffusion needs training images: pass data= (the Shapes recipe: "
+                         "clipkit.shapes.recipes.train_diffusion, or `clipkit train diffusion`)")
+    dtype = export_dtype(cfg.export_dtype)
     acc = accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    ckpt_dir, ema_dir = out / "checkpoint", out / "checkpoint_ema"
     unet_cfg = cfg.unet_cfg or SHAPES_UNET_CFG
     if cfg.init:
         init = Path(cfg.init)
@@ -130,111 +144,62 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True) -> Diffusi
                                            torch_dtype=torch.float32)
     else:
         unet = UNet2DModel(**unet_cfg)
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
     noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
     size = unet.config.sample_size
-    ds = ShapesCaptions("train", length=cfg.steps * cfg.batch_size * acc.num_processes, p_two=cfg.p_two)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                        collate_fn=collate, drop_last=True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
-    rng = {f"gen{acc.process_index}": gen}          # saved in checkpoints, restored on resume
-    step = resume_step(ckpt_dir, unet, opt, cfg.resume, rng=rng)
-    if step and not acc.is_main_process:      # only the main process's state is in the checkpoint
-        gen.manual_seed(cfg.seed * 1000 + acc.process_index + step)
-    if cfg.resume:
-        load_checkpoint(ema_dir, ema)
-    elif acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    dd = data(cfg, size, gen, acc.num_processes)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     unet, opt = acc.prepare(unet, opt)
-    if not cfg.device_data:
-        loader = acc.prepare(loader)
+    batches = acc.prepare(dd.batches) if isinstance(dd.batches, DataLoader) else dd.batches
     ema.to(acc.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup), last_epoch=step - 1 if step else -1)
-    abar = noise_sched.alphas_cumprod.to(acc.device)
     raw = acc.unwrap_model(unet)
-    logf = CsvLog(out / "train_log.csv", ["step", "loss", "lr", "samples_per_s"], append=cfg.resume,
-                  resume_from=step) if acc.is_main_process else None
-    evalf = CsvLog(out / "eval_log.csv", ["step", "valid", "colors", "positions", "objects"],
-                   append=cfg.resume, resume_from=step) if acc.is_main_process else None
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and acc.is_main_process), desc="train diffusion")
-    if cfg.device_data:
-        from clipkit.shapes.render import random_params
-        data_iter = None
-    else:
-        data_iter = iter(acc.skip_first_batches(loader, step) if step else loader)
-    start_step = step
-    t0, seen, last_eval = time.time(), 0, {}
-    unet.train()
-    while step < cfg.steps:
-        if data_iter is None:
-            params = random_params(cfg.batch_size, gen, cfg.p_two)
-        else:
-            try:
-                params = next(data_iter)["params"]
-            except StopIteration:
-                data_iter = iter(loader)
-                continue
-        x0 = render(params, size=size) * 2 - 1                                 # [-1, 1]
+
+    def step_fn(batch) -> StepOutput:
+        x0 = dd.to_images(batch) * 2 - 1                                       # [-1, 1]
         B = x0.shape[0]
+        # Ho et al. 2020, Alg. 1: t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
         t = torch.randint(0, cfg.num_train_timesteps, (B,), device=x0.device, generator=gen)
         eps = torch.randn(x0.shape, device=x0.device, generator=gen)
-        a = abar[t].view(B, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        xt = noise_sched.add_noise(x0, eps, t)
         with acc.autocast():
             pred = unet(xt, t).sample
-        loss = F.mse_loss(pred.float(), eps)
-        acc.backward(loss)
-        acc.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), raw.parameters()):
-                pe.lerp_(p.detach(), 1 - d)
-        step += 1
-        if cfg.time_limit_s and step == start_step + 50:
-            t_mark = time.time()      # measure the rate after start-up (workers, kernels) is over
-        if cfg.time_limit_s and step == start_step + 300:
-            plan_steps(cfg, 250, time.time() - t_mark, step, time.time() - t0)
-        seen += B
-        bar.update(1)
-        if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
-            logf.write(step=step, loss=loss.item(), lr=sched.get_last_lr()[0],
-                       samples_per_s=seen * acc.num_processes / (time.time() - t0))
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if acc.is_main_process and (step % cfg.eval_every == 0 or step == cfg.steps):
-            ema.eval()
-            g = torch.Generator(device="cpu").manual_seed(1234)
-            imgs = sample_ddim(ema, dict(noise_sched.config), cfg.eval_samples, cfg.eval_steps, g, acc.device)
-            last_eval = judge_samples(imgs)
-            evalf.write(step=step, valid=last_eval["valid"], colors=json.dumps(last_eval["colors"]),
-                        positions=json.dumps(last_eval["positions"]), objects=json.dumps(last_eval["objects"]))
-            import torchvision
-            from clipkit.core.outputs import write_atomic
-            write_atomic(out / f"samples_{step:06d}.png", lambda t: torchvision.utils.save_image(
-                imgs[:64], t, nrow=8, padding=1, pad_value=0.3), overwrite=True)
-            log.info("step %d eval valid=%.3f", step, last_eval["valid"])
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(ckpt_dir, raw, opt, step, cfg, {"eval": last_eval}, rng=rng)
-                save_checkpoint(ema_dir, ema, opt, step, cfg)
-                plot_curves(out / "train_log.csv", out / "train_curves.png", ys=["loss", "lr"],
-                            title="DDPM training")
-    bar.close()
-    acc.wait_for_everyone()
+        return StepOutput(F.mse_loss(pred.float(), eps), B)
+
+    def after_step(step):
+        ema.step(raw.parameters())
+
+    def ema_unet(device=None):
+        # a plain model built from the config: a copy of the prepared one would keep accelerate's
+        # autocast forward, and eval samples / exports would not be fp32
+        m = UNet2DModel.from_config(raw.config).to(acc.device)
+        ema.copy_to(m.parameters())
+        return m.eval() if device is None else m.to(device).eval()
+
+    def eval_fn(step):
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        imgs = sample_ddim(ema_unet(), dict(noise_sched.config), cfg.eval_samples, cfg.eval_steps, g, acc.device)
+        import torchvision
+
+        from clipkit.core.outputs import write_atomic
+        write_atomic(out / f"samples_{step:06d}.png", lambda t: torchvision.utils.save_image(
+            imgs[:64], t, nrow=8, padding=1, pad_value=0.3), overwrite=True)
+        return dd.judge(imgs) if dd.judge is not None else {}
+
+    settings = LoopSettings(
+        out_dir=out, steps=cfg.steps, warmup=cfg.warmup, log_columns=["step", "loss", "lr", "samples_per_s"],
+        grad_clip=1.0, log_every=cfg.log_every, save_every=cfg.save_every, eval_every=cfg.eval_every,
+        eval_columns=["step", *dd.eval_columns], resume=cfg.resume, time_limit_s=cfg.time_limit_s,
+        progress=progress, desc="train diffusion", train_plot=(["loss", "lr"], "DDPM training"))
+    run = train_loop(acc, unet, opt, batches, step_fn, settings, eval_fn=eval_fn, after_step=after_step,
+                     state_objects=[_EmaState(ema, acc.device)], rng=RngStates({f"gen{acc.process_index}": gen},
+                                                                               cfg.seed), config=cfg)
     model_dir = out / "model"
     if acc.is_main_process:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype]
-        export = copy.deepcopy(ema).to("cpu", dtype)
+        export = ema_unet("cpu").to(dtype)
         from clipkit.core.outputs import atomic_dir
         with atomic_dir(model_dir, overwrite=True) as tmp:       # never half a model, never through a link
             DDPMPipeline(unet=export, scheduler=noise_sched).save_pretrained(tmp, safe_serialization=True)
             (tmp / "clipkit_training.json").write_text(json.dumps(
-                {"training": asdict(cfg), "eval": last_eval}, indent=2))
-        logf.close()
-        evalf.close()
-    return DiffusionTrainResult(str(out), str(model_dir), step, time.time() - t0, last_eval)
+                {"training": asdict(cfg), "eval": run.final_eval, "steps": run.steps}, indent=2))
+    return DiffusionTrainResult(str(out), str(model_dir), run.steps, run.wall_s, run.final_eval)

@@ -4,11 +4,12 @@
 * :mod:`clipkit.search.ann`     the FAISS structure, chosen under a memory budget; nprobe tuning
 * :mod:`clipkit.search.store`   the index folder (fp16 segments, codes, SQLite metadata, manifest)
 * :mod:`clipkit.search.build`   ``build_index`` / ``add_to_index`` (resumable, atomic)
-* :mod:`clipkit.search.query`   ``search`` by text, image, item or vector (rerank's ordering)
+* :mod:`clipkit.search.query`   ``search`` by text, image, item or vector (core's ranking order)
 * :mod:`clipkit.search.dedup`   near-duplicate groups
 * :mod:`clipkit.search.server`  the Flask app behind ``clipkit serve``
 
-It reuses the rerank plugin's embedding stream, cache and ranking order (to move to core).
+It shares core's embedding stream (:mod:`clipkit.core.embedding`), cache (:mod:`clipkit.core.cache`)
+and ranking (:mod:`clipkit.core.ranking`) with rerank; it imports no other plugin.
 """
 from clipkit.search.ann import AnnConfig  # noqa: F401
 from clipkit.search.build import IndexResult, VectorSource, add_to_index, build_index  # noqa: F401

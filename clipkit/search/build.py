@@ -3,7 +3,7 @@
 Build, numbered as it runs:
 
 1. expand the sources (folders, file lists, tar shards) and stat every file;
-2. embed: files through the rerank plugin's :class:`~clipkit.rerank.embed.EmbeddingStream` (decode in
+2. embed: files through core's :class:`~clipkit.core.embedding.EmbeddingStream` (decode in
    DataLoader workers, the embedding cache read first and written per batch, so an interrupted
    build resumes where it stopped), shard members through the same cache with a process pool for
    decoding; rows are written as fp16 in a stable order (files in path order, then shard samples
@@ -123,9 +123,9 @@ class _Embedder:
         new.segment = Segment(name, "", start, rows)
         return new
 
-    # -- files: the rerank plugin's stream + cache -------------------------------------------------
+    # -- files: core's embedding stream + cache ---------------------------------------------------
     def _files(self, folder: Path, files: list[FileEntry], out: NpyAppender, start: int, new: _NewRows, dim: int):
-        from clipkit.rerank.embed import EmbeddingStream
+        from clipkit.core.embedding import EmbeddingStream
         ok: list[tuple[FileEntry, str, int, int]] = []
         for e in files:
             try:
@@ -218,7 +218,7 @@ class _Embedder:
                 px_pos.append(n)
         for a in range(0, len(px), self.batch_size):
             pos = px_pos[a:a + self.batch_size]
-            emb = self.scorer._encode_pixels_batch(torch.stack(px[a:a + self.batch_size]))
+            emb = self.scorer.encode_pixel_batch(torch.stack(px[a:a + self.batch_size]))
             if self.cache is not None:
                 self.cache.put([keys[n] for n in pos], emb, bad_keys if a == 0 else ())
             for n, e in zip(pos, emb.float().cpu().numpy()):
@@ -429,7 +429,7 @@ def build_index(sources, out, scorer=None, *, config: ann.AnnConfig | None = Non
 def _stale(db, m: Manifest) -> tuple[list[int], list[FileEntry], set[str]]:
     """Entries whose file is gone (dropped) or changed (dropped and re-embedded): -> (ids to drop,
     files to embed again, shards to read again)."""
-    from clipkit.search.sources import _sidecar_caption
+    from clipkit.search.sources import sidecar_caption
     drop, again, shards = [], [], set()
     shard_state: dict[str, tuple | None] = {}
     g = m.generation
@@ -460,7 +460,7 @@ def _stale(db, m: Manifest) -> tuple[list[int], list[FileEntry], set[str]]:
                 continue
             if cur_key != (real, size, mtime):
                 drop.append(id_)
-                again.append(FileEntry(path, _sidecar_caption(Path(path))))
+                again.append(FileEntry(path, sidecar_caption(Path(path))))
     return drop, again, shards
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from clipkit.core.errors import InputError
-from clipkit.rerank.rank import RankedItem, RerankResult, cosines, order
+from clipkit.core.ranking import RankedItem, RankingResult, cosines, order
 from clipkit.search.store import IndexReader
 
 MAX_PAIRS = 20_000_000        # a threshold that links more pairs than this is refused (too low)
@@ -73,7 +73,7 @@ class DedupResult:
         for p, g in zip(paths, self.groups[:limit]):
             items = [RankedItem(rank=n + 1, score=it.score, path=it.path) for n, it in enumerate(g.items)]
             by_id.update({it.path: it.id for it in g.items})
-            RerankResult([f"group {g.group}"], "", items).contact_sheet(
+            RankingResult([f"group {g.group}"], "", items).contact_sheet(
                 p, overwrite=overwrite, loader=lambda r: loader(by_id[r.path]))
         return paths
 

@@ -1,8 +1,9 @@
-"""Query an index by text, image, indexed item or vector; results ordered as ``rerank`` orders them.
+"""Query an index by text, image, indexed item or vector; results in core's ranking order
+(the one ``rerank`` uses).
 
 The ANN proposes ``2K + 8`` candidates; each is then scored exactly (fp64 sum of products of the
-fp32 query with the stored fp16 embedding, :func:`clipkit.rerank.rank.cosines`) and ordered by
-:func:`clipkit.rerank.rank.order`: score descending, rounded to 1e-6, ties by path.
+fp32 query with the stored fp16 embedding, :func:`clipkit.core.ranking.cosines`) and ordered by
+:func:`clipkit.core.ranking.order`: score descending, rounded to 1e-6, ties by path.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from clipkit.core.errors import InputError
-from clipkit.rerank.rank import RankedItem, RerankResult, cosines, order
+from clipkit.core.ranking import RankedItem, RankingResult, cosines, order
 from clipkit.search.store import IndexReader
 
 #: Most results one query returns (the page asks for pages of these).
@@ -27,7 +28,7 @@ class SearchHit(RankedItem):
 
 
 @dataclass
-class SearchResult(RerankResult):
+class SearchResult(RankingResult):
     index: str = ""
     structure: str = ""                 # FAISS factory string of the index
     nprobe: int = 0
@@ -35,7 +36,7 @@ class SearchResult(RerankResult):
 
 
 def search_vectors(reader: IndexReader, q: np.ndarray, top_k: int, nprobe: int | None = None) -> list[SearchHit]:
-    """[D] query vector -> the ``top_k`` best items (exact scores, rerank's order)."""
+    """[D] query vector -> the ``top_k`` best items (exact scores, core's ranking order)."""
     import faiss
     if not 1 <= top_k <= MAX_TOP:
         raise InputError(f"top must be between 1 and {MAX_TOP}, got {top_k}")

@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -48,7 +49,8 @@ class ServeConfig:
     thumb: int = 192                  # thumbnail side in pixels
     queries_kept: int = 512           # recent queries remembered for paging and export
     thumbs_kept: int = 2048           # thumbnails kept in memory
-    captioner: str | None = None      # captioner spec (None: "caption this" is unavailable)
+    captioner: str | None = None      # captioner spec (None: "caption this" is unavailable); loaded by
+                                      # create_app's ``load_captioner`` (search imports no other plugin)
 
 
 class _LRU:
@@ -73,8 +75,8 @@ class _LRU:
 class Api:
     """What the routes do, independent of Flask (one instance per app)."""
 
-    def __init__(self, reader: IndexReader, scorer, cfg: ServeConfig):
-        self.reader, self.scorer, self.cfg = reader, scorer, cfg
+    def __init__(self, reader: IndexReader, scorer, cfg: ServeConfig, load_captioner: Callable | None = None):
+        self.reader, self.scorer, self.cfg, self.load_captioner = reader, scorer, cfg, load_captioner
         self.queries = _LRU(cfg.queries_kept)
         self.thumbs = _LRU(cfg.thumbs_kept)
         self.model_lock = threading.Lock()
@@ -168,10 +170,9 @@ class Api:
             raise RuntimeError("no captioner configured (clipkit serve --captioner SPEC)")
         with self.model_lock:
             if self._captioner is None and self._captioner_error is None:
-                import clipkit
                 try:
                     device = self.scorer.device if self.scorer is not None else "cpu"
-                    self._captioner = clipkit.load_captioner(self.cfg.captioner, device=device)
+                    self._captioner = self.load_captioner(self.cfg.captioner, device=device)
                 except ClipkitError as e:
                     self._captioner_error = str(e)
             if self._captioner is None:
@@ -185,13 +186,19 @@ class Api:
                 "max_upload": self.cfg.max_upload, "page_size": self.cfg.page_size, "max_results": MAX_TOP}
 
 
-def create_app(reader: IndexReader, scorer=None, config: ServeConfig | None = None):
-    """The Flask app serving ``reader`` (``scorer``: the index's CLIP, for text and image queries)."""
+def create_app(reader: IndexReader, scorer=None, config: ServeConfig | None = None,
+               load_captioner: Callable | None = None):
+    """The Flask app serving ``reader`` (``scorer``: the index's CLIP, for text and image queries).
+
+    ``load_captioner(spec, device=...)`` loads ``config.captioner`` on the first "caption this" (the
+    cli passes :func:`clipkit.captioning.captioner.load_captioner`)."""
     from flask import Flask, Response, jsonify, request, send_from_directory
     from werkzeug.exceptions import HTTPException
 
     cfg = config or ServeConfig()
-    api = Api(reader, scorer, cfg)
+    if cfg.captioner is not None and load_captioner is None:
+        raise InputError(f"captioner {cfg.captioner!r} given without load_captioner to load it")
+    api = Api(reader, scorer, cfg, load_captioner)
     reader.ann_index()                              # assemble now: the first query is not the slow one
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_upload + (64 << 10)   # the image plus form overhead

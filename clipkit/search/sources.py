@@ -77,7 +77,7 @@ def _expand_one(p: Path, out: Sources, seen_files, seen_shards, depth: int, capt
             a = os.path.abspath(f)
             if a not in seen_files:
                 seen_files.add(a)
-                out.files.append(FileEntry(a, _sidecar_caption(f)))
+                out.files.append(FileEntry(a, sidecar_caption(f)))
         return
     suffix = p.suffix.lower()
     if suffix in SHARD_SUFFIXES:
@@ -95,7 +95,7 @@ def _expand_one(p: Path, out: Sources, seen_files, seen_shards, depth: int, capt
         a = os.path.abspath(p)
         if a not in seen_files:
             seen_files.add(a)
-            out.files.append(FileEntry(a, caption if caption is not None else _sidecar_caption(p)))
+            out.files.append(FileEntry(a, caption if caption is not None else sidecar_caption(p)))
         return
     raise InputError(f"{p}: not an image, a folder, a file list ({', '.join(LIST_SUFFIXES)}) or a .tar shard")
 
@@ -124,7 +124,7 @@ def _listing(folder: str) -> frozenset:
         return frozenset()
 
 
-def _sidecar_caption(image: Path) -> str | None:
+def sidecar_caption(image: Path) -> str | None:
     """The text of ``stem.txt`` (or ``stem.caption``) beside an image, if there is one."""
     from clipkit.core.io import read_text_file
     names = _listing(str(image.parent))

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from clipkit.captioning.train import TrainCaptionerConfig, read_caption_pairs, train_captioner
+from clipkit.captioning.train import TrainCaptionerConfig, read_caption_pairs
+from clipkit.shapes.recipes import train_captioner     # with the Shapes data for data="shapes"
 from clipkit.core.errors import InputError
 
 

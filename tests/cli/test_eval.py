@@ -85,9 +85,10 @@ def test_eval_real_subprocess(colours, tiny_openclip_dir):
 
 
 def test_wise_reference_tasks(colours, tiny_openclip_dir):
-    from clipkit.cli.train import _reference
+    from clipkit.cli.train import reference_task
     from clipkit.core.scorer import load_scorer
-    assert _reference("auto", str(tiny_openclip_dir)) == (None, None)      # not a Shapes CLIP: no reference
-    assert _reference("auto", "shapes")[0] == "shapes zero-shot" and _reference("none", "shapes") == (None, None)
-    name, fn = _reference(str(colours), str(tiny_openclip_dir))           # a labelled folder: its zero-shot top-1
+    assert reference_task("auto", str(tiny_openclip_dir)) == (None, None)   # not a Shapes CLIP: no reference
+    assert reference_task("auto", "shapes")[0] == "shapes zero-shot"
+    assert reference_task("none", "shapes") == (None, None)
+    name, fn = reference_task(str(colours), str(tiny_openclip_dir))         # a labelled folder: its zero-shot top-1
     assert name.startswith("zero-shot on") and set(fn(load_scorer(str(tiny_openclip_dir), device="cpu"))) == {"top1"}

@@ -43,3 +43,19 @@ def test_classify_shapes_colours(shapes_scorer):
     assert res.probs.shape == (21, 7)
     truth = [s.objects[0].color for s in scenes]
     assert sum(a == b for a, b in zip(res.top, truth)) >= 20
+
+
+def test_classification_to_dict_names_paths_and_probabilities(tiny_scorer, tmp_path):
+    from PIL import Image
+    paths = []
+    for i, c in enumerate([(255, 0, 0), (0, 0, 255)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), c).save(paths[-1])
+    res = classify([str(p) for p in paths], "cat,dog", "a {}", scorer=tiny_scorer)
+    d = res.to_dict()
+    assert d["model"] == tiny_scorer.spec and d["labels"] == ["cat", "dog"] and d["templates"] == 1
+    assert [r["path"] for r in d["results"]] == [str(p) for p in paths]
+    for r, top, p in zip(d["results"], res.top, res.probs.tolist()):
+        assert r["label"] == top and r["probs"] == {"cat": p[0], "dog": p[1]}
+    pil = classify([Image.open(p) for p in paths], ["cat", "dog"], "a {}", scorer=tiny_scorer)
+    assert pil.sources == [] and [r["path"] for r in pil.to_dict()["results"]] == [None, None]

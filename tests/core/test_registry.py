@@ -76,3 +76,157 @@ def test_bundled_noised_guide_is_an_overlay_of_the_bundled_clip():
     assert not torch.allclose(base.encode_images(x), noised.encode_images(x), atol=1e-3)
     rows = {(e.profile, e.component): e for e in list_models()}
     assert rows[("shapes", "guide")].spec == "shapes-noised" and rows[("shapes", "guide")].available
+
+
+# --------------------------------------------------------------------------------------------
+# One registry, every kind: spec sources behind one protocol
+# --------------------------------------------------------------------------------------------
+
+def _clipcap_dir(tmp_path):
+    from clipkit.core.registry import CLIPCAP_CONFIG
+    d = tmp_path / "cap"
+    d.mkdir()
+    (d / CLIPCAP_CONFIG).write_text("{}")
+    return d
+
+
+def test_clipcap_marker_is_the_captioning_plugins_config_name():
+    from clipkit.captioning.checkpoint import CONFIG_NAME
+    from clipkit.core.registry import CLIPCAP_CONFIG
+    assert CLIPCAP_CONFIG == CONFIG_NAME
+
+
+def test_each_source_parses_its_specs(tiny_openclip_dir, tiny_hf_dir, tmp_path):
+    from clipkit.core.registry import SOURCES, bundled_path
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    cases = [("shapes", "clip", "bundled"), ("shapes-noised", "clip", "bundled"), ("shapes", "diffusion", "bundled"),
+             ("shapes", "captioner", "bundled"), ("openclip:ViT-B-32/openai", "clip", "openclip"),
+             ("hf:org/name", "clip", "hf"), ("hf:org/name", "diffusion", "hf"), ("hf:gpt2", "decoder", "hf"),
+             ("gpt2", "decoder", "hf"), ("org/gpt", "decoder", "hf"),
+             (str(tiny_openclip_dir), "clip", "local-openclip"),
+             (str(bundled_path("shapes-noised", "clip")), "clip", "overlay"),
+             (str(tiny_hf_dir), "clip", "local-hf"), (str(tiny_hf_dir), "decoder", "local-hf"),
+             (str(tmp_path / "sd"), "diffusion", "local-diffusers"),
+             (str(_clipcap_dir(tmp_path)), "captioner", "clipcap-dir"),
+             (str(tmp_path / "ckpt.pt"), "captioner", "file")]
+    seen = set()
+    for spec, component, kind in cases:
+        s = parse_spec(spec, component)
+        assert (s.kind, s.component, s.source.kind) == (kind, component, kind), spec
+        assert component in s.source.components
+        seen.add(type(s.source))
+    assert seen == {type(src) for src in SOURCES}          # every source is exercised
+    assert parse_spec("openclip:ViT-B-32/openai").extra == {"arch": "ViT-B-32", "tag": "openai"}
+    assert parse_spec("  shapes ") == parse_spec("shapes")
+
+
+@pytest.mark.parametrize("spec,component,needle", [
+    ("whatever", "diffusion", "unknown model spec"),
+    ("", "diffusion", "empty model spec"),
+    ("hf:org/name", "captioner", "no such captioner directory or .pt file"),
+    ("whatever", "captioner", "no such captioner directory or .pt file"),
+    ("./nowhere", "captioner", "no such captioner directory or .pt file"),
+    ("", "captioner", "empty captioner spec"),
+    ("openclip:ViT-B-32/openai", "diffusion", "is not a diffusion model spec"),
+    ("shapes", "decoder", "is not a GPT-2 model spec"),
+    ("./no/such/dir", "decoder", "no such directory"),
+])
+def test_unknown_or_wrong_kind_specs_are_one_line_errors(spec, component, needle):
+    with pytest.raises(ModelLoadError) as e:
+        parse_spec(spec, component)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and repr(spec.strip()) in msg and e.value.fix
+
+
+def test_a_source_refuses_the_kinds_it_cannot_give(tiny_openclip_dir, tiny_hf_dir, tmp_path):
+    (tmp_path / "f.pt").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="a single file is not a CLIP model spec"):
+        load_clip(str(tmp_path / "f.pt"))
+    with pytest.raises(ModelLoadError, match="directory has no model_index.json"):
+        parse_spec(str(tiny_hf_dir), "diffusion")
+    with pytest.raises(ModelLoadError, match="an open_clip directory is not a diffusion model spec"):
+        parse_spec(str(tiny_openclip_dir), "diffusion")
+    with pytest.raises(ModelLoadError, match="a captioner directory is not a CLIP model spec"):
+        parse_spec(str(_clipcap_dir(tmp_path)))
+    with pytest.raises(ValueError, match="unknown model kind"):
+        parse_spec("shapes", "vae")
+    assert is_available(str(tmp_path / "f.pt")) == (False, "a single file is not a CLIP model spec")
+    assert is_available(str(tmp_path / "f.pt"), "captioner") == (True, "local")
+
+
+def test_every_kind_resolves_through_the_registry(tiny_hf_dir, tmp_path, monkeypatch):
+    from clipkit.core.registry import bundled_path, resolve
+    for component in ("clip", "diffusion", "captioner"):
+        r = resolve("shapes", component)
+        assert (r.location, r.local_only, r.on_disk, r.bundled) == (str(bundled_path("shapes", component)),
+                                                                    True, True, True)
+        assert r.fix("check the directory") == "check the directory"
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+    r = resolve(str(tmp_path / "sd"), "diffusion")
+    assert (r.kind, r.location, r.local_only, r.bundled) == ("local-diffusers", str(tmp_path / "sd"), True, False)
+    assert r.file("model_index.json") == tmp_path / "sd" / "model_index.json"
+    assert resolve(str(tiny_hf_dir), "decoder").location == str(tiny_hf_dir)
+    assert resolve(str(_clipcap_dir(tmp_path)), "captioner").location == str(tmp_path / "cap")
+    # a missing bundled model names the kind's fix
+    monkeypatch.setattr("clipkit.core.registry.assets_dir", lambda: tmp_path / "no-assets")
+    for component, needle in [("clip", "train clip"), ("diffusion", "train diffusion"),
+                              ("captioner", "train captioner")]:
+        with pytest.raises(ModelLoadError, match=needle) as e:
+            resolve("shapes", component)
+        assert "missing from" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hub_specs_resolve_only_when_cached_or_online(monkeypatch, tmp_path):
+    from clipkit.core.registry import resolve
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    for spec, component in [("hf:org/some-sd", "diffusion"), ("hf:org/some-clip", "clip"),
+                            ("someorg/some-gpt", "decoder"), ("openclip:ViT-B-32/laion2b_s34b_b79k", "clip")]:
+        t = time.time()
+        with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE") as e:
+            resolve(spec, component)
+        assert time.time() - t < 30 and repr(spec) in str(e.value)
+    # cached: resolves to the repo id, offline
+    monkeypatch.setattr("clipkit.core.hub.hub_cached", lambda repo, files: True)
+    r = resolve("hf:org/some-sd", "diffusion")
+    assert (r.location, r.local_only, r.on_disk, r.bundled) == ("org/some-sd", True, False, False)
+    from clipkit.core.hub import OFFLINE_FIX
+    assert r.fix("check the directory") == OFFLINE_FIX
+
+
+def test_training_info_and_model_cfg_come_from_the_source(tiny_openclip_dir, tiny_hf_dir):
+    from clipkit.core.registry import clip_training_info
+    assert clip_training_info("shapes-noised")["noise_aware"] is True
+    assert clip_training_info(str(tiny_hf_dir)) == {} and clip_training_info("hf:org/name") == {}
+    shapes = parse_spec("shapes").model_cfg()
+    assert shapes == parse_spec("shapes-noised").model_cfg() and shapes["embed_dim"] > 0
+    assert parse_spec("openclip:ViT-B-32/openai").model_cfg()["embed_dim"] == 512
+    assert parse_spec(str(tiny_openclip_dir)).model_cfg()["embed_dim"] > 0
+    with pytest.raises(ModelLoadError, match="not an open_clip model"):
+        parse_spec(str(tiny_hf_dir)).model_cfg()
+
+
+def test_listing_covers_every_kind_from_the_profile_table():
+    from clipkit.core.registry import PROFILES, list_sources
+    rows = list_models()
+    assert {(e.profile, e.component) for e in rows} >= {(p, c) for p in PROFILES
+                                                          for c in ("clip", "diffusion", "captioner")}
+    assert {e.component for e in rows if e.profile == "shapes"} == {"clip", "guide", "diffusion", "captioner"}
+    kinds = {s["kind"] for s in list_sources()}
+    assert {"bundled", "openclip", "hf", "local-openclip", "overlay", "local-hf", "local-diffusers",
+            "clipcap-dir", "file"} <= kinds
+
+
+def test_a_directory_is_read_as_the_kind_asked_for(tmp_path):
+    """A ClipCap directory that also holds a transformers config.json is a captioner when a captioner
+    is asked for: the first source that gives the kind wins, not the first that recognises the path."""
+    from clipkit.core.registry import CLIPCAP_CONFIG, parse_spec
+    d = tmp_path / "cap"
+    d.mkdir()
+    (d / CLIPCAP_CONFIG).write_text("{}")
+    (d / "config.json").write_text("{}")
+    assert "captioner" in parse_spec(str(d), "captioner").source.components
+    assert "clip" in parse_spec(str(d), "clip").source.components

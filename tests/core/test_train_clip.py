@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from clipkit.core.errors import InputError
-from clipkit.core.train_clip import (TrainClipConfig, augment_robust, clip_loss, read_captions_jsonl,
-                                     train_clip)
+from clipkit.core.train_clip import TrainClipConfig, augment_robust, clip_loss, read_captions_jsonl
+from clipkit.shapes.recipes import train_clip     # the core trainer, with the Shapes data for data="shapes"
 
 TINY = {
     "embed_dim": 16,

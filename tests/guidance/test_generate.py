@@ -64,6 +64,28 @@ def test_best_of_keeps_the_highest_scores(shapes_pipe, scorer):
     assert math.isclose(float(sim), best.images[0].clip_score, abs_tol=1e-5)
 
 
+def test_a_selector_chooses_among_best_of_candidates(shapes_pipe, scorer, tmp_path):
+    class LastSeed:                                           # a Selector that prefers the highest seed
+        name = "last-seed"
+        calls = []
+
+        def __call__(self, images, prompt, clip_scores):
+            self.calls.append((len(images), prompt, clip_scores.clone()))
+            return torch.arange(len(images), dtype=torch.float32)
+    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=2, seed=10)
+    sel = LastSeed()
+    res = generate(PROMPT, n=1, best_of=3, select=sel, out_dir=tmp_path, **kw)
+    assert [im.seed for im in res.images] == [12] and res.images[0].selection_score == 2.0
+    (n_images, prompt, cos), = sel.calls
+    assert n_images == 3 and prompt == PROMPT
+    assert math.isclose(float(cos[2]), res.images[0].clip_score, abs_tol=1e-6)   # clip_score is still the cosine
+    side = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert side["selection"] == "last-seed" and side["selection_score"] == 2.0
+    # no choice to make (best_of 1): the selector is not consulted, nothing recorded
+    one = generate(PROMPT, n=1, select=sel, **kw)
+    assert len(sel.calls) == 1 and "selection_score" not in one.images[0].to_dict()
+
+
 def test_guidance_moves_the_image(shapes_pipe, scorer):
     kw = dict(diffusion=shapes_pipe, clip=scorer, steps=4, seed=1, n=1)
     plain = generate(PROMPT, clip_scale=0.0, **kw).images[0]
@@ -158,6 +180,16 @@ def test_cli_writes_png_and_sidecar_and_json(tmp_path):
         # the sidecar's score is what `clipkit score --clip shapes-noised` reports for the saved file
         sim = float(noised_scorer.similarity([im["path"]], [PROMPT])[0, 0])
         assert math.isclose(side["clip_score"], sim, abs_tol=1e-5) and im["clip_score"] == side["clip_score"]
+
+
+def test_cli_select_caption(tmp_path):
+    res = run(["-q", "generate", PROMPT, "-n", "1", "--best-of", "2", "--steps", "2", "--seed", "3",
+               "--select", "caption", "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    im, = json.loads(res.stdout)["images"]
+    side = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert side["selection"] == "caption-end" and math.isclose(side["selection_score"], im["selection_score"])
+    assert im["selection_score"] < im["clip_score"]               # cosine + weight * (log-prob < 0)
 
 
 def test_cli_never_overwrites_silently(tmp_path):

@@ -1,6 +1,7 @@
 import torch
 
-from clipkit.guidance.train_diffusion import TrainDiffusionConfig, sample_ddim, train_diffusion
+from clipkit.guidance.train_diffusion import TrainDiffusionConfig, sample_ddim
+from clipkit.shapes.recipes import train_diffusion     # the guidance trainer on Shapes renders
 
 TINY_UNET = {"sample_size": 16, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
              "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "DownBlock2D"],

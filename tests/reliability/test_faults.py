@@ -6,6 +6,7 @@ and must end with zeros. ``bench/reliability.py`` repeats them for the table in 
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -36,8 +37,8 @@ def test_scenario(name, tmp_path, monkeypatch):
 def test_cache_does_not_remember_transient_failures(tmp_path, monkeypatch, shapes_scorer):
     """A decode timeout is retried on the next run (the cause may be gone); a corrupt file is not."""
     import clipkit.core.io as io
-    from clipkit.rerank.cache import EmbeddingCache
-    from clipkit.rerank.embed import embed_files
+    from clipkit.core.cache import EmbeddingCache
+    from clipkit.core.embedding import embed_files
     paths = make_images(tmp_path / "imgs", 3)
     (tmp_path / "imgs" / "bad.png").write_bytes(b"garbage")
     paths.append(tmp_path / "imgs" / "bad.png")
@@ -118,50 +119,36 @@ def test_concurrent_reranks_share_a_cache(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# outputs and checkpoints: unit level
+# checkpoints and logs: unit level (output files: tests/core/test_outputs.py)
 # ---------------------------------------------------------------------------------------------
 
-def test_write_atomic_replaces_links_never_follows(tmp_path):
-    from clipkit.core.errors import InputError
-    from clipkit.core.outputs import check_output_file, write_bytes_atomic
-    out, outside = tmp_path / "out", tmp_path / "outside"
-    out.mkdir()
-    outside.mkdir()
-    (outside / "victim").write_text("keep")
-    os.symlink(outside / "victim", out / "a.txt")
-    with pytest.raises(InputError, match="refusing to overwrite"):
-        check_output_file(out / "a.txt")
-    with pytest.raises(InputError, match="refusing to overwrite"):
-        write_bytes_atomic(out / "a.txt", b"new")
-    write_bytes_atomic(out / "a.txt", b"new", overwrite=True)
-    assert (outside / "victim").read_text() == "keep"
-    assert not os.path.islink(out / "a.txt") and (out / "a.txt").read_bytes() == b"new"
-    assert sorted(os.listdir(out)) == ["a.txt"]                # no temporary left behind
-    with pytest.raises(InputError, match="one of the inputs"):
-        check_output_file(out / "a.txt", overwrite=True, inputs=[out / "a.txt"])
-
-
 def test_checkpoint_survives_leftovers_and_interrupted_swaps(tmp_path):
+    from clipkit.core.dist import accelerator
     from clipkit.core.errors import InputError
-    from clipkit.core.training import load_checkpoint, save_checkpoint
+    from clipkit.core.training import RngStates, load_training_state, save_training_state
+    acc = accelerator()
     model = torch.nn.Linear(3, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     gen = torch.Generator().manual_seed(1)
+    rng = RngStates({"g": gen, "py": random.Random(3)})
     ck = tmp_path / "checkpoint"
     (tmp_path / "checkpoint.old").mkdir()                  # from an earlier crash
     (tmp_path / "checkpoint.old" / "junk").write_text("x")
-    save_checkpoint(ck, model, opt, 5, {"a": 1}, rng={"g": gen})
-    save_checkpoint(ck, model, opt, 6, {"a": 1}, rng={"g": gen})
+    save_training_state(acc, ck, 5, {"a": 1}, objects=[rng])
+    save_training_state(acc, ck, 6, {"a": 1}, objects=[rng])
+    assert not list(ck.glob("custom_checkpoint_*")) and not any(p.suffix == ".pkl" and "custom" in p.name
+                                                                for p in ck.iterdir())
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
     # a kill between the two renames of a swap: only checkpoint.old is left
     os.replace(ck, tmp_path / "checkpoint.old")
-    want = torch.randn(3, generator=gen)
-    state = load_checkpoint(ck, model, opt, rng={"g": gen})
+    want, want_py = torch.randn(3, generator=gen), rng.generators["py"].random()
+    state = load_training_state(acc, ck, [rng], rng)
     assert state["step"] == 6 and ck.is_dir()
-    assert torch.equal(torch.randn(3, generator=gen), want)  # the generator's state came back
+    assert torch.equal(torch.randn(3, generator=gen), want)  # the generators' states came back
+    assert rng.generators["py"].random() == want_py
     (ck / "model.safetensors").write_bytes(b"\0" * 8)
     with pytest.raises(InputError, match="damaged"):
-        load_checkpoint(ck, model, opt)
+        load_training_state(acc, ck, [rng], rng)
 
 
 def test_resumed_log_has_no_duplicate_rows(tmp_path):

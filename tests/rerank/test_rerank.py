@@ -15,8 +15,8 @@ from PIL import Image
 
 from clipkit.cli.main import cli
 from clipkit.core.errors import InputError
-from clipkit.rerank.cache import EmbeddingCache
-from clipkit.rerank.embed import embed_files
+from clipkit.core.cache import EmbeddingCache
+from clipkit.core.embedding import embed_files
 from clipkit.rerank.rank import rank_texts, rerank
 
 
@@ -76,7 +76,7 @@ def test_same_results_for_batch_sizes(folder, shapes_scorer):
 def test_workers_that_encode_give_the_main_process_results(folder, shapes_scorer):
     """Opt-in on a CPU: forked DataLoader workers encode their own batches; same files, order, reasons
     and embeddings (1e-5) as encoding in the main process or with no workers at all."""
-    from clipkit.rerank.embed import EmbeddingStream, encode_in_workers
+    from clipkit.core.embedding import EmbeddingStream, encode_in_workers
     d, _ = folder
     from clipkit.core.io import scan_images
     files = scan_images([d])
@@ -197,44 +197,19 @@ def test_embed_two_processes_equals_one(folder, tmp_path):
     assert torch.allclose(load_file(str(one))["embeddings"], load_file(str(two))["embeddings"], atol=1e-5)
 
 
-def test_order_top_k_is_exact_and_touches_only_k_names():
-    from clipkit.rerank.rank import order
-    g = torch.Generator().manual_seed(0)
-    n = 5000
-    scores = torch.rand(n, generator=g) * 2 - 1
-    scores[:400] = scores[400:800]                          # exact ties
-    scores[800:1200] = scores[1200:1600] + 3e-7             # ties after rounding to 1e-6
-    scores[torch.topk(scores, 10).indices] = scores.max()   # a tie across the top-K boundary
-    names = [f"f{int(i):05d}" for i in torch.randperm(n, generator=g)]
-    brute = sorted(range(n), key=lambda i: (-round(float(scores[i]), 6), names[i]))
-
-    class Counting(list):
-        reads = 0
-
-        def __getitem__(self, i):
-            Counting.reads += 1
-            return list.__getitem__(self, i)
-    for k in (1, 5, 37, n, None):
-        Counting.reads = 0
-        got = order(Counting(names), scores, k)
-        assert [i for i, _ in got] == brute[:k] and [r for _, r in got] == list(range(1, len(got) + 1))
-        if k == 5:
-            assert Counting.reads <= 40, Counting.reads       # O(K + ties), not O(N)
-
-
 def test_encoded_batches_are_not_kept(folder, shapes_scorer, monkeypatch):
     """Regression (peak memory grew ~31 KB per image): each batch's embeddings are scored and
     dropped; the old code kept a view per row, so every batch tensor stayed alive to the end."""
     import weakref
     d, _ = folder
-    real, refs, alive = shapes_scorer._encode_pixels_batch, [], []
+    real, refs, alive = shapes_scorer.encode_pixel_batch, [], []
 
     def spy(px):
         alive.append(sum(r() is not None for r in refs[:-1]))   # all but the batch being handed over
         out = real(px)
         refs.append(weakref.ref(out.untyped_storage()))          # a row view would keep the storage
         return out
-    monkeypatch.setattr(shapes_scorer, "_encode_pixels_batch", spy)
+    monkeypatch.setattr(shapes_scorer, "encode_pixel_batch", spy)
     res = rerank([d], "a red shape", shapes_scorer, top_k=3, batch_size=4)
     assert len(refs) >= 8 and alive == [0] * len(refs) and len(res.results) == 3
     files, n = sorted(d.glob("0*.png")), len(refs)
@@ -243,7 +218,7 @@ def test_encoded_batches_are_not_kept(folder, shapes_scorer, monkeypatch):
 
 
 def test_cache_read_in_chunks_warm_equals_cold_and_top_k(folder, shapes_scorer, tmp_path, monkeypatch):
-    import clipkit.rerank.embed as emb
+    import clipkit.core.embedding as emb
     d, _ = folder
     monkeypatch.setattr(emb, "CACHE_CHUNK", 5)
     cache = EmbeddingCache(tmp_path / "c", shapes_scorer.spec, shapes_scorer.preprocess)

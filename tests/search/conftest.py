@@ -41,7 +41,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def built(corpus, scorer, tmp_path_factory):
     """The corpus indexed once (read-only for the tests that use it)."""
-    from clipkit.rerank.cache import open_cache
+    from clipkit.core.cache import open_cache
     from clipkit.search import build_index
     root, folder, shard, lst = corpus
     out = tmp_path_factory.mktemp("idx") / "photos.idx"

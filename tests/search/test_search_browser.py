@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from clipkit.captioning.captioner import load_captioner
 from clipkit.search import IndexReader
 from clipkit.search.server import ServeConfig, create_app, make_server
 
@@ -35,7 +36,7 @@ def chromium_path() -> str | None:
 @pytest.fixture(scope="module")
 def page_url(built, scorer):
     idx, _ = built
-    app = create_app(IndexReader(idx), scorer, ServeConfig(page_size=6, captioner="shapes"))
+    app = create_app(IndexReader(idx), scorer, ServeConfig(page_size=6, captioner="shapes"), load_captioner)
     server = make_server(app, "127.0.0.1", 0)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()

@@ -144,7 +144,7 @@ def test_add_retrains_when_outgrown(tmp_path):
 
 def test_build_is_resumable_and_atomic(tmp_path, scorer):
     """A build interrupted after two batches leaves no index; the rerun takes those from the cache."""
-    from clipkit.rerank.cache import open_cache
+    from clipkit.core.cache import open_cache
     folder = tmp_path / "imgs"
     make_images(folder, 6, 10)
     idx = tmp_path / "r.idx"

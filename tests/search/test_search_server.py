@@ -7,6 +7,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from clipkit.captioning.captioner import load_captioner
 from clipkit.search import IndexReader, build_index
 from clipkit.search.server import ServeConfig, create_app
 
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def app(built, scorer):
     idx, _ = built
-    a = create_app(IndexReader(idx), scorer, ServeConfig(max_upload=200_000, page_size=5, captioner="shapes"))
+    a = create_app(IndexReader(idx), scorer, ServeConfig(max_upload=200_000, page_size=5, captioner="shapes"),
+                   load_captioner)
     a.testing = False                      # errors go through the handlers, as in production
     return a
 

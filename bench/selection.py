@@ -1,0 +1,96 @@
+"""Best-of-N selection for `clipkit generate`, judged strictly by the oracle (issue 15).
+
+    python bench/selection.py [--prompts 30] [--prompt-seed 0] [--seed 100] [--candidates 4] [--two]
+                              [--weights 0.02 0.05 0.1 0.3] [--name-shape]
+
+For each prompt (bench/guidance.py's draw), the default `generate` (no flags) samples K candidates
+(seeds seed + K*i ...); each selection rule keeps one, and the oracle judges it strictly
+(`oracle.strict_match`: exactly the named objects, every attribute right, nothing else). Rules:
+
+* ``first``: candidate 0 alone, i.e. today's default (best-of-1);
+* ``clip``: the guiding CLIP's cosine with the prompt (`--best-of K`);
+* ``clip+w*end``: cosine + w * log P(the caption ends after the prompt | image) under the bundled
+  captioner (`--select caption`): the captioner, a second model, says whether the image holds more
+  than the prompt names (it would go on: "... and a blue square").
+
+Every rule is also scored on the first k < K candidates, so the table is a success-versus-cost
+curve: s/image is the generation time of the candidates a rule looked at (+ captioning), per kept
+image. The oracle only judges; it never selects.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from clipkit.captioning.captioner import load_captioner
+from clipkit.guidance.pipeline import generate
+from clipkit.shapes.oracle import matches, read_attributes, strict_match
+
+from guidance import draw_prompts          # bench/ is the script's folder: on sys.path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=30)
+    ap.add_argument("--prompt-seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--candidates", type=int, default=4)
+    ap.add_argument("--two", action="store_true")
+    ap.add_argument("--name-shape", action="store_true", default=True)
+    ap.add_argument("--weights", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.3])
+    args = ap.parse_args()
+    K = args.candidates
+    expected, texts = draw_prompts(args.prompts, args.prompt_seed, args.name_shape, args.two)
+    cap = load_captioner("shapes", device="cpu")
+    rows = []                                  # per prompt: list of candidate dicts
+    gen_s = cap_s = 0.0
+    for i, (objs, prompt) in enumerate(zip(expected, texts)):
+        t0 = time.time()
+        res = generate(prompt, n=K, seed=args.seed + K * i, device="cpu")
+        gen_s += time.time() - t0
+        cands = sorted(res.images, key=lambda g: g.seed)           # candidate k = seed + k
+        t0 = time.time()
+        end = cap.end_logprob([g.image for g in cands], [prompt] * K)
+        cap_s += time.time() - t0
+        row = []
+        for g, e in zip(cands, end.tolist()):
+            x = torch.from_numpy(np.asarray(g.image).copy()).permute(2, 0, 1).float() / 255
+            found = read_attributes(x)
+            row.append({"cos": g.clip_score, "end": e, "strict": strict_match(found, objs), "n": len(found),
+                        "lenient": matches(found, {k: objs[0][k] for k in ("color", "position")})})
+        rows.append(row)
+        print(f"{i}: {prompt}: " + " ".join(f"[{c['strict']:d} n{c['n']} cos{c['cos']:.2f} end{c['end']:.1f}]"
+                                            for c in row), flush=True)
+    n = len(rows)
+    per_image = gen_s / (n * K)
+    per_caption = cap_s / (n * K)
+    rules = {"clip": lambda c: c["cos"]}
+    for w in args.weights:
+        rules[f"clip+{w:g}*end"] = (lambda w: lambda c: c["cos"] + w * c["end"])(w)
+    rules["end"] = lambda c: c["end"]
+    kind = "two" if args.two else "single"
+    print(f"\n# selection: {n} {kind}-object prompts (prompt seed {args.prompt_seed}, seeds {args.seed}+), "
+          f"default generate, K up to {K}; generation {per_image:.2f} s/image, captioner "
+          f"{per_caption:.3f} s/image ({torch.get_num_threads()} threads)\n")
+    print("| rule | candidates | **strict** | lenient | objects 0/1/2/3+ | s per kept image |\n|---|---|---|---|---|---|")
+
+    def line(name, k, pick, captioned):
+        chosen = [pick(r[:k]) for r in rows]
+        s = sum(c["strict"] for c in chosen)
+        le = sum(c["lenient"] for c in chosen)
+        h = Counter(min(c["n"], 3) for c in chosen)
+        cost = k * (per_image + (per_caption if captioned else 0))
+        print(f"| {name} | {k} | **{s / n:.2f} ({s}/{n})** | {le / n:.2f} | "
+              f"{'/'.join(str(h[j]) for j in range(4))} | {cost:.2f} |", flush=True)
+    line("first (today's default)", 1, lambda r: r[0], False)
+    for k in range(2, K + 1):
+        for name, f in rules.items():
+            line(name, k, lambda r, f=f: max(r, key=f), name != "clip")
+
+
+if __name__ == "__main__":
+    main()
