@@ -171,3 +171,63 @@ def tiny_clipcap(mapper="mlp", seed=0, **kw):
     cfg = CaptionerConfig(mapper=mapper, clip_dim=16, prefix_length=4, clip_length=3, mapper_layers=2,
                           mapper_heads=4, decoder=dict(TINY_GPT), **kw)
     return ClipCapModel(cfg).eval()
+
+
+RERANK_BAD = {"zero.png", "text.jpg", "trunc.jpg", "bomb.png"}     # the bad files of ``rerank_folder``
+
+
+# ---- Shapes pictures for the search tests (folders, a shared corpus: tests/conftest.py) ----------------
+COLORS = ("red", "green", "blue", "yellow")
+
+
+def render(scenes, size=64):
+    from clipkit.shapes.data import render_pil
+    return render_pil(scenes, size)
+
+
+def scene(shape, color, position="center", size="large"):
+    from clipkit.shapes.world import Scene, ShapeObject
+    return Scene((ShapeObject(shape, color, size, position),))
+
+
+def make_images(folder, n_red=4, n_other=8):
+    """Red circles at varied positions + other colours/shapes; two byte-identical files (a tie)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sub").mkdir(exist_ok=True)
+    pos = ["top left", "top right", "bottom left", "bottom right", "center", "left", "right", "top"]
+    scenes = [scene("circle", "red", pos[i % 8]) for i in range(n_red)]
+    scenes += [scene(("square", "triangle")[i % 2], COLORS[1 + i % 3], pos[i % 8]) for i in range(n_other)]
+    paths = []
+    for i, im in enumerate(render(scenes)):
+        p = folder / ("sub" if i % 3 == 2 else ".") / f"img{i:02d}.png"
+        im.save(p)
+        paths.append(p)
+    return paths
+
+
+# ---- tiny open_clip config of the CLIP training tests (tests/conftest.py: tiny_init) ---------------------
+TINY_TRAIN_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 24, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+TINY_TRAIN_PP = {"size": 24, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+           "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def shapes_caption_folder(folder, n=6):
+    """``n`` one-object Shapes renders + captions.jsonl (3 captions each, then a broken line, a
+    missing image and an empty caption); returns the jsonl path."""
+    import json
+    from clipkit.shapes.data import render_pil
+    from clipkit.shapes.world import canonical_caption, captions, sample_scene
+    scenes = [sample_scene(i, n_objects=1) for i in range(n)]
+    lines = []
+    for i, (sc, im) in enumerate(zip(scenes, render_pil(scenes, 32))):
+        im.save(folder / f"img{i}.png")
+        for c in [canonical_caption(sc)] + captions(sc)["full"][1:3]:
+            lines.append(json.dumps({"image": f"img{i}.png", "caption": c}))
+    lines += ["{broken json", json.dumps({"image": "missing.png", "caption": "x"}),
+              json.dumps({"image": "img0.png", "caption": "  "})]
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "captions.jsonl"

@@ -7,7 +7,8 @@
    bit for bit on the same machine, torch build and thread count);
 2. score each candidate *as saved* (8-bit RGB) by cosine with the prompt under the guiding CLIP,
    ranked with core's ranking (:func:`clipkit.core.ranking.order`: score descending, rounded to
-   1e-6, ties by seed);
+   1e-6, ties by seed), or by a :class:`Selector`'s scores when one is given (e.g. the captioning
+   plugin's ``CaptionEndSelector``, passed in by the CLI: plugins never import each other);
 3. keep the ``n`` best; optionally write ``DIR/<slug>-<seed>.png`` and a ``.json`` sidecar.
 
 With CLIP guidance off (``clip_scale=0``) candidate seed S is, pixel for pixel, what diffusers' own

@@ -48,14 +48,6 @@ def test_unexpected_failure_exit_1(runner, shape_images, monkeypatch):
     assert res.exit_code == 1 and "Traceback" in res.stderr
 
 
-def test_models_json(runner):
-    res = runner.invoke(cli, ["models", "--json"])
-    assert res.exit_code == 0
-    doc = json.loads(res.stdout)
-    assert {"shapes", "sd"} <= set(doc["profiles"])
-    assert any(m["spec"] == "shapes" and m["available"] for m in doc["models"])
-
-
 def test_help_does_not_import_torch():
     code = "import sys; from clipkit.cli.main import cli; cli(['--help'], standalone_mode=False); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

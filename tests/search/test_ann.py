@@ -5,7 +5,7 @@ import pytest
 from clipkit.core.errors import InputError
 from clipkit.search import AnnConfig, IndexReader, VectorSource, add_to_index, build_index, search
 from clipkit.search import ann
-from clipkit.search.store import NpyAppender, read_manifest
+from clipkit.search.store import read_manifest
 
 
 def clustered(n, d=32, clusters=64, noise=0.35, seed=0):
@@ -73,15 +73,6 @@ def test_scores_and_order_are_exact(tmp_path):
         search(r, item=10_000)
 
 
-def test_npy_appender_is_a_plain_npy(tmp_path):
-    w = NpyAppender(tmp_path / "a.npy", np.float16, 3)
-    w.append(np.ones((2, 3)))
-    w.append(np.zeros((5, 3)))
-    assert w.close() == 7
-    a = np.load(tmp_path / "a.npy", mmap_mode="r")
-    assert a.shape == (7, 3) and a.dtype == np.float16 and a[:2].sum() == 6 and a[2:].sum() == 0
-
-
 def test_budget_and_config_are_saved(tmp_path):
     cfg = AnnConfig(max_memory=10 << 20, flat_max=100, target_recall=0.9)
     build_index(None, tmp_path / "c.idx", vectors=VectorSource(clustered(3000)), config=cfg)
@@ -90,15 +81,3 @@ def test_budget_and_config_are_saved(tmp_path):
     assert m.ann["kind"] == "ivf" and m.ann["recall"] >= 0.9 and m.model == "vectors"
     with pytest.raises(InputError):
         AnnConfig(target_recall=0).validate()
-
-
-def test_byte_size_option():
-    import click
-
-    from clipkit.cli.index import ByteSize
-    b = ByteSize()
-    assert b.convert("4GB", None, None) == 4 << 30 and b.convert("512m", None, None) == 512 << 20
-    assert b.convert("1.5 GiB", None, None) == int(1.5 * 2 ** 30) and b.convert("1000", None, None) == 1000
-    for bad in ("lots", "-1GB", "0", "4 parsecs"):
-        with pytest.raises(click.BadParameter):
-            b.convert(bad, None, None)

@@ -1,4 +1,5 @@
-"""generate(): seeds, best-of reranking, files and sidecars, the `clipkit generate` CLI contract."""
+"""guidance.pipeline: generate() (seeds, best-of reranking, selectors, schedulers, files and sidecars),
+load_diffusion, GenerateConfig. The `clipkit generate` CLI contract is tests/cli/test_generate.py."""
 import json
 import math
 
@@ -146,117 +147,6 @@ def test_unknown_words_and_slugs():
     assert slugify("!!!") == "prompt" and len(slugify("x " * 100)) <= 60
 
 
-# ---------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------
-
-def run(args):
-    res = CliRunner().invoke(cli, args)
-    return res
-
-
-def test_cli_writes_png_and_sidecar_and_json(tmp_path):
-    from clipkit.core.scorer import load_scorer
-    noised_scorer = load_scorer("shapes-noised", device="cpu")
-    out = tmp_path / "out"
-    res = run(["generate", PROMPT, "-n", "2", "--steps", "3", "--seed", "7", "--out", str(out), "--json"])
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout)                                  # one JSON document, nothing else
-    assert doc["score"] == "cosine" and doc["models"]["diffusion"] == "shapes"
-    assert "note: using the bundled" in res.stderr
-    slug = "a-red-circle-at-the-top-left"
-    assert sorted(p.name for p in out.iterdir()) == [f"{slug}-7.json", f"{slug}-7.png", f"{slug}-8.json",
-                                                     f"{slug}-8.png"]
-    assert sorted(im["seed"] for im in doc["images"]) == [7, 8]
-    for im in doc["images"]:
-        side = json.loads((out / f"{slug}-{im['seed']}.json").read_text())
-        assert side["prompt"] == PROMPT and side["seed"] == im["seed"] and side["score"] == "cosine"
-        # the bundled profile guides with the noise-aware overlay CLIP, on x_t ("auto" target)
-        assert side["models"] == {"clip": "shapes-noised", "diffusion": "shapes", "diffusion_kind": "pixel"}
-        p = side["parameters"]
-        assert p["guide_target"] == "xt" and p["guidance"]["target"] == "xt"
-        assert (p["steps"], p["n"], p["seed"], p["best_of"], p["scheduler"], p["clip_scale"]) == (3, 2, 7, 1, "ddim", 0.2)
-        assert p["guidance"]["x0_step"] == 0.2 and p["cfg_scale"] is None
-        # the sidecar's score is what `clipkit score --clip shapes-noised` reports for the saved file
-        sim = float(noised_scorer.similarity([im["path"]], [PROMPT])[0, 0])
-        assert math.isclose(side["clip_score"], sim, abs_tol=1e-5) and im["clip_score"] == side["clip_score"]
-
-
-def test_cli_select_caption(tmp_path):
-    res = run(["-q", "generate", PROMPT, "-n", "1", "--best-of", "2", "--steps", "2", "--seed", "3",
-               "--select", "caption", "--out", str(tmp_path), "--json"])
-    assert res.exit_code == 0, res.output
-    im, = json.loads(res.stdout)["images"]
-    side = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert side["selection"] == "caption-end" and math.isclose(side["selection_score"], im["selection_score"])
-    assert im["selection_score"] < im["clip_score"]               # cosine + weight * (log-prob < 0)
-
-
-def test_cli_never_overwrites_silently(tmp_path):
-    out = tmp_path / "o"
-    args = ["-q", "generate", PROMPT, "-n", "2", "--steps", "2", "--seed", "3", "--out", str(out)]
-    assert run(args).exit_code == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    res = run(args)
-    assert res.exit_code == 2 and "refusing to overwrite" in res.stderr and "--overwrite" in res.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    # one stray sidecar among the targets (seeds 8, 9) blocks the run before anything is generated
-    (out / "a-red-circle-at-the-top-left-9.json").write_text("{}")
-    res = run(["-q", "generate", PROMPT, "-n", "2", "--steps", "2", "--seed", "8", "--out", str(out)])
-    assert res.exit_code == 2 and "a-red-circle-at-the-top-left-9.json" in res.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(before) + ["a-red-circle-at-the-top-left-9.json"]
-    res = run(args[:1] + ["generate", "--overwrite"] + args[2:] + ["--clip-scale", "0"])
-    assert res.exit_code == 0, res.output
-    side = json.loads((out / "a-red-circle-at-the-top-left-3.json").read_text())
-    assert side["parameters"]["clip_scale"] == 0
-
-
-@pytest.mark.parametrize("bad", [
-    ["", "--steps", "2"], ["   "], [PROMPT, "--steps", "0"], [PROMPT, "--steps", "-3"],
-    [PROMPT, "--clip-scale", "-1"], [PROMPT, "--clip-scale", "nan"], [PROMPT, "--cfg-scale", "nan"],
-    [PROMPT, "--cfg-scale", "7.5"], [PROMPT, "--scheduler", "heun"], [PROMPT, "-n", "0"],
-    [PROMPT, "--best-of", "0"], [PROMPT, "--cutouts", "-1"], [PROMPT, "--scheduler", "pndm", "--steps", "3"],
-])
-def test_cli_bad_input_exit_2_nothing_written(tmp_path, bad):
-    out = tmp_path / "o"
-    res = run(["-q", "generate", *bad, "--out", str(out)])
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
-    assert not out.exists()
-
-
-def test_cli_unwritable_out(tmp_path):
-    blocker = tmp_path / "file.txt"
-    blocker.write_text("x")
-    for out in (blocker, blocker / "sub"):
-        res = run(["-q", "generate", PROMPT, "--steps", "2", "--out", str(out)])
-        assert res.exit_code == 2 and res.stderr.startswith("Error: ") and len(res.stderr.strip().splitlines()) == 1
-    assert blocker.read_text() == "x"
-
-
-def test_cli_unknown_words_warning(tmp_path):
-    res = run(["generate", "a dog on the beach", "-n", "1", "--steps", "1", "--seed", "0",
-               "--out", str(tmp_path / "o")])
-    assert res.exit_code == 0, res.output
-    assert "'dog', 'beach'" in res.stderr and "--profile sd" in res.stderr and "--clip" in res.stderr
-    assert (tmp_path / "o" / "a-dog-on-the-beach-0.png").is_file()
-    assert "image" in res.stdout and "a-dog-on-the-beach-0.png" in res.stdout
-
-
-def test_real_subprocess(tmp_path):
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "clipkit", "generate", "a green square", "-n", "1", "--steps", "2",
-                          "--seed", "11", "--out", str(tmp_path), "--json"], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    doc = json.loads(out.stdout)
-    assert doc["images"][0]["path"] == str(tmp_path / "a-green-square-11.png")
-    assert "note: using the bundled" in out.stderr
-
-
 def test_auto_target_is_xt_only_for_a_noise_aware_clip_on_a_model_that_takes_it(tmp_path):
     cfg = GenerateConfig()
     assert cfg.guide_target == "auto"
@@ -270,25 +160,10 @@ def test_auto_target_is_xt_only_for_a_noise_aware_clip_on_a_model_that_takes_it(
     assert cfg.resolve_target(True, ("x0",)).guide_target == "x0"            # latent models
     assert GenerateConfig(guide_target="x0").resolve_target(True, ("x0", "xt")).guide_target == "x0"
     # the clean bundled CLIP guides the x0 estimate
-    res = run(["-q", "generate", PROMPT, "-n", "1", "--steps", "2", "--seed", "5", "--out", str(tmp_path),
-               "--clip", "shapes"])
+    res = CliRunner().invoke(cli, ["-q", "generate", PROMPT, "-n", "1", "--steps", "2", "--seed", "5",
+                                   "--out", str(tmp_path), "--clip", "shapes"])
     assert res.exit_code == 0, res.output
     side = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert side["models"]["clip"] == "shapes" and side["parameters"]["guide_target"] == "x0"
     with pytest.raises(InputError, match="guide_target"):
         GenerateConfig(guide_target="x1").validate()
-
-
-def test_cli_guide_target_xt_is_recorded_and_changes_the_image(tmp_path):
-    """--guide-target xt: the CLIP sees x_t (noise-aware mode); same seed, different image from x0."""
-    outs = {}
-    for target in ("x0", "xt"):
-        out = tmp_path / target
-        res = run(["-q", "generate", PROMPT, "-n", "1", "--steps", "4", "--seed", "5", "--out", str(out),
-                   "--guide-target", target])
-        assert res.exit_code == 0, res.output
-        side = json.loads(next(out.glob("*.json")).read_text())
-        assert side["parameters"]["guide_target"] == target
-        assert side["parameters"]["guidance"]["target"] == target
-        outs[target] = next(out.glob("*.png")).read_bytes()
-    assert outs["x0"] != outs["xt"]

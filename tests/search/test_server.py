@@ -1,4 +1,5 @@
-"""The web server through Flask's test client: the API, paging, uploads, captions, and the refusals."""
+"""search.server: the Flask app behind `clipkit serve` (page, search, paging, export, uploads, thumbnails,
+captions, 4xx on bad requests, only indexed unchanged files served). The real process: tests/cli/test_serve.py."""
 import io
 import json
 import os
@@ -11,7 +12,7 @@ from clipkit.captioning.captioner import load_captioner
 from clipkit.search import IndexReader, build_index
 from clipkit.search.server import ServeConfig, create_app
 
-from search_helpers import make_images
+from helpers import make_images   # tests/ is on sys.path (conftest.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,26 +150,3 @@ def test_only_indexed_unchanged_files_are_served(tmp_path, scorer):
     assert r.status_code == 404 and "error" in r.get_json()
     assert c.post("/api/caption", json={"id": ids[str(paths[3])]}).status_code == 404
     assert c.get("/api/search?q=a red circle").status_code == 200
-
-
-def test_serve_real_subprocess(built):
-    """`clipkit serve` in its own process: it says where it listens, answers, and stops on SIGINT."""
-    import re
-    import signal
-    import subprocess
-    import sys
-    import urllib.request
-    idx, _ = built
-    p = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", str(idx), "--port", "0",
-                          "--captioner", "none"], stderr=subprocess.PIPE, text=True)
-    try:
-        line = p.stderr.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert m, line
-        with urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/api/info", timeout=30) as r:
-            info = json.loads(r.read())
-        assert info["items"] == 22 and info["captioner"] is None
-    finally:
-        p.send_signal(signal.SIGINT)
-        rc = p.wait(timeout=90)                 # a torch process can take a while to exit on a busy machine
-        assert rc == 0, p.stderr.read()[-2000:]

@@ -1,4 +1,4 @@
-"""`clipkit train captioner` on tiny data: embeddings once per image, bad lines skipped, resumable."""
+"""captioning.train: training a captioner on tiny data: embeddings once per image, bad lines skipped, resumable."""
 import json
 
 import pytest
@@ -6,21 +6,7 @@ import pytest
 from clipkit.captioning.train import TrainCaptionerConfig, read_caption_pairs
 from clipkit.shapes.recipes import train_captioner     # with the Shapes data for data="shapes"
 from clipkit.core.errors import InputError
-
-
-def _shapes_folder(tmp_path, n=6):
-    from clipkit.shapes.data import render_pil
-    from clipkit.shapes.world import canonical_caption, captions, sample_scene
-    scenes = [sample_scene(i, n_objects=1) for i in range(n)]
-    lines = []
-    for i, (sc, im) in enumerate(zip(scenes, render_pil(scenes, 32))):
-        im.save(tmp_path / f"img{i}.png")
-        for c in [canonical_caption(sc)] + captions(sc)["full"][1:3]:
-            lines.append(json.dumps({"image": f"img{i}.png", "caption": c}))
-    lines += ["{broken json", json.dumps({"image": "missing.png", "caption": "x"}),
-              json.dumps({"image": "img0.png", "caption": "  "})]
-    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    return tmp_path / "captions.jsonl"
+from helpers import shapes_caption_folder as _shapes_folder   # tests/ is on sys.path (conftest.py)
 
 
 def test_reads_jsonl_and_coco(tmp_path):
@@ -83,18 +69,3 @@ def test_shapes_recipe_learns_something(tmp_path):
     assert "exact_attr" in res.final_eval
 
 
-def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_openclip_dir):
-    import subprocess
-    import sys
-    path = _shapes_folder(tmp_path)
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "clipkit.cli.main", "-q", "train", "captioner", "--data", str(path), "--clip",
-           str(tiny_openclip_dir), "--out", str(out), "--epochs", "2", "--batch-size", "2", "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    doc = json.loads(r.stdout)
-    # 6 images, 2 per process per step, 2 processes: 1 step per epoch
-    assert doc["processes"] == 2 and doc["steps"] == 2
-    assert (out / "model" / "model.safetensors").is_file()

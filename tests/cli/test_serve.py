@@ -1,0 +1,43 @@
+"""`clipkit serve`: one-line errors, a real server process stopped by SIGINT."""
+import json
+
+import pytest
+
+from clipkit.cli.main import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve", "{tmp}"], "not a clipkit index"),
+])
+def test_cli_errors_are_one_line_exit_2(runner, built, tmp_path, args, message):
+    idx, _ = built
+    args = [a.format(idx=idx, tmp=tmp_path) for a in args]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], res.output
+
+
+def test_serve_real_subprocess(built):
+    """`clipkit serve` in its own process: it says where it listens, answers, and stops on SIGINT."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    idx, _ = built
+    p = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", str(idx), "--port", "0",
+                          "--captioner", "none"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/api/info", timeout=30) as r:
+            info = json.loads(r.read())
+        assert info["items"] == 22 and info["captioner"] is None
+    finally:
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(timeout=90)                 # a torch process can take a while to exit on a busy machine
+        assert rc == 0, p.stderr.read()[-2000:]
