@@ -270,6 +270,12 @@ def load_aesthetic_head(path: str | Path) -> AestheticHead:
                              "state dict (.pth or .safetensors)") from None
 
 
+def load_aesthetic(spec: str) -> AestheticHead:
+    """An ``aesthetic:PATH`` spec (the registry's scorer kind) -> its head."""
+    from clipkit.core.registry import resolve
+    return load_aesthetic_head(resolve(spec, "scorer").location)
+
+
 @dataclass
 class AestheticScore:
     """Objective: minus the head's score of the CLIP image embedding (higher score, lower loss)."""

@@ -99,10 +99,11 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          empty="empty captioner spec", empty_fix="use 'shapes', a directory or a ClipCap .pt",
          not_found="no such captioner directory or .pt file"),
     Kind("decoder", "GPT-2", "use a local GPT-2 directory, 'hf:ORG/NAME' or a hub name such as gpt2"),
+    Kind("scorer", "scorer", "use 'aesthetic:PATH' (a LAION aesthetic-predictor head)"),
 )}
 #: profile components -> the kind their spec is
 COMPONENT_KINDS = {"clip": "clip", "guide": "clip", "diffusion": "diffusion", "captioner": "captioner",
-                   "decoder": "decoder"}
+                   "decoder": "decoder", "scorer": "scorer"}
 
 
 def _kind(component: str) -> Kind:
@@ -449,6 +450,22 @@ class CheckpointFileSource(Source):
         return ModelSpec(spec, self, str(path), component=component)
 
 
+class AestheticSource(Source):
+    """``aesthetic:PATH``: a LAION aesthetic-predictor head (linear or MLP) on CLIP image embeddings,
+    a ``.pth`` state dict or ``.safetensors`` file (loaded by :func:`clipkit.core.objectives.load_aesthetic`)."""
+    kind, syntax, noun = "aesthetic", "aesthetic:PATH", "an aesthetic head"
+    components = frozenset({"scorer"})
+
+    def parse(self, spec, component):
+        if not spec.startswith("aesthetic:"):
+            return None
+        path = Path(spec[len("aesthetic:"):]).expanduser()
+        if not path.is_file():
+            reason = "no such file" if not path.exists() else "not a regular file"
+            raise ModelLoadError(spec, reason, "point aesthetic: at a head's .pth or .safetensors file")
+        return ModelSpec(spec, self, str(path), component=component)
+
+
 class HfSource(Source):
     kind, syntax, noun = "hf", "hf:ORG/NAME", "a hub repository"
     components = frozenset({"clip", "diffusion", "decoder"})
@@ -491,7 +508,7 @@ class HubNameSource(HfSource):
 
 
 #: every spec source, in the order :func:`parse_spec` tries them
-SOURCES: tuple[Source, ...] = (BundledSource(), OpenClipSource(), HfSource(), OverlaySource(),
+SOURCES: tuple[Source, ...] = (BundledSource(), AestheticSource(), OpenClipSource(), HfSource(), OverlaySource(),
                                LocalOpenClipSource(), LocalDiffusersSource(), LocalTransformersSource(),
                                ClipCapDirSource(), CheckpointFileSource(), HubNameSource())
 

@@ -1,4 +1,6 @@
 """core/objectives.py: the differentiable image-objective protocol (DESIGN §6)."""
+import os
+
 import pytest
 import torch
 
@@ -124,6 +126,7 @@ def test_aesthetic_heads_in_the_laion_layouts(tmp_path, scorer, renders, layout,
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     head = ob.load_aesthetic_head(path)
     assert head.kind == layout
+    assert ob.load_aesthetic(f"aesthetic:{path}").state_dict().keys() == head.state_dict().keys()
     obj = ob.AestheticScore(scorer, head)
     emb = scorer.encode_images(renders)                         # unit norm, as LAION feeds the head
     with torch.no_grad():
@@ -148,3 +151,20 @@ def test_aesthetic_head_errors(tmp_path, scorer, renders):
     torch.save({"weight": torch.zeros(1, 7), "bias": torch.zeros(1)}, tmp_path / "w7.pth")
     with pytest.raises(InputError, match="7-d"):
         ob.AestheticScore(scorer, ob.load_aesthetic_head(tmp_path / "w7.pth")).score(renders)
+
+
+def test_aesthetic_specs_go_through_the_registry(tmp_path):
+    from clipkit.core.registry import parse_spec
+    with pytest.raises(ModelLoadError, match="no such file"):
+        parse_spec(f"aesthetic:{tmp_path / 'missing.pth'}", "scorer")
+    fifo = tmp_path / "head.pth"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        ob.load_aesthetic(f"aesthetic:{fifo}")                 # refused before anything opens it
+    good = tmp_path / "lin.pth"
+    torch.save({"weight": torch.zeros(1, 4), "bias": torch.zeros(1)}, good)
+    assert parse_spec(f"aesthetic:{good}", "scorer").kind == "aesthetic"
+    with pytest.raises(ModelLoadError, match="not a CLIP model spec"):
+        parse_spec(f"aesthetic:{good}", "clip")
+    with pytest.raises(ModelLoadError, match="is not a scorer model spec"):
+        parse_spec("openclip:ViT-B-32/openai", "scorer")

@@ -110,7 +110,8 @@ def test_each_source_parses_its_specs(tiny_openclip_dir, tiny_hf_dir, tmp_path):
              (str(tiny_hf_dir), "clip", "local-hf"), (str(tiny_hf_dir), "decoder", "local-hf"),
              (str(tmp_path / "sd"), "diffusion", "local-diffusers"),
              (str(_clipcap_dir(tmp_path)), "captioner", "clipcap-dir"),
-             (str(tmp_path / "ckpt.pt"), "captioner", "file")]
+             (str(tmp_path / "ckpt.pt"), "captioner", "file"),
+             (f"aesthetic:{tmp_path / 'ckpt.pt'}", "scorer", "aesthetic")]
     seen = set()
     for spec, component, kind in cases:
         s = parse_spec(spec, component)
