@@ -60,6 +60,7 @@ def decode_config(strategy: str = "beam", beams: int = 5, candidates: int = 1, *
 class Captioner:
     def __init__(self, model: ClipCapModel, tokenizer, scorer, device=None):
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
+        self.spec: str | None = None            # set by load_captioner
         self.device = device or scorer.device
         self.model.to(self.device).eval().requires_grad_(False)
         cfg = model.cfg
@@ -183,7 +184,12 @@ class CaptionEndSelector:
     on a development set of prompts (BENCHMARKS.md, "best-of selection")."""
     captioner: Captioner
     weight: float = 0.05
-    name: str = "caption-end"
+    name: str = "caption"           # what `generate --select` calls it; the sidecar's "selection"
+
+    @property
+    def spec(self) -> str | None:
+        """The captioner's model spec (recorded with the other model specs)."""
+        return getattr(self.captioner, "spec", None)
 
     def __call__(self, images, prompt: str, clip_scores: torch.Tensor) -> torch.Tensor:
         end = self.captioner.end_logprob(images, [prompt] * len(images))
@@ -218,7 +224,9 @@ def load_captioner(spec: str = "shapes", clip: str | None = None, device="auto",
                              f"{model.cfg.clip_dim}-d embeddings)", f"pass --clip with a {model.cfg.clip_dim}-d CLIP")
     scorer = load_scorer(clip or model.cfg.clip_spec, device=device, precision=precision,
                          batch_size=batch_size)
-    return Captioner(model, tok, scorer)
+    cap = Captioner(model, tok, scorer)
+    cap.spec = spec
+    return cap
 
 
 def check_lm_weight(w: float) -> float:

@@ -347,7 +347,8 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True,
         return evaluate(unwrapped, tokenizer, val, cfg.val_decode, cfg.max_tokens, acc.device, metrics)
 
     settings = LoopSettings(
-        out_dir=out, steps=cfg.epochs * steps_per_epoch, warmup=cfg.warmup,
+        out_dir=out, steps=cfg.epochs * steps_per_epoch,
+        warmup=min(cfg.warmup, cfg.epochs * steps_per_epoch // 10),                # a short run still decays
         log_columns=["step", "epoch", "loss", "lr", "samples_per_s"], grad_clip=cfg.grad_clip,
         log_every=cfg.log_every, save_every=cfg.save_every, eval_every=steps_per_epoch,
         eval_columns=["step", "epoch", "val_loss", "bleu4", "cider_d", "exact_attr"],

@@ -72,6 +72,10 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     # one notice at most: the first lookup printed it if the default profile was implicit
     diffusion = resolve_spec(dataclasses.replace(settings, quiet=True), "diffusion", diffusion_spec)
     selector = None
+    if select != "clip" and best_of == 1:
+        import logging
+        logging.getLogger("clipkit.cli").warning("--select %s chooses among --best-of candidates; with "
+                                                 "--best-of 1 there is nothing to choose", select)
     if select == "caption" and best_of > 1:
         from clipkit.captioning.captioner import CaptionEndSelector, load_captioner
         cap_spec = resolve_spec(dataclasses.replace(settings, quiet=True), "captioner", captioner_spec)

@@ -555,7 +555,10 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
                            "device": str(scorer.device), "precision": precision,
                            "size": list(img.image.size)}
                 if img.selection_score is not None:
-                    sidecar.update(selection=select.name, selection_score=img.selection_score)
+                    sidecar.update(selection=select.name, selection_score=img.selection_score,
+                                   selection_weight=getattr(select, "weight", None))
+                    if getattr(select, "spec", None):
+                        sidecar["models"] = {**models, "selector": select.spec}
                 write_image(img, png, sidecar, overwrite)
             kept.append(img)
     return GenerateResult(kept, cfg, models, n, seed, n_cand, time.time() - t0,

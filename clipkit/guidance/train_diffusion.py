@@ -187,7 +187,8 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True,
         return dd.judge(imgs) if dd.judge is not None else {}
 
     settings = LoopSettings(
-        out_dir=out, steps=cfg.steps, warmup=cfg.warmup, log_columns=["step", "loss", "lr", "samples_per_s"],
+        out_dir=out, steps=cfg.steps, warmup=min(cfg.warmup, cfg.steps // 10),   # a short run still decays
+        log_columns=["step", "loss", "lr", "samples_per_s"],
         grad_clip=1.0, log_every=cfg.log_every, save_every=cfg.save_every, eval_every=cfg.eval_every,
         eval_columns=["step", *dd.eval_columns], resume=cfg.resume, time_limit_s=cfg.time_limit_s,
         progress=progress, desc="train diffusion", train_plot=(["loss", "lr"], "DDPM training"))

@@ -52,8 +52,13 @@ def test_cli_select_caption(tmp_path):
     assert res.exit_code == 0, res.output
     im, = json.loads(res.stdout)["images"]
     side = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert side["selection"] == "caption-end" and math.isclose(side["selection_score"], im["selection_score"])
+    assert side["selection"] == "caption" and math.isclose(side["selection_score"], im["selection_score"])
+    assert side["selection_weight"] == 0.05 and side["models"]["selector"] == "shapes"
     assert im["selection_score"] < im["clip_score"]               # cosine + weight * (log-prob < 0)
+    # --select without --best-of: nothing to choose, and the user is told so
+    res = run(["generate", PROMPT, "-n", "1", "--steps", "2", "--seed", "3", "--select", "caption",
+               "--out", str(tmp_path / "one")])
+    assert res.exit_code == 0 and "nothing to choose" in res.stderr
 
 
 def test_cli_never_overwrites_silently(tmp_path):
