@@ -231,3 +231,10 @@ def shapes_caption_folder(folder, n=6):
               json.dumps({"image": "img0.png", "caption": "  "})]
     (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "captions.jsonl"
+
+
+def assert_one_line_error(res, text: str) -> None:
+    """A CliRunner result that failed as the CLI promises: exit 2, one line ``Error: ...`` holding ``text``."""
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and text in lines[0], res.output

@@ -360,7 +360,17 @@ class _LocalDirSource(Source):
         return True
 
 
-class OverlaySource(_LocalDirSource):
+class _OpenClipDirSource(_LocalDirSource):
+    """A directory in open_clip's layout (``open_clip_config.json``): its training info and model config."""
+
+    def training_info(self, s):
+        return _training_info(Path(s.target))
+
+    def model_cfg(self, s):
+        return _dir_model_cfg(s.raw, Path(s.target))
+
+
+class OverlaySource(_OpenClipDirSource):
     """A partial fine-tune of another CLIP (``open_clip_config.json`` names its base): load the base,
     then replace the weights the overlay holds (:mod:`clipkit.core.artifacts`). ``shapes-noised`` is one."""
     kind, syntax, noun = "overlay", "/dir (open_clip_config.json naming a base CLIP)", "an open_clip overlay"
@@ -387,14 +397,9 @@ class OverlaySource(_LocalDirSource):
         backend.spec = s.raw
         return backend
 
-    def training_info(self, s):
-        return _training_info(Path(s.target))
-
-    def model_cfg(self, s):
-        return _dir_model_cfg(s.raw, Path(s.target))
 
 
-class LocalOpenClipSource(_LocalDirSource):
+class LocalOpenClipSource(_OpenClipDirSource):
     kind, syntax, noun = "local-openclip", "/dir (open_clip_config.json + weights)", "an open_clip directory"
     marker, components = "open_clip_config.json", frozenset({"clip"})
 
@@ -405,11 +410,6 @@ class LocalOpenClipSource(_LocalDirSource):
                                  "save the weights beside open_clip_config.json")
         return _create_openclip(s, f"local-dir:{s.target}", None, {}, "check the directory's config and weights")
 
-    def training_info(self, s):
-        return _training_info(Path(s.target))
-
-    def model_cfg(self, s):
-        return _dir_model_cfg(s.raw, Path(s.target))
 
 
 class LocalDiffusersSource(_LocalDirSource):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from helpers import make_colour_folder
+from helpers import assert_one_line_error, make_colour_folder
 
 from clipkit.cli.main import cli
 
@@ -16,12 +16,6 @@ def colours(tmp_path_factory):
 
 def run(*args):
     return CliRunner().invoke(cli, ["-q", *map(str, args)])
-
-
-def one_line_error(r, text):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and text in lines[0], r.output
 
 
 def test_eval_json_csv_and_plot(tmp_path, colours, tiny_openclip_dir):
@@ -38,7 +32,7 @@ def test_eval_json_csv_and_plot(tmp_path, colours, tiny_openclip_dir):
     assert rows[0] == ["class", "name", "images", "correct", "accuracy"] and rows[-1][0] == "(all)"
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
     again = run("eval", colours, "--clip", tiny_openclip_dir, "--csv", tmp_path / "r.csv")
-    one_line_error(again, "refusing to overwrite")
+    assert_one_line_error(again, "refusing to overwrite")
 
 
 def test_eval_table_and_linear_probe(colours, tiny_openclip_dir):
@@ -48,21 +42,21 @@ def test_eval_table_and_linear_probe(colours, tiny_openclip_dir):
 
 
 def test_eval_bad_input_is_one_line(tmp_path, colours, tiny_openclip_dir):
-    one_line_error(run("eval", colours, "--clip", tiny_openclip_dir, "--split", "holdout"), "no 'holdout' split")
+    assert_one_line_error(run("eval", colours, "--clip", tiny_openclip_dir, "--split", "holdout"), "no 'holdout' split")
     single = make_colour_folder(tmp_path / "s", {"": 1})
     for d in ("green", "blue"):
         for f in (single / d).iterdir():
             f.unlink()
         (single / d).rmdir()
-    one_line_error(run("eval", single, "--clip", tiny_openclip_dir), "classification needs at least 2")
-    one_line_error(run("eval", colours, "--shots", "3"), "--linear-probe")
-    one_line_error(run("eval", tmp_path / "nothing"), "no such folder")
+    assert_one_line_error(run("eval", single, "--clip", tiny_openclip_dir), "classification needs at least 2")
+    assert_one_line_error(run("eval", colours, "--shots", "3"), "--linear-probe")
+    assert_one_line_error(run("eval", tmp_path / "nothing"), "no such folder")
 
 
 def test_train_clip_labelled_options(tmp_path, colours, tiny_openclip_dir):
-    one_line_error(run("train", "clip", "--out", tmp_path / "a", "--class-names", "x.json"), "labelled --data")
-    one_line_error(run("train", "clip", "--data", colours, "--out", tmp_path / "b", "--wise", "0.5"), "--init")
-    one_line_error(run("train", "clip", "--data", colours, "--init", tiny_openclip_dir, "--out", tmp_path / "c",
+    assert_one_line_error(run("train", "clip", "--out", tmp_path / "a", "--class-names", "x.json"), "labelled --data")
+    assert_one_line_error(run("train", "clip", "--data", colours, "--out", tmp_path / "b", "--wise", "0.5"), "--init")
+    assert_one_line_error(run("train", "clip", "--data", colours, "--init", tiny_openclip_dir, "--out", tmp_path / "c",
                        "--wise", "0.5", "--reference", "nope"), "--reference")
     r = run("train", "clip", "--data", colours, "--init", tiny_openclip_dir, "--out", tmp_path / "ft",
             "--steps", "1", "--batch-size", "4", "--templates", "a {} shape", "--wise", "0.5",

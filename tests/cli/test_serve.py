@@ -5,6 +5,8 @@ import pytest
 
 from clipkit.cli.main import cli
 
+from helpers import assert_one_line_error   # tests/ is on sys.path (conftest.py)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -14,10 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_cli_errors_are_one_line_exit_2(runner, built, tmp_path, args, message):
     idx, _ = built
     args = [a.format(idx=idx, tmp=tmp_path) for a in args]
-    res = runner.invoke(cli, args)
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], res.output
+    assert_one_line_error(runner.invoke(cli, args), message)
 
 
 def test_serve_real_subprocess(built):
