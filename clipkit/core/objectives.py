@@ -107,18 +107,40 @@ class ClipTarget:
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.scorer.embed_pixels(pixels)
 
+    def _rows(self, n: int, device) -> torch.Tensor:
+        """Targets [n|1, M, D] for n rows; per-sample targets [B, M, D] are tiled when n = k * B
+        (views come view-major: row r belongs to sample r % B)."""
+        tgt = self.targets.to(device)
+        if tgt.ndim == 2:
+            return tgt[None]
+        if tgt.shape[0] in (1, n):
+            return tgt
+        if n % tgt.shape[0]:
+            raise InputError(f"{n} rows for {tgt.shape[0]} per-sample targets")
+        return tgt.repeat(n // tgt.shape[0], 1, 1)
+
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         emb = self.embed(pixels).float()                                         # [B, D]
-        tgt = self.targets.to(emb.device)
-        tgt = tgt if tgt.ndim == 3 else tgt[None]                                # [B|1, M, D]
-        dist = self.loss_fn(emb[:, None, :], tgt)                                # [B, M]
+        dist = self.loss_fn(emb[:, None, :], self._rows(emb.shape[0], emb.device))   # [B, M]
         return (dist * self.weights.to(emb.device)).sum(-1)
 
     def cosine(self, pixels: torch.Tensor) -> torch.Tensor:
         """The weighted mean cosine [B] (what a user reads as "the CLIP score")."""
         emb = F.normalize(self.embed(pixels).float(), dim=-1)
-        tgt = self.targets.to(emb.device)
-        tgt = tgt if tgt.ndim == 3 else tgt[None]
+        return self._weighted_cos(emb)
+
+    def score_images(self, images) -> torch.Tensor:
+        """The weighted cosine [N] of images as files are read (paths or PIL images, the scorer's
+        exact preprocessing path and core's exact cosines: what ``rerank`` and best-of rank by).
+        Needs shared targets [M, D]."""
+        from clipkit.core.ranking import cosines
+        if self.targets.ndim != 2:
+            raise InputError("score_images needs targets shared by every image ([M, D])")
+        sims = cosines(self.scorer.encode_images(images), self.targets.float())       # [N, M] fp32, CPU
+        return (sims * self.weights.cpu()).sum(-1)
+
+    def _weighted_cos(self, emb: torch.Tensor) -> torch.Tensor:
+        tgt = self._rows(emb.shape[0], emb.device)
         return ((emb[:, None, :] * tgt).sum(-1) * self.weights.to(emb.device)).sum(-1)
 
 
@@ -163,13 +185,22 @@ class Weighted:
             return pixels.new_zeros(pixels.shape[0])
         return sum(w * obj(pixels) for w, obj in self.terms)
 
+    def score_images(self, images) -> torch.Tensor:
+        """The weighted sum of the terms' ``score_images`` [N] (terms without one are skipped)."""
+        scored = [(w, o) for w, o in self.terms if hasattr(o, "score_images")]
+        if not scored:
+            raise InputError("none of these objectives scores images")
+        return sum(w * o.score_images(images) for w, o in scored)
+
 
 @dataclass
 class Views:
-    """The mean of ``objective`` over ``make_views(pixels) -> [B*K, 3, H, W]`` (sample-major).
+    """The mean of ``objective`` over ``make_views(pixels) -> [K*B, 3, H, W]`` (view-major: row r is
+    a view of sample r % B, so per-sample objectives tile their targets).
 
-    The K views go through the objective ``chunk`` samples at a time; with gradients enabled each
-    chunk runs under activation checkpointing, so peak memory is that of one chunk whatever K is.
+    The K views go through the objective ``chunk`` views (``chunk * B`` rows) at a time; when there
+    is more than one chunk and gradients are on, each chunk runs under activation checkpointing, so
+    peak memory is that of one chunk whatever K is (one chunk runs plainly: no recomputation).
     """
     objective: Callable
     make_views: Callable[[torch.Tensor], torch.Tensor]
@@ -179,15 +210,17 @@ class Views:
         B = pixels.shape[0]
         views = self.make_views(pixels)
         K = views.shape[0] // B
-        n = max(1, self.chunk)
+        rows = max(1, self.chunk) * B
+        if rows >= views.shape[0]:
+            return self.objective(views).view(K, B).mean(dim=0)
         losses = []
-        for a in range(0, views.shape[0], n):
-            part = views[a:a + n]
+        for a in range(0, views.shape[0], rows):
+            part = views[a:a + rows]
             if torch.is_grad_enabled() and part.requires_grad:
                 losses.append(checkpoint(self.objective, part, use_reentrant=False))
             else:
                 losses.append(self.objective(part))
-        return torch.cat(losses).view(B, K).mean(dim=1)
+        return torch.cat(losses).view(K, B).mean(dim=0)
 
 
 # ---------------------------------------------------------------- regularisers (pixels in [0, 1])

@@ -3,15 +3,16 @@
 Components: ``UNet2DConditionModel`` + ``AutoencoderKL`` + transformers ``CLIPTextModel`` + tokenizer + a
 diffusers scheduler. The denoiser handed to :func:`clipkit.guidance.wrapper.sample` is the CFG
 combination ``eps_u + s (eps_c - eps_u)`` of one batched UNet pass (Ho & Salimans 2022, eq. 6); CLIP
-guidance wraps it with :class:`LatentGuidedDenoiser`, whose CLIP loss is taken on the VAE-decoded x0
-estimate. Per guided step (FIELD_NOTES B, "Memory"):
+guidance wraps it with the same :class:`~clipkit.guidance.wrapper.GuidedDenoiser` as pixel models,
+whose ``decode`` is the VAE decoder: the objective sees the decoded x0 estimate. Per guided step
+(FIELD_NOTES B, "Memory"):
 
 1. one UNet pass over [uncond; cond] (with grad only in ``grad_mode='unet'``; its output is reused for
    the scheduler step, no second pass);
 2. x0 from the CFG output by ``prediction_type``; one VAE decode of x0 (with grad);
-3. CLIP loss over the views in mini-batches of ``view_batch``; the gradients are accumulated w.r.t. the
-   decoded image, so only one mini-batch of CLIP activations is alive at a time;
-4. one vector-Jacobian product through the VAE decoder (and the UNet in ``grad_mode='unet'``).
+3. the objective over the views in chunks of ``view_chunk`` views, each under activation
+   checkpointing, so only one chunk of CLIP activations is alive at a time;
+4. one backward pass through the VAE decoder (and the UNet in ``grad_mode='unet'``).
 
 Every network is frozen (``requires_grad_(False)``): no parameter ever gets a ``.grad``.
 Unlike diffusers' community ``clip_guided_stable_diffusion``: every scheduler of the wrapper works,
@@ -37,7 +38,7 @@ from PIL import Image
 
 from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.guidance.schedulers import count_timesteps, make_scheduler
-from clipkit.guidance.wrapper import GuidanceConfig, GuidanceStats, GuidedDenoiser, make_views, sample, tv_loss
+from clipkit.guidance.wrapper import GuidanceConfig, GuidanceStats, GuidedDenoiser, sample
 
 log = logging.getLogger(__name__)
 
@@ -199,88 +200,6 @@ def make_cfg_model(unet, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_sc
 
 
 # --------------------------------------------------------------------------------------------
-# CLIP guidance on decoded latents
-# --------------------------------------------------------------------------------------------
-
-class _ViewsLoss(torch.autograd.Function):
-    """Per-sample CLIP loss of an image batch; its backward returns d(loss)/d(image), accumulated in
-    ``forward`` over mini-batches of views, so the networks below the image get one VJP."""
-
-    @staticmethod
-    def forward(ctx, img, guide):
-        loss, cos, grad = guide.views_loss_and_grad(img)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(cos)
-        return loss, cos
-
-    @staticmethod
-    def backward(ctx, g_loss, g_cos):
-        (grad,) = ctx.saved_tensors
-        return grad * g_loss.to(grad.dtype).view(-1, *([1] * (grad.ndim - 1))), None
-
-
-class LatentGuidedDenoiser(GuidedDenoiser):
-    """:class:`GuidedDenoiser` whose CLIP loss is on the VAE-decoded x0 estimate.
-
-    Args (beyond the base class):
-        decode: latents -> images in about [-1, 1] (e.g. :meth:`LatentComponents.decode`).
-        view_batch: views per CLIP forward when accumulating the image gradient (0 = all at once).
-
-    The latent x0 is not clamped (latents are not in [-1, 1]); the decoded image is, straight-through.
-    ``tv_scale`` and ``range_scale`` act on the decoded image.
-    """
-
-    def __init__(self, model: Callable, scheduler, scorer, targets: torch.Tensor, cfg: GuidanceConfig,
-                 decode: Callable, generator: torch.Generator | None = None, view_batch: int = 0):
-        if view_batch < 0:
-            raise InputError(f"view_batch must be >= 0, got {view_batch}")
-        super().__init__(model, scheduler, scorer, targets, cfg, decode=decode, generator=generator)
-        self.view_batch = view_batch
-
-    def views_loss_and_grad(self, pix: torch.Tensor):
-        """pix [B,3,H,W] in [0,1] -> (scaled loss [B], mean cosine [B], d loss.sum() / d pix)."""
-        cfg, B = self.cfg, pix.shape[0]
-        tgt = self.targets if self.targets.ndim == 3 else self.targets[None].expand(B, -1, -1)
-        with torch.enable_grad():
-            leaf = pix.detach().float().requires_grad_(True)
-            views = make_views(leaf, cfg, self.generator)                    # [B*K,3,H,W], sample-major
-            K = views.shape[0] // B
-            owner = torch.arange(B, device=pix.device).repeat_interleave(K)  # [B*K] sample of each view
-            rows = tgt.to(pix.device, torch.float32).repeat_interleave(K, dim=0)  # [B*K,M,D]
-            flat = views.detach()
-            gviews = torch.zeros_like(flat)
-            loss = torch.zeros(B, device=pix.device)
-            cos = torch.zeros(B, device=pix.device)
-            step = self.view_batch or flat.shape[0]
-            for s in range(0, flat.shape[0], step):
-                v = flat[s:s + step].requires_grad_(True)
-                emb = self.scorer.embed_pixels(v).float()                   # [c,D] unit norm
-                r = rows[s:s + step]
-                row_loss = self.loss_fn(emb[:, None, :], r).mean(1) * (cfg.scale / K)   # [c]
-                (gviews[s:s + step],) = torch.autograd.grad(row_loss.sum(), v)
-                loss.index_add_(0, owner[s:s + step], row_loss.detach())
-                cos.index_add_(0, owner[s:s + step], (emb.detach()[:, None] * r).sum(-1).mean(1) / K)
-            (grad,) = torch.autograd.grad(views, leaf, grad_outputs=gviews)
-        return loss, cos, grad
-
-    def clip_loss(self, x0: torch.Tensor, xt: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        src = x0
-        if cfg.blend:
-            fac = (1 - a).sqrt()
-            src = x0 * fac + xt * (1 - fac)
-        img = self.decode(src).float()                                      # [B,3,H,W] about [-1,1]
-        pix = (img + 1) / 2
-        pix_st = pix + (pix.clamp(0, 1) - pix).detach()                     # clamp, straight-through
-        loss, cos = _ViewsLoss.apply(pix_st, self)
-        if cfg.tv_scale:
-            loss = loss + cfg.tv_scale * tv_loss(pix)
-        if cfg.range_scale:
-            loss = loss + cfg.range_scale * (img - img.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
-        return loss, cos
-
-
-# --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------
 
@@ -355,7 +274,9 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
                     scorer=None, negative_prompt: str | Sequence[str] | None = None, seed: int | None = 0,
                     generator: torch.Generator | None = None, height: int | None = None,
                     width: int | None = None, noise: torch.Tensor | None = None, precision: str = "fp32",
-                    view_batch: int = 0, callback: Callable | None = None, score: bool = True) -> LatentResult:
+                    view_batch: int = 0, callback: Callable | None = None, score: bool = True,
+                    objective: Callable | None = None, init: torch.Tensor | None = None,
+                    strength: float = 1.0) -> LatentResult:
     """Sample ``n_per_prompt`` images per prompt with classifier-free guidance and (optionally) CLIP guidance.
 
     Args:
@@ -370,7 +291,11 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
             starting noise with and without CLIP guidance.
         noise: initial latent noise [N, C, h, w] (unit variance) instead of drawing it.
         precision: ``fp32``, or ``bf16``/``fp16`` autocast around the networks (scores stay fp32).
-        view_batch: CLIP views per forward while accumulating the image gradient (0 = all at once).
+        view_batch: CLIP views per forward (0: the guidance config's ``view_chunk``).
+        objective: what CLIP guidance optimises (:mod:`clipkit.core.objectives`, pixels in [0, 1] ->
+            loss); default: the scorer's text target, one prompt per image.
+        init / strength: img2img: images [N, 3, H, W] in [0, 1], VAE-encoded (the posterior mean) and
+            noised to ``strength`` of the trajectory (:func:`~clipkit.guidance.wrapper.sample`).
     """
     # 1. validate
     prompts = _as_list(prompts, "prompts")
@@ -383,8 +308,8 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
         raise InputError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
     if guidance is not None:
         guidance.validate()
-        if scorer is None:
-            raise InputError("CLIP guidance needs a scorer")
+        if scorer is None and objective is None:
+            raise InputError("CLIP guidance needs a scorer (or an objective)")
     h, w = _check_size(components, height, width)
     sched, dev = components.scheduler, components.device
     own_generator = generator is not None
@@ -409,17 +334,30 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
     # 3. CLIP guidance wraps the CFG denoiser
     guide = None
     if guidance is not None and guidance.scale > 0:
-        targets = scorer.text_embeddings(per_image)[:, None, :]                # [N,1,D]
+        from clipkit.core.objectives import ClipTarget
+        if objective is None:
+            objective = ClipTarget(scorer, scorer.text_embeddings(per_image)[:, None, :])   # [N,1,D]
+        if view_batch:
+            guidance = dataclasses.replace(guidance, view_chunk=view_batch)
         view_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generator,
                                                                      device=generator.device)))
-        guide = LatentGuidedDenoiser(model, sched, scorer, targets, guidance, decode=components.decode,
-                                     generator=view_gen, view_batch=view_batch)
+        guide = GuidedDenoiser(model, sched, objective, guidance, decode=lambda z: (components.decode(z) + 1) / 2,
+                               generator=view_gen)
+    z_init = None
+    if init is not None:
+        if tuple(init.shape) != (N, 3, h, w):
+            raise InputError(f"init images have shape {tuple(init.shape)}, expected {(N, 3, h, w)}")
+        with torch.no_grad():
+            vae_dtype = next(components.vae.parameters()).dtype
+            post = components.vae.encode((init * 2 - 1).to(dev, vae_dtype)).latent_dist
+            z_init = (post.mean.float() - components.shift_factor) * components.scaling_factor
 
     # 4. sample in latent space, decode once
     amp = _AUTOCAST[precision]
     ac = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with ac:
-        z = sample(model, sched, shape, steps, generator, device=dev, guide=guide, callback=callback, noise=noise)
+        z = sample(guide or model, sched, shape, steps, generator, device=dev, callback=callback, noise=noise,
+                   after_step=guide.after_step if guide is not None else None, init=z_init, strength=strength)
         with torch.no_grad():
             pix = ((components.decode(z) + 1) / 2).clamp(0, 1).float().cpu()
     from clipkit.guidance.pipeline import tensor_to_pil
@@ -482,17 +420,19 @@ class LatentDiffusion:
         return count_timesteps(config.scheduler, self.components.scheduler.config, config.steps, self.spec,
                                latent=True)
 
-    def generate(self, prompt: str, seeds: Sequence[int], config, scorer,
+    def generate(self, cond, seeds: Sequence[int], config,
                  on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+        """``cond``: a :class:`~clipkit.guidance.pipeline.Conditioning` (objective, CFG texts, init)."""
         size = config.size or self.native_size
-        guidance = config.guidance() if config.guided else None
+        guidance = config.guidance() if config.guided and cond.objective is not None else None
         callback = (lambda i, t, x: on_step()) if on_step else None
         out = []
         for seed in seeds:
             comps = self.components.with_scheduler(config.scheduler)     # fresh scheduler state per image
-            r = generate_latent(comps, prompt, 1, steps=config.steps, cfg_scale=self.cfg_scale(config),
-                                guidance=guidance, scorer=scorer, seed=int(seed), height=size, width=size,
-                                view_batch=self.view_batch, callback=callback, score=False)
+            r = generate_latent(comps, cond.text, 1, steps=config.steps, cfg_scale=self.cfg_scale(config),
+                                guidance=guidance, objective=cond.objective, negative_prompt=cond.negative,
+                                seed=int(seed), height=size, width=size, view_batch=self.view_batch,
+                                callback=callback, score=False, init=cond.init, strength=cond.strength)
             out.append(r.images[0])
         return out
 

@@ -36,7 +36,7 @@ import re
 import secrets
 import time
 import dataclasses
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Collection, Protocol, Sequence, runtime_checkable
 
@@ -44,10 +44,11 @@ import torch
 from PIL import Image
 
 from clipkit.core.errors import InputError, ModelLoadError
-from clipkit.core.ranking import cosines, order
+from clipkit.core.ranking import order
 from clipkit.core.registry import BUNDLED, known_words
 from clipkit.guidance.schedulers import OUTPUT_ONLY, SCHEDULERS, count_timesteps, make_scheduler
-from clipkit.guidance.wrapper import GuidanceConfig
+from clipkit.core.objectives import ClipTarget, PromptPart, Weighted, parse_weighted_path, parse_weighted_prompt
+from clipkit.guidance.wrapper import GuidanceConfig, parse_cut_schedule
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,16 @@ class GenerateConfig:
                                     # auto: xt for a noise-aware CLIP on a model that takes it, else x0
     size: int | None = None         # image side in pixels; None: the model's native size
     best_of: int = 1                # candidates per kept image (kept: the best by CLIP score)
+    negative: list = field(default_factory=list)        # texts pushed away (a prompt part of weight -1
+                                                        # each; latent models: also the CFG negative prompt)
+    image_prompts: list = field(default_factory=list)   # [[path, weight], ...]: CLIP image targets
+    clip_weights: list | None = None    # one weight per guiding CLIP (an ensemble); None: equal
+    tv_scale: float = 0.0           # total variation of the x0 estimate (pixels in [0, 1])
+    range_scale: float = 0.0        # squared excess of the x0 estimate outside [0, 1]
+    sat_scale: float = 0.0          # absolute excess outside [0, 1] (Disco's saturation loss)
+    cut_schedule: str | None = None # "VIEWS+CUTOUTS,..." for equal parts of the trajectory (noise -> clean)
+    init_image: str | None = None   # start from this image noised to `strength` of the trajectory
+    strength: float = 0.5           # with init_image: 0 < S <= 1 (1: from pure noise)
 
     def validate(self) -> "GenerateConfig":
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -117,6 +128,29 @@ class GenerateConfig:
             raise InputError(f"size must be an integer >= 8 pixels, got {self.size!r}")
         if self.guide_target not in ("auto", "x0", "xt"):
             raise InputError(f"guide_target must be 'auto', 'x0' or 'xt', got {self.guide_target!r}")
+        for name in ("tv_scale", "range_scale", "sat_scale"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise InputError(f"{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+        s = self.strength
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not (0 < s <= 1):
+            raise InputError(f"strength must be a number in (0, 1], got {s!r}")
+        if isinstance(self.negative, str):
+            self.negative = [self.negative]
+        self.negative = list(self.negative)
+        if not all(isinstance(t, str) and t.strip() for t in self.negative):
+            raise InputError("every negative prompt must be a non-empty text")
+        self.image_prompts = [list(ip) if not isinstance(ip, str) else list(parse_weighted_path(ip))
+                              for ip in self.image_prompts]
+        for ip in self.image_prompts:
+            if len(ip) != 2 or not isinstance(ip[1], (int, float)) or not math.isfinite(ip[1]):
+                raise InputError(f"an image prompt is PATH[:WEIGHT], got {ip!r}")
+            ip[0], ip[1] = str(ip[0]), float(ip[1])
+        if self.clip_weights is not None:
+            w = list(self.clip_weights)
+            if not w or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in w):
+                raise InputError(f"clip weights must be finite numbers > 0, got {self.clip_weights!r}")
+            self.clip_weights = [float(v) for v in w]
         self.guidance().validate()
         return self
 
@@ -147,7 +181,10 @@ class GenerateConfig:
                               x0_step=float(self.clip_scale) if normalized else None,
                               views=self.views, cutouts=self.cutouts, start=self.guide_start,
                               stop=self.guide_stop, apply=self.resolved_apply(), grad_mode=self.grad_mode,
-                              target=self.guide_target, step_schedule=self.step_schedule)
+                              target=self.guide_target, step_schedule=self.step_schedule,
+                              tv_scale=float(self.tv_scale), range_scale=float(self.range_scale),
+                              sat_scale=float(self.sat_scale),
+                              cut_schedule=parse_cut_schedule(self.cut_schedule) if self.cut_schedule else None)
 
     @property
     def guided(self) -> bool:
@@ -177,9 +214,20 @@ class DiffusionBackend(Protocol):
     def steps_per_image(self, config: GenerateConfig) -> int:
         """How many times ``generate`` calls ``on_step`` per image (for progress bars)."""
 
-    def generate(self, prompt: str, seeds: Sequence[int], config: GenerateConfig, scorer,
+    def generate(self, cond: "Conditioning", seeds: Sequence[int], config: GenerateConfig,
                  on_step: Callable[[], None] | None = None) -> list[Image.Image]:
-        """One RGB image per seed; image i must depend only on (prompt, seeds[i], config)."""
+        """One RGB image per seed; image i must depend only on (cond, seeds[i], config)."""
+
+
+@dataclass
+class Conditioning:
+    """What one prompt asks of a backend: the objective guidance optimises and, for text-conditioned
+    models, the texts of classifier-free guidance; optionally an image to start from."""
+    objective: Callable | None      # pixels in [0, 1] -> loss [B] (None: unguided)
+    text: str = ""                  # what a text-conditioned model is conditioned on
+    negative: str | None = None     # its CFG negative prompt (None: "")
+    init: torch.Tensor | None = None    # [1, 3, H, W] pixels in [0, 1] at the output size (img2img)
+    strength: float = 1.0           # with init: the part of the trajectory that is run
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
@@ -223,22 +271,23 @@ class PixelDiffusion:
     def steps_per_image(self, config: GenerateConfig) -> int:
         return count_timesteps(config.scheduler, self.scheduler_config, config.steps, self.spec)
 
-    def generate(self, prompt: str, seeds: Sequence[int], config: GenerateConfig, scorer,
+    def generate(self, cond: Conditioning, seeds: Sequence[int], config: GenerateConfig,
                  on_step: Callable[[], None] | None = None) -> list[Image.Image]:
         from clipkit.guidance.wrapper import GuidedDenoiser, sample
         size = config.size or self.native_size
-        target = scorer.text_embeddings([prompt])[:, None, :] if config.guided else None   # [1,1,D]
         gcfg = config.guidance()
+        init = None if cond.init is None else (cond.init.to(self.device) * 2 - 1)  # model space
         out = []
         for seed in seeds:
             sched = make_scheduler(config.scheduler, self.scheduler_config)
             noise = torch.Generator().manual_seed(int(seed))                  # CPU: same noise on any device
-            guide = None
-            if target is not None:
-                guide = GuidedDenoiser(self._model, sched, scorer, target, gcfg,
+            model, hook = self._model, None
+            if config.guided and cond.objective is not None:
+                model = GuidedDenoiser(self._model, sched, cond.objective, gcfg,
                                        generator=torch.Generator().manual_seed(int(seed) + MAX_SEED))
-            x = sample(self._model, sched, (1, self.channels, size, size), config.steps, noise,
-                       device=self.device, guide=guide,
+                hook = model.after_step
+            x = sample(model, sched, (1, self.channels, size, size), config.steps, noise,
+                       device=self.device, after_step=hook, init=init, strength=cond.strength,
                        callback=(lambda i, t, x: on_step()) if on_step else None)   # [1,3,H,W] in [-1,1]
             out.append(tensor_to_pil((x[0] + 1) / 2))
         return out
@@ -435,12 +484,80 @@ def warn_unknown_words(prompts: Sequence[str], vocab: Collection[str] | None = N
 # generate
 # --------------------------------------------------------------------------------------------
 
-def _check_prompts(prompts) -> list[str]:
+def _check_prompts(prompts, allow_empty: bool = False) -> list[str]:
+    """Strings, stripped; ``allow_empty``: an empty prompt is allowed (a run guided by image prompts)."""
     from clipkit.core.backends import check_texts
+    items = [prompts] if isinstance(prompts, str) else list(prompts)
+    if allow_empty and items and all(isinstance(p, str) for p in items):
+        return [p.strip() for p in items]
     try:
-        return [p.strip() for p in check_texts([prompts] if isinstance(prompts, str) else list(prompts))]
+        return [p.strip() for p in check_texts(items)]
     except InputError as e:
         raise InputError(str(e).replace("text", "prompt")) from None
+
+
+def prompt_parts(prompt: str, config: GenerateConfig) -> list[PromptPart]:
+    """The prompt's weighted text parts (`` | ``-separated, ``:weight``) and each negative (weight -1)."""
+    return parse_weighted_prompt(prompt) + [PromptPart(t, -1.0) for t in config.negative]
+
+
+def check_parts(prompt: str, config: GenerateConfig) -> list[PromptPart]:
+    """The parts of one prompt, or an InputError when nothing in it pulls (no positive weight)."""
+    parts = prompt_parts(prompt, config)
+    if not any(p.weight > 0 for p in parts) and not any(w > 0 for _, w in config.image_prompts):
+        raise InputError(f"prompt {prompt!r}: nothing to guide towards: give a text or --image-prompt "
+                         "with a positive weight")
+    return parts
+
+
+def read_image(path: str, what: str) -> Image.Image:
+    """A user image (an image prompt, an init image), read time-bound: a one-line InputError naming it."""
+    from clipkit.core.errors import ImageLoadError
+    from clipkit.core.io import load_image
+    try:
+        return load_image(Path(path).expanduser())
+    except ImageLoadError as e:
+        raise InputError(f"{what} {path}: {e.reason}") from None
+
+
+def init_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """An init image -> [1, 3, size, size] in [0, 1] (resized with PIL's bicubic filter)."""
+    import numpy as np
+    im = image.convert("RGB").resize((size, size), Image.BICUBIC) if image.size != (size, size) else image.convert("RGB")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float() / 255
+
+
+def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Image, float]], scorers: Sequence,
+                    clip_weights: Sequence[float] | None = None) -> Weighted:
+    """The CLIP objective of one prompt: per CLIP, one :class:`ClipTarget` over the text parts and the
+    image prompts with their weights (divided by the sum of the positive weights, so one plain prompt
+    is the plain spherical loss); an ensemble weights the CLIPs (normalised to sum 1).
+    ``score_images`` of the result is the matching weighted cosine (what best-of ranks by)."""
+    ws = list(clip_weights) if clip_weights is not None else [1.0] * len(scorers)
+    if len(ws) != len(scorers):
+        raise InputError(f"{len(ws)} --clip-weights for {len(scorers)} CLIPs: give one per --clip")
+    weights = [p.weight for p in parts] + [w for _, w in images]
+    pos = sum(w for w in weights if w > 0)
+    if pos <= 0:
+        raise InputError("nothing to guide towards: give a text or an image prompt with a positive weight")
+    terms = []
+    for scorer, cw in zip(scorers, ws):
+        emb = []
+        if parts:
+            emb.append(scorer.text_embeddings([p.text for p in parts]).float().cpu())
+        if images:
+            emb.append(scorer.encode_images([im for im, _ in images]).float().cpu())
+        target = ClipTarget(scorer, torch.cat(emb), torch.tensor(weights) / pos)
+        terms.append((cw / sum(ws), target))
+    return Weighted(terms)
+
+
+def conditioning_text(parts: Sequence[PromptPart]) -> tuple[str, str | None]:
+    """(text, negative) for a text-conditioned model: the positive parts joined with ", ", the
+    negative ones likewise (None: no negative)."""
+    pos = ", ".join(p.text for p in parts if p.weight > 0)
+    neg = ", ".join(p.text for p in parts if p.weight < 0)
+    return pos, (neg or None)
 
 
 def make_config(config: GenerateConfig | None, options: dict) -> GenerateConfig:
@@ -459,13 +576,6 @@ class Selector(Protocol):
     name: str
 
     def __call__(self, images: Sequence[Image.Image], prompt: str, clip_scores: torch.Tensor) -> torch.Tensor: ...
-
-
-def _candidate_scores(images: Sequence[Image.Image], prompt: str, scorer) -> torch.Tensor:
-    """[N] cosine of each candidate image with the prompt (core's exact, chunking-independent
-    cosines, as ``rerank`` scores), for :func:`~clipkit.core.ranking.order`."""
-    q = scorer.encode_texts([prompt]).cpu()                                   # [1, D]
-    return cosines(scorer.encode_images(images), q)[:, 0]
 
 
 def _step_counter(on_step, total: int):
@@ -492,8 +602,9 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         config / options: a :class:`GenerateConfig` and/or its fields as keywords
             (``steps=``, ``clip_scale=``, ``best_of=``, ``scheduler=``, ``cutouts=``, ``size=``, ...).
         diffusion: a spec (``shapes``, a diffusers directory, ``hf:ORG/NAME``) or a loaded DiffusionBackend.
-        clip: a spec or a loaded :class:`~clipkit.core.scorer.ClipScorer` (guides and scores); the
-            default is the bundled noise-aware Shapes CLIP (``shapes-noised``), guiding x_t.
+        clip: a spec or a loaded :class:`~clipkit.core.scorer.ClipScorer` (guides and scores), or a
+            list of them (an ensemble, weighted by ``clip_weights``); the default is the bundled
+            noise-aware Shapes CLIP (``shapes-noised``), guiding x_t.
         out_dir: write ``<slug>-<seed>.png`` + ``.json`` sidecars there; existing files are an error
             unless ``overwrite`` (checked before anything is generated).
         on_step: ``on_step(done, total)`` after every denoising step of every candidate (progress bars).
@@ -502,8 +613,16 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     """
     t0 = time.time()
     # 1. validate everything that needs no model
-    prompts = _check_prompts(prompts)
     cfg = make_config(config, options)
+    prompts = _check_prompts(prompts, allow_empty=bool(cfg.image_prompts))
+    parts = [check_parts(p, cfg) for p in prompts]
+    image_prompts = [(read_image(path, "image prompt"), w) for path, w in cfg.image_prompts]
+    init_image = read_image(cfg.init_image, "init image") if cfg.init_image else None
+    clips = list(clip) if isinstance(clip, (list, tuple)) else [clip]
+    if not clips:
+        raise InputError("give at least one CLIP")
+    if cfg.clip_weights is not None and len(cfg.clip_weights) != len(clips):
+        raise InputError(f"{len(cfg.clip_weights)} clip weights for {len(clips)} CLIPs: give one per --clip")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"n must be a positive integer, got {n!r}")
     n_cand = n * cfg.best_of
@@ -512,9 +631,9 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - n_cand:
         raise InputError(f"seed must be an integer in [0, {MAX_SEED - n_cand}], got {seed!r}")
     seeds = list(range(seed, seed + n_cand))
-    vocab = next((v for v in map(known_words, (_spec_of(clip), _spec_of(diffusion))) if v is not None), None)
+    vocab = next((v for v in map(known_words, (*map(_spec_of, clips), _spec_of(diffusion))) if v is not None), None)
     if vocab is not None:                         # a bundled model: it knows only its world's words
-        warn_unknown_words(prompts, vocab)
+        warn_unknown_words([pt.text for ps in parts for pt in ps], vocab)
     # 2. outputs: every file that could be written, checked before any work
     targets: dict = {}
     if out_dir is not None:
@@ -522,25 +641,33 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         targets = plan_targets(prompts, seeds, out_dir)
         check_out_dir(out_dir, list(targets.values()), overwrite)
     # 3. models, and what they accept
-    if isinstance(clip, str):
-        from clipkit.core.scorer import load_scorer
-        scorer = load_scorer(clip, device=device, precision=precision)
-    else:
-        scorer = clip
+    from clipkit.core.scorer import load_scorer
+    scorers = [load_scorer(c, device=device, precision=precision) if isinstance(c, str) else c for c in clips]
+    scorer = scorers[0]
     pipe = load_diffusion(diffusion, device=scorer.device, precision=precision) if isinstance(diffusion, str) \
         else diffusion
     from clipkit.core.registry import is_noise_aware
-    cfg = pipe.check(cfg.resolve_target(is_noise_aware(scorer.spec), pipe.guide_targets))
-    models = {"clip": scorer.spec, "diffusion": pipe.spec, "diffusion_kind": pipe.kind}
-    step = None if on_step is None else _step_counter(on_step, len(prompts) * n_cand * pipe.steps_per_image(cfg))
+    noise_aware = all(is_noise_aware(s.spec) for s in scorers)
+    cfg = pipe.check(cfg.resolve_target(noise_aware, pipe.guide_targets))
+    models = {"clip": scorer.spec if len(scorers) == 1 else [s.spec for s in scorers],
+              "diffusion": pipe.spec, "diffusion_kind": pipe.kind}
+    per_image = pipe.steps_per_image(cfg)
+    if init_image is not None:                    # img2img runs the last part of the trajectory only
+        per_image = max(1, per_image * max(1, min(cfg.steps, int(cfg.steps * cfg.strength))) // cfg.steps)
+    step = None if on_step is None else _step_counter(on_step, len(prompts) * n_cand * per_image)
+    init = None if init_image is None else init_pixels(init_image, cfg.size or pipe.native_size)
     # 4. sample, score, keep the best, write
     from clipkit import __version__
     if out_dir is not None:
         make_out_dir(out_dir)
     kept: list[GeneratedImage] = []
     for pi, prompt in enumerate(prompts):
-        images = pipe.generate(prompt, seeds, cfg, scorer, on_step=step)
-        scores = _candidate_scores(images, prompt, scorer)                        # [n_cand]
+        objective = build_objective(parts[pi], image_prompts, scorers, cfg.clip_weights)
+        text, negative = conditioning_text(parts[pi])
+        cond = Conditioning(objective if cfg.guided else None, text, negative, init,
+                            cfg.strength if init is not None else 1.0)
+        images = pipe.generate(cond, seeds, cfg, on_step=step)
+        scores = objective.score_images(images)                                   # [n_cand]
         chosen = scores if select is None or n_cand == n else \
             torch.as_tensor(select(images, prompt, scores), dtype=torch.float32)
         for k, rank in order(seeds, chosen, n):                                # the n best, ties by seed

@@ -15,6 +15,19 @@ parametrisation (FIELD_NOTES B)::
 The scheduler then steps with the corrected output; no switch on scheduler classes, and the step
 size is the same for DDIM, DDPM, Euler, LMS, PNDM and DPM-Solver.
 
+What is optimised is an **objective** (:mod:`clipkit.core.objectives`): ``pixels in [0, 1] -> loss
+[B]``, e.g. a CLIP text target, image prompts, negative prompts, an ensemble of CLIPs. The wrapper
+averages it over augmented views (:class:`~clipkit.core.objectives.Views`, chunked so memory does not
+grow with the number of cuts), adds the regularisers (tv, range, saturation on the x0 estimate) and
+turns its gradient into a step. How the gradient is taken is a *method*, one module each in
+:mod:`clipkit.guidance.methods` (x0 estimate, through the network, noise-aware x_t).
+
+A :class:`GuidedDenoiser` is a denoiser with the model's own signature (k-diffusion's
+``make_cond_model_fn``): with ``apply="output"`` it is all there is. ``apply="sample"`` (the default,
+stronger) moves the x0 estimate but keeps the model's eps, which no single model output can express;
+the sampler's documented ``after_step`` hook (:func:`sample`) applies that shift after the scheduler
+step, and samplers otherwise know nothing of guidance.
+
 Two targets for the CLIP loss (``GuidanceConfig.target``):
 
 - ``"x0"`` (default): the CLIP sees the decoded x0 estimate (any CLIP; k-diffusion / Disco style).
@@ -25,8 +38,8 @@ Two targets for the CLIP loss (``GuidanceConfig.target``):
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -52,8 +65,12 @@ class GuidanceConfig:
     cut_power: float = 1.0          # crop size ~ U^cut_power between min and full size
     blend: bool = False             # Crowson's blend: CLIP sees x0*fac + x_t*(1-fac), fac = sqrt(1-abar)
     grad_rms_max: float | None = 0.05   # cap the RMS of the pixel gradient (Disco: 0.05); None = off
-    tv_scale: float = 0.0           # total-variation loss weight (on x0, in [0,1] pixels)
-    range_scale: float = 0.0        # penalty on x0 outside [-1, 1]
+    tv_scale: float = 0.0           # total-variation loss weight (on the x0 estimate's pixels in [0, 1])
+    range_scale: float = 0.0        # mean squared excess of the x0 estimate's pixels outside [0, 1]
+    sat_scale: float = 0.0          # mean absolute excess outside [0, 1] (Disco's saturation loss)
+    cut_schedule: tuple | None = None   # Disco-style: ((views, cutouts), ...) for equal parts of the
+                                    # trajectory from noise (t/T = 1) to clean; None: views/cutouts always
+    view_chunk: int = 8             # views per CLIP forward; more run in chunks under checkpointing
     x0_step: float | None = None    # normalised steps: move x0 by this RMS (x0 units) along -grad per
                                     # step, instead of scale * grad (bounded at every noise level)
     step_schedule: str = "constant" # x0_step at every guided step ("constant"), or x0_step * sqrt(1 - abar_t)
@@ -67,9 +84,9 @@ class GuidanceConfig:
                                     # (a noise-aware CLIP from `train clip --noise-aware`; pixel models)
 
     def validate(self) -> "GuidanceConfig":
-        for name in ("scale", "tv_scale", "range_scale", "view_noise", "cut_power"):
+        for name in ("scale", "tv_scale", "range_scale", "sat_scale", "view_noise", "cut_power"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise InputError(f"guidance {name} must be a non-negative number, got {v!r}")
         if self.apply not in ("sample", "output"):
             raise InputError(f"apply must be 'sample' or 'output', got {self.apply!r}")
@@ -84,6 +101,12 @@ class GuidanceConfig:
                              "blend need target='x0'")
         if self.views < 1 or self.cutouts < 0 or self.jitter < 0:
             raise InputError("views must be >= 1, cutouts and jitter >= 0")
+        if not isinstance(self.view_chunk, int) or self.view_chunk < 0:
+            raise InputError(f"view_chunk must be an integer >= 0 (0: all views at once), got {self.view_chunk!r}")
+        if self.cut_schedule is not None:
+            self.cut_schedule = tuple(tuple(p) for p in self.cut_schedule)
+            if not self.cut_schedule or any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in self.cut_schedule):
+                raise InputError("cut_schedule needs one or more (views >= 1, cutouts >= 0) pairs")
         if not (0 <= self.stop <= self.start <= 1):
             raise InputError(f"need 0 <= stop <= start <= 1, got start={self.start}, stop={self.stop}")
         if self.grad_rms_max is not None and not self.grad_rms_max > 0:
@@ -91,8 +114,29 @@ class GuidanceConfig:
         get_loss(self.loss)
         return self
 
+    def cuts_at(self, frac: float) -> tuple[int, int]:
+        """(views, cutouts) at t/T = ``frac``: the cut schedule's part for it, else the fixed numbers."""
+        if not self.cut_schedule:
+            return self.views, self.cutouts
+        n = len(self.cut_schedule)
+        return tuple(self.cut_schedule[min(n - 1, int((1 - frac) * n))])
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["cut_schedule"] = None if self.cut_schedule is None else [list(p) for p in self.cut_schedule]
+        return d
+
+
+def parse_cut_schedule(text: str) -> tuple:
+    """``"4+0,2+8"`` -> ((4, 0), (2, 8)): VIEWS+CUTOUTS for equal parts of the trajectory, from noise
+    to clean (Disco's overview cuts are our views of the whole image, its inner cuts our cutouts)."""
+    parts = []
+    for raw in str(text).split(","):
+        a, plus, b = raw.strip().partition("+")
+        if not (a.isdigit() and (not plus or b.isdigit())) or int(a) < 1:
+            raise InputError(f"--cut-schedule {text!r}: each part is VIEWS+CUTOUTS (e.g. 4+0,2+8), VIEWS >= 1")
+        parts.append((int(a), int(b) if plus else 0))
+    return tuple(parts)
 
 
 def check_scheduler(scheduler) -> torch.Tensor:
@@ -146,7 +190,8 @@ def join_output(eps: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction_
 
 
 def make_views(img: torch.Tensor, cfg: GuidanceConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """[B,3,H,W] in [0,1] -> [B*K,3,H,W]: K = views (+ cutouts) augmented copies, sample-major.
+    """[B,3,H,W] in [0,1] -> [K*B,3,H,W]: K = views (+ cutouts) augmented copies, view-major (row r is
+    a view of sample r % B, the layout :class:`~clipkit.core.objectives.Views` takes).
 
     Views are translation-jittered (replicate padding) and lightly noised; no flips (they would
     change left/right). Cutouts are random square crops resized back to H x W.
@@ -173,146 +218,129 @@ def make_views(img: torch.Tensor, cfg: GuidanceConfig, generator: torch.Generato
         ox = int(torch.randint(0, W - size + 1, (), generator=generator, device=gdev))
         crop = img[..., oy:oy + size, ox:ox + size]
         out.append(F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False))
-    return torch.stack(out, dim=1).reshape(B * len(out), C, H, W)
-
-
-def tv_loss(x: torch.Tensor) -> torch.Tensor:
-    return ((x[..., 1:, :] - x[..., :-1, :]).pow(2).mean(dim=(1, 2, 3))
-            + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean(dim=(1, 2, 3)))
+    return torch.cat(out)
 
 
 @dataclass
 class GuidanceStats:
     t: float
-    loss: float
-    similarity: float
+    loss: float         # the scaled objective (+ regularisers), mean over the batch
     grad_rms: float
 
 
+def clamp_st(pixels: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1] forward, straight-through backward: a plain clamp would zero the gradient
+    wherever the estimate leaves the range, which at high noise is most pixels."""
+    return pixels + (pixels.clamp(0, 1) - pixels).detach()
+
+
 class GuidedDenoiser:
-    """Wraps ``model(x, t) -> output`` (e.g. ``lambda x, t: unet(x, t).sample``) with CLIP guidance.
+    """Wraps ``model(x, t) -> output`` (e.g. ``lambda x, t: unet(x, t).sample``) with guidance by an
+    objective; the result is again a denoiser ``(x, t) -> output``.
 
     Args:
         model: the denoiser; takes the VP input the scheduler hands the network.
         scheduler: the diffusers scheduler (for ``alphas_cumprod`` and ``prediction_type``).
-        scorer: a :class:`~clipkit.core.scorer.ClipScorer` (its differentiable image path).
-        targets: text embeddings per sample [B, M, D] (or [M, D] shared), unit norm.
-        decode: maps x0 (model space) to pixels in [0, 1]; default ``(x0 + 1) / 2`` for pixel models.
+        objective: ``pixels in [0, 1] [R, 3, H, W] -> loss [R]`` (:mod:`clipkit.core.objectives`: a
+            :class:`~clipkit.core.objectives.ClipTarget`, a weighted sum of them, ...). It receives
+            views of a batch of B samples, view-major (row r belongs to sample r % B).
+        cfg: step size, views/cutouts, regularisers, method.
+        decode: model-space x0 -> pixels in [0, 1]; default ``(x0 + 1) / 2`` (pixel models).
+        generator: the views' randomness.
     """
 
-    def __init__(self, model: Callable, scheduler, scorer, targets: torch.Tensor, cfg: GuidanceConfig,
+    def __init__(self, model: Callable, scheduler, objective: Callable, cfg: GuidanceConfig,
                  decode: Callable | None = None, generator: torch.Generator | None = None):
-        self.model, self.scorer, self.cfg = model, scorer, cfg.validate()
+        from clipkit.guidance.methods import method_for
+        self.model, self.objective, self.cfg = model, objective, cfg.validate()
         if cfg.target == "xt" and decode is not None:
             raise InputError("target='xt' feeds the CLIP the pixel-space x_t (a noise-aware CLIP); a latent "
                              "model (decode=...) needs target='x0'")
+        self.method = method_for(cfg)
         self.abar = check_scheduler(scheduler)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.T = len(self.abar)
-        self.targets = targets
         self.decode = decode or (lambda x0: (x0 + 1) / 2)
         self.generator = generator
-        self.loss_fn = get_loss(cfg.loss)
         self.history: list[GuidanceStats] = []
-        self.pending_x0_shift: torch.Tensor | None = None   # for apply="sample": taken by `sample`
+        self.pending_shift: torch.Tensor | None = None   # apply="sample": this step's x0 shift, for after_step
+
+    def frac(self, t) -> float:
+        return float(torch.as_tensor(t).flatten()[0]) / max(1, self.T - 1)
 
     def active(self, t) -> bool:
-        frac = float(torch.as_tensor(t).flatten()[0]) / max(1, self.T - 1)
-        return self.cfg.scale > 0 and self.cfg.stop <= frac <= self.cfg.start
+        return self.cfg.scale > 0 and self.cfg.stop <= self.frac(t) <= self.cfg.start
 
-    def clip_loss(self, x0: torch.Tensor, xt: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample loss [B] (scaled) and mean cosine [B] of the x0 estimate."""
-        cfg = self.cfg
-        # clamp forward, straight-through backward: a plain clamp would zero the gradient wherever the
-        # estimate leaves [-1, 1], which at high noise is most pixels
-        src = x0 + (x0.clamp(-1, 1) - x0).detach()
-        if cfg.blend:
-            fac = (1 - a).sqrt()
-            src = src * fac + xt * (1 - fac)
-        loss, cos = self.views_loss(self.decode(src).float())            # [B,3,H,W] in [0,1]
-        return self.add_regularisers(loss, x0), cos
+    # ---- the loss the methods differentiate
+    def views_loss(self, pixels: torch.Tensor, t) -> torch.Tensor:
+        """scale x the objective's mean over this step's views of ``pixels`` [B,3,H,W] -> [B]."""
+        from clipkit.core.objectives import Views
+        views, cutouts = self.cfg.cuts_at(self.frac(t))
+        vcfg = dataclasses.replace(self.cfg, views=views, cutouts=cutouts)
+        chunk = self.cfg.view_chunk or (views + cutouts)
+        return Views(self.objective, lambda p: make_views(p, vcfg, self.generator), chunk)(pixels) * self.cfg.scale
 
-    def xt_loss(self, xt: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """target='xt': per-sample loss [B] (scaled) and mean cosine [B] of the CLIP on x_t itself.
-
-        The CLIP sees ``(x_t + 1) / 2`` unclamped, as ``train_clip``'s ``noise_images`` feeds it;
-        tv/range act on ``x0`` (pass it as a function of x_t with the network output held fixed).
-        """
-        loss, cos = self.views_loss((xt.float() + 1) / 2)
-        return self.add_regularisers(loss, x0), cos
-
-    def views_loss(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """img [B,3,H,W] (about [0,1]) -> scaled CLIP loss [B] and mean cosine [B] over views and targets."""
-        B = img.shape[0]
-        views = make_views(img, self.cfg, self.generator)                # [B*K,...]
-        K = views.shape[0] // B
-        emb = self.scorer.embed_pixels(views).view(B, K, -1)             # [B,K,D]
-        tgt = self.targets if self.targets.ndim == 3 else self.targets[None].expand(B, -1, -1)
-        tgt = tgt.to(emb.device, emb.dtype)                              # [B,M,D]
-        dist = self.loss_fn(emb[:, :, None, :], tgt[:, None, :, :])      # [B,K,M]
-        loss = dist.mean(dim=(1, 2)) * self.cfg.scale
-        cos = (F.normalize(emb, dim=-1)[:, :, None, :] * tgt[:, None]).sum(-1).mean(dim=(1, 2))
-        return loss, cos
-
-    def add_regularisers(self, loss: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        if cfg.tv_scale:
-            loss = loss + cfg.tv_scale * tv_loss(self.decode(x0))
-        if cfg.range_scale:
-            loss = loss + cfg.range_scale * (x0 - x0.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
+    def regularisers(self, x0: torch.Tensor) -> torch.Tensor | float:
+        """tv / range / saturation of the x0 estimate's pixels (unclamped), [B] or 0."""
+        from clipkit.core.objectives import range_excess, saturation, tv
+        cfg, loss = self.cfg, 0.0
+        if cfg.tv_scale or cfg.range_scale or cfg.sat_scale:
+            pix = self.decode(x0).float()
+            for scale, fn in ((cfg.tv_scale, tv), (cfg.range_scale, range_excess), (cfg.sat_scale, saturation)):
+                if scale:
+                    loss = loss + scale * fn(pix)
         return loss
 
+    def x0_loss(self, x0: torch.Tensor, xt: torch.Tensor, a: torch.Tensor, t) -> torch.Tensor:
+        """The objective seeing the decoded x0 estimate (clamped straight-through) -> loss [B]."""
+        src = x0
+        if self.cfg.blend:
+            fac = (1 - a).sqrt()
+            src = x0 * fac + xt * (1 - fac)
+        return self.views_loss(clamp_st(self.decode(src).float()), t) + self.regularisers(x0)
+
+    def xt_loss(self, xt: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
+        """The objective seeing ``(x_t + 1) / 2`` unclamped, as ``train_clip``'s ``noise_images`` feeds a
+        noise-aware CLIP; the regularisers act on ``x0`` (a function of x_t, network output fixed)."""
+        return self.views_loss((xt.float() + 1) / 2, t) + self.regularisers(x0)
+
+    # ---- the denoiser
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         a = abar_at(self.abar, t, x.shape[0], x.device)
         if not self.active(t):
             with torch.no_grad():
                 return self.model(x, t)
-        pt = self.prediction_type
         with torch.enable_grad():
-            if self.cfg.target == "xt":
-                with torch.no_grad():
-                    out = self.model(x, t)
-                eps, _ = split_output(out.float(), x.float(), a, pt)
-                xg = x.detach().float().requires_grad_(True)
-                x0 = (xg - (1 - a).sqrt() * eps) / a.sqrt()                  # for tv/range only; eps fixed
-                loss, cos = self.xt_loss(xg, x0)
-                (grad,) = torch.autograd.grad(loss.sum(), xg)               # d/dx_t through the CLIP only
-            elif self.cfg.grad_mode == "unet":
-                xg = x.detach().requires_grad_(True)
-                out = self.model(xg, t)
-                eps, x0 = split_output(out.float(), xg.float(), a, pt)
-                loss, cos = self.clip_loss(x0, xg.float(), a)
-                (grad,) = torch.autograd.grad(loss.sum(), xg)
-                out, eps = out.detach(), eps.detach()
-            else:
-                with torch.no_grad():
-                    out = self.model(x, t)
-                eps, x0 = split_output(out.float(), x.float(), a, pt)
-                x0g = x0.detach().requires_grad_(True)
-                loss, cos = self.clip_loss(x0g, x.float(), a)
-                (g0,) = torch.autograd.grad(loss.sum(), x0g)
-                grad = g0 / a.sqrt()                                     # dx0/dx_t = 1/sqrt(abar), eps held fixed
+            out, eps, grad, loss = self.method(self, x, t, a)
         grad = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
         rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
         if self.cfg.grad_rms_max is not None and self.cfg.x0_step is None:
             grad = grad * (self.cfg.grad_rms_max / rms.clamp(min=self.cfg.grad_rms_max))
-        stats = GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.detach().mean()),
-                              float(cos.detach().mean()), float(rms.mean()))
+        self.history.append(GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.detach().mean()),
+                                          float(rms.mean())))
         if self.cfg.x0_step is not None:
             # normalised step in x0 space: x0' = x0 - step * grad / rms(grad)
             step = self.cfg.x0_step * ((1 - a).sqrt() if self.cfg.step_schedule == "sigma" else 1.0)
             delta = -step * grad / rms.clamp(min=1e-12)
         else:
             delta = -(1 - a) / a.sqrt() * grad                                       # x0' = x0 + sigma^2 g (VE form)
-        self.history.append(stats)
+        out = out.detach()
         if self.cfg.apply == "sample":
-            self.pending_x0_shift = delta.detach()
-            return out.detach()
-        eps_new = eps - a.sqrt() / (1 - a).sqrt() * delta                           # same x0', eps consistent
-        return join_output(eps_new, x.float(), a, pt).to(out.dtype)
+            self.pending_shift = delta.detach()
+            return out
+        eps_new = eps.detach() - a.sqrt() / (1 - a).sqrt() * delta                  # same x0', eps consistent
+        return join_output(eps_new, x.float(), a, self.prediction_type).to(out.dtype)
+
+    def after_step(self, i: int, scheduler, timesteps: Sequence, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's hook after step ``i``: apply this step's x0 shift (``apply="sample"``) to the
+        scheduler's new sample; a no-op otherwise."""
+        if self.pending_shift is None:
+            return x
+        shift, self.pending_shift = self.pending_shift, None
+        return x + _sample_space(self.abar, scheduler, timesteps, i, x) * shift.to(x.dtype)
 
 
-def _sample_space(guide: "GuidedDenoiser", scheduler, timesteps, i: int, x: torch.Tensor) -> torch.Tensor:
+def _sample_space(abar: torch.Tensor, scheduler, timesteps, i: int, x: torch.Tensor) -> torch.Tensor:
     """Factor mapping an x0-space shift into the scheduler's sample space after step i.
 
     The next network input is VP: x_vp = sqrt(abar_next) x0 + ...; the scheduler's sample relates to it by
@@ -322,21 +350,29 @@ def _sample_space(guide: "GuidedDenoiser", scheduler, timesteps, i: int, x: torc
     if i + 1 >= len(timesteps):
         return torch.ones((), device=x.device)
     t_next = timesteps[i + 1]
-    a_next = abar_at(guide.abar, t_next, 1, x.device).flatten()[0]
+    a_next = abar_at(abar, t_next, 1, x.device).flatten()[0]
     scale = scheduler.scale_model_input(torch.ones(1, device=x.device, dtype=torch.float32), t_next).flatten()[0]
     return a_next.sqrt() / scale
 
 
 def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generator: torch.Generator,
-           device="cpu", guide: GuidedDenoiser | None = None, callback=None,
-           noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Run any diffusers scheduler with (optionally guided) ``model``; returns the final x (model space).
+           device="cpu", callback=None, noise: torch.Tensor | None = None,
+           after_step: Callable | None = None, init: torch.Tensor | None = None,
+           strength: float = 1.0) -> torch.Tensor:
+    """Run any diffusers scheduler with any denoiser ``model(x, t)``; returns the final x (model space).
 
     ``model(x, t)`` gets the scheduler's scaled input; noise comes only from ``generator``.
     ``noise``: the initial unit-variance noise of ``shape`` (default: drawn from ``generator``).
+    ``after_step(i, scheduler, timesteps, x) -> x``: a hook on the new sample after step ``i`` (a
+    guidance method that acts there, e.g. :meth:`GuidedDenoiser.after_step`); None: plain sampling.
+    ``init`` (model space, ``shape``) with ``strength`` S in (0, 1]: run only the last
+    ``max(1, int(steps * S))`` timesteps, starting from ``init`` noised to the first of them with the
+    scheduler's own ``add_noise``, as diffusers' img2img pipelines do.
     """
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
+    if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+        raise InputError(f"strength must be in (0, 1], got {strength!r}")
     scheduler.set_timesteps(steps, device=device)
     if noise is not None:
         if tuple(noise.shape) != tuple(shape):
@@ -344,19 +380,28 @@ def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generat
         x = noise.float().to(device)
     else:
         x = torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
-    x = x * scheduler.init_noise_sigma
-    fn = guide if guide is not None else model
+    timesteps = list(scheduler.timesteps)
+    if init is None:
+        x = x * scheduler.init_noise_sigma
+    else:
+        if tuple(init.shape) != tuple(shape):
+            raise InputError(f"init has shape {tuple(init.shape)}, expected {tuple(shape)}")
+        order = getattr(scheduler, "order", 1)
+        keep = max(1, min(steps, int(steps * strength)))
+        skip = (steps - keep) * order
+        timesteps = timesteps[skip:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(skip)
+        x = scheduler.add_noise(init.float().to(device), x, torch.as_tensor([timesteps[0]]))
     # the scheduler's parameters, not its local variables (co_varnames would list both)
     extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    timesteps = list(scheduler.timesteps)
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
-        with torch.no_grad() if guide is None else torch.enable_grad():
-            out = fn(x_in, t)
+        with torch.no_grad():
+            out = model(x_in, t)
         x = scheduler.step(out.detach(), t, x, **extra).prev_sample
-        if guide is not None and guide.pending_x0_shift is not None:
-            x = x + _sample_space(guide, scheduler, timesteps, i, x) * guide.pending_x0_shift.to(x.dtype)
-            guide.pending_x0_shift = None
+        if after_step is not None:
+            x = after_step(i, scheduler, timesteps, x)
         if callback is not None:
             callback(i, t, x)
     return x.detach()

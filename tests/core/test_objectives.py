@@ -76,9 +76,10 @@ def test_image_prompt_prefers_the_prompt_image(scorer, renders):
 
 
 def test_views_chunked_equals_unchunked_in_value_and_gradient(scorer, renders):
-    def views(x):                                              # 6 deterministic shifted views
-        return torch.stack([torch.roll(x, k, dims=-1) for k in range(6)], 1).flatten(0, 1)
-    base = ob.clip_text(scorer, ["a red circle"])
+    def views(x):                                              # 6 deterministic shifted views, view-major
+        return torch.cat([torch.roll(x, k, dims=-1) for k in range(6)])
+    # per-sample targets: sample i has its own text; tiled over the views of each chunk
+    base = ob.ClipTarget(scorer, scorer.text_embeddings(["a red circle", "a blue square"])[:, None, :])
     grads, vals = [], []
     for chunk in (1, 4, 100):
         x = renders.clone().requires_grad_(True)
@@ -88,6 +89,10 @@ def test_views_chunked_equals_unchunked_in_value_and_gradient(scorer, renders):
         grads.append(x.grad)
     for v, g in zip(vals[1:], grads[1:]):
         assert torch.allclose(v, vals[0], atol=1e-6) and torch.allclose(g, grads[0], atol=1e-6)
+    # the mean over views of each sample's own target, computed view by view
+    x = renders.detach()
+    want = torch.stack([base(torch.roll(x, k, dims=-1)) for k in range(6)]).mean(0)
+    assert torch.allclose(vals[0], want, atol=1e-6)
 
 
 def test_regularisers():

@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+
+from clipkit.core.objectives import ClipTarget
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler, UNet2DModel)
 
@@ -91,8 +93,8 @@ def _guided_gain(name, apply, scorer, target):
     tg = scorer.text_embeddings(["a red circle", "a blue square"])[:, None, :]
     base = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0))
     cfg = GuidanceConfig(target=target, scale=30.0, views=1, grad_rms_max=None, apply=apply)
-    guide = GuidedDenoiser(model, sched, scorer, tg, cfg, generator=torch.Generator().manual_seed(1))
-    guided = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0), guide=guide)
+    guide = GuidedDenoiser(model, sched, ClipTarget(scorer, tg), cfg, generator=torch.Generator().manual_seed(1))
+    guided = sample(guide, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0), after_step=guide.after_step)
     assert torch.isfinite(guided).all() and len(guide.history) >= 8
 
     def sim(x):
@@ -114,9 +116,9 @@ def test_every_scheduler_runs_with_a_unet(name, unet, tiny_scorer_oc):
     sched = SCHEDULERS[name](num_train_timesteps=1000)
     model = lambda x, t: unet(x, t).sample  # noqa: E731
     tg = tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None, :]
-    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, GuidanceConfig(scale=100.0, views=2, x0_step=0.1),
+    guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), GuidanceConfig(scale=100.0, views=2, x0_step=0.1),
                            generator=torch.Generator().manual_seed(1))
-    x = sample(model, sched, (2, 3, 16, 16), 6, torch.Generator().manual_seed(0), guide=guide)
+    x = sample(guide, sched, (2, 3, 16, 16), 6, torch.Generator().manual_seed(0), after_step=guide.after_step)
     assert torch.isfinite(x).all() and x.shape == (2, 3, 16, 16)
 
 
@@ -127,8 +129,8 @@ def test_same_seed_same_output_and_batch_views(unet, tiny_scorer_oc):
     runs = []
     for _ in range(2):
         cfg = GuidanceConfig(scale=500.0, views=3, cutouts=2, grad_mode="unet")
-        guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg, generator=torch.Generator().manual_seed(3))
-        runs.append(sample(model, sched, (3, 3, 16, 16), 4, torch.Generator().manual_seed(0), guide=guide))
+        guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg, generator=torch.Generator().manual_seed(3))
+        runs.append(sample(guide, sched, (3, 3, 16, 16), 4, torch.Generator().manual_seed(0), after_step=guide.after_step))
     assert torch.equal(runs[0], runs[1])
     v = make_views(torch.rand(3, 3, 16, 16), GuidanceConfig(views=3, cutouts=2), torch.Generator().manual_seed(0))
     assert v.shape == (15, 3, 16, 16)
@@ -151,18 +153,18 @@ def test_xt_gradient_is_the_clip_gradient_on_xt(tiny_scorer_oc):
     tg = tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None, :]
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     cfg = GuidanceConfig(target="xt", scale=10.0, views=1, grad_rms_max=None, apply="sample")
-    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg)
+    guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg)
     out = guide(x, 500)
     assert torch.allclose(out, model(x, 500))                      # apply="sample": output untouched
     a = abar_at(guide.abar, 500, 2, "cpu")
     lg = tiny_scorer_oc.loss_and_grad((x + 1) / 2, tg)             # unclamped, as train_clip feeds it
     expected = -(1 - a) / a.sqrt() * (10.0 * 0.5 * lg.grad)
-    assert guide.pending_x0_shift.abs().max() > 0
-    assert torch.allclose(guide.pending_x0_shift, expected, rtol=1e-4, atol=1e-7)
+    assert guide.pending_shift.abs().max() > 0
+    assert torch.allclose(guide.pending_shift, expected, rtol=1e-4, atol=1e-7)
     # the x0 target takes a different gradient (through the x0 estimate): the modes really differ
-    g0 = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, GuidanceConfig(scale=10.0, views=1, grad_rms_max=None))
+    g0 = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), GuidanceConfig(scale=10.0, views=1, grad_rms_max=None))
     g0(x, 500)
-    assert not torch.allclose(g0.pending_x0_shift, expected, rtol=1e-2)
+    assert not torch.allclose(g0.pending_shift, expected, rtol=1e-2)
 
 
 def test_sigma_step_schedule_scales_the_normalised_step_by_the_noise_left(tiny_scorer_oc):
@@ -175,11 +177,11 @@ def test_sigma_step_schedule_scales_the_normalised_step_by_the_noise_left(tiny_s
     for schedule in ("constant", "sigma"):
         for t in (900, 50):
             cfg = GuidanceConfig(target="xt", scale=1.0, x0_step=0.2, views=1, apply="sample", step_schedule=schedule)
-            guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg)
+            guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg)
             guide(x, t)
-            shifts[schedule, t] = guide.pending_x0_shift
+            shifts[schedule, t] = guide.pending_shift
     for t in (900, 50):
-        a = float(abar_at(GuidedDenoiser(model, sched, tiny_scorer_oc, tg, GuidanceConfig()).abar, t, 1, "cpu"))
+        a = float(abar_at(GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), GuidanceConfig()).abar, t, 1, "cpu"))
         rms = lambda d: float(d.pow(2).mean().sqrt())  # noqa: E731
         assert math.isclose(rms(shifts["constant", t]), 0.2, rel_tol=1e-4)
         assert math.isclose(rms(shifts["sigma", t]), 0.2 * math.sqrt(1 - a), rel_tol=1e-4)
@@ -200,8 +202,8 @@ def test_xt_never_backprops_through_the_model(apply, tiny_scorer_oc):
         return inner(x.detach(), t).detach()
     tg = tiny_scorer_oc.text_embeddings(["a red circle"])[:, None, :]
     cfg = GuidanceConfig(target="xt", scale=1.0, x0_step=0.1, views=2, apply=apply, tv_scale=0.1, range_scale=1.0)
-    guide = GuidedDenoiser(model, sched, tiny_scorer_oc, tg, cfg, generator=torch.Generator().manual_seed(1))
-    x = sample(model, sched, (1, 3, 16, 16), 6, torch.Generator().manual_seed(0), guide=guide)
+    guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg, generator=torch.Generator().manual_seed(1))
+    x = sample(guide, sched, (1, 3, 16, 16), 6, torch.Generator().manual_seed(0), after_step=guide.after_step)
     assert torch.isfinite(x).all()
     assert len(calls) == 6 and len(guide.history) == 6             # one network call per step, no second pass
     assert not any(grad_on or req for grad_on, req in calls)       # never called with grad, never on a graph leaf
@@ -223,5 +225,5 @@ def test_xt_rejects_what_it_cannot_mean(tiny_scorer_oc):
     sched = DDIMScheduler()
     tg = tiny_scorer_oc.text_embeddings(["a red circle"])[:, None, :]
     with pytest.raises(InputError, match="latent"):
-        GuidedDenoiser(gaussian_denoiser(sched), sched, tiny_scorer_oc, tg, GuidanceConfig(target="xt"),
+        GuidedDenoiser(gaussian_denoiser(sched), sched, ClipTarget(tiny_scorer_oc, tg), GuidanceConfig(target="xt"),
                        decode=lambda z: z)

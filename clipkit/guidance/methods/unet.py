@@ -1,0 +1,14 @@
+"""The objective on the x0 estimate, differentiated through the network (Disco's "through the UNet")."""
+from __future__ import annotations
+
+import torch
+
+
+def gradient(guide, x: torch.Tensor, t, a: torch.Tensor):
+    from clipkit.guidance.wrapper import split_output
+    xg = x.detach().requires_grad_(True)
+    out = guide.model(xg, t)
+    eps, x0 = split_output(out.float(), xg.float(), a, guide.prediction_type)
+    loss = guide.x0_loss(x0, xg.float(), a, t)
+    (grad,) = torch.autograd.grad(loss.sum(), xg)
+    return out.detach(), eps.detach(), grad, loss
