@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
@@ -51,6 +52,46 @@ class FloatList(click.ParamType):
                 self.fail(f"{part.strip()!r} in {value!r} is below {self.min:g}", param, ctx)
             out.append(v)
         return out
+
+
+class ImagePromptType(click.ParamType):
+    """``PATH[:WEIGHT]`` (``weighted=False``: ``PATH``) naming a regular file, checked at parse time;
+    the value is ``(path, weight)`` (or the path). The image itself is decoded, time-bound, before
+    any model loads (``clipkit.guidance.pipeline.read_image``)."""
+    name = "path"
+
+    def __init__(self, weighted: bool = True):
+        self.weighted = weighted
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple) or (not self.weighted and not isinstance(value, str)):
+            return value
+        from clipkit.core.errors import InputError
+        from clipkit.core.objectives import parse_weighted_path
+        try:
+            path, weight = parse_weighted_path(value) if self.weighted else (value, 1.0)
+        except InputError as e:
+            self.fail(str(e), param, ctx)
+        p = Path(path).expanduser()
+        if not p.exists():
+            self.fail(f"{path}: no such file", param, ctx)
+        if not p.is_file():
+            self.fail(f"{path}: not a regular file", param, ctx)
+        return (path, weight) if self.weighted else path
+
+
+class CutScheduleType(click.ParamType):
+    """``VIEWS+CUTOUTS,...`` (``clipkit.guidance.wrapper.parse_cut_schedule``), checked at parse time."""
+    name = "schedule"
+
+    def convert(self, value, param, ctx):
+        from clipkit.core.errors import InputError
+        from clipkit.guidance.wrapper import parse_cut_schedule
+        try:
+            parse_cut_schedule(value)
+        except InputError as e:
+            self.fail(str(e), param, ctx)
+        return value
 
 
 class ModelSpecType(click.ParamType):

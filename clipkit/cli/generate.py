@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import (FiniteFloat, ModelSpecType, emit_json, fmt_table, json_option, progress,
-                                scheduler_choice)
+from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePromptType, ModelSpecType, emit_json,
+                                fmt_table, json_option, progress, scheduler_choice)
 
 
 @click.command()
-@click.argument("prompts", nargs=-1, required=True, metavar="PROMPT...")
+@click.argument("prompts", nargs=-1, metavar="PROMPT...")
 @click.option("-n", "n", type=int, default=4, show_default=True, help="Images kept per prompt.")
 @click.option("--steps", type=int, default=25, show_default=True, help="Denoising steps.")
 @click.option("--clip-scale", type=FiniteFloat(), default=0.2, show_default=True,
@@ -41,13 +41,36 @@ from clipkit.cli.common import (FiniteFloat, ModelSpecType, emit_json, fmt_table
 @click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, exit 2).")
 @click.option("--diffusion", "diffusion_spec", type=ModelSpecType("diffusion"), default=None, metavar="SPEC",
               help="Diffusion model: shapes, hf:ORG/NAME or a diffusers pipeline directory (overrides --profile).")
-@click.option("--clip", "clip_spec", type=ModelSpecType("clip"), default=None, metavar="SPEC",
+@click.option("--clip", "clip_specs", type=ModelSpecType("clip"), multiple=True, metavar="SPEC",
               help="CLIP that guides and scores: shapes-noised (the bundled profile's noise-aware guide), "
-                   "shapes, openclip:ARCH/TAG, hf:ORG/NAME or a directory (overrides --profile).")
+                   "shapes, openclip:ARCH/TAG, hf:ORG/NAME or a directory (overrides --profile). Repeat for "
+                   "an ensemble: each CLIP sees the image with its own preprocessing.")
+@click.option("--clip-weights", type=FloatList(min=0), default=None, metavar="W1,W2,...",
+              help="One weight per --clip (default: equal; normalised to sum 1).")
+@click.option("--negative", "negatives", multiple=True, metavar="TEXT",
+              help="Push away from TEXT (repeatable): a prompt part of weight -1; latent models also use it "
+                   "as the classifier-free negative prompt.")
+@click.option("--image-prompt", "image_prompts", type=ImagePromptType(), multiple=True, metavar="PATH[:WEIGHT]",
+              help="Guide towards an image's CLIP embedding (repeatable; weight default 1). With image "
+                   "prompts only, the PROMPT may be left out.")
+@click.option("--init-image", type=ImagePromptType(weighted=False), default=None, metavar="PATH",
+              help="Start from this image noised to --strength of the trajectory (img2img); guidance still applies.")
+@click.option("--strength", type=FiniteFloat(min=0, max=1, min_open=True), default=0.5, show_default=True,
+              help="With --init-image: how much of the trajectory is run (1 = from pure noise, the image is ignored).")
+@click.option("--cut-schedule", type=CutScheduleType(), default=None, metavar="V+C,...",
+              help="Disco-style cuts: VIEWS+CUTOUTS for equal parts of the trajectory, from noise to clean "
+                   "(e.g. 8+0,4+4,2+8); overrides the 4 views and --cutouts.")
+@click.option("--tv-scale", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="Total-variation penalty on the denoised estimate (smoother images).")
+@click.option("--range-scale", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="Penalty on the denoised estimate's squared excess outside the pixel range.")
+@click.option("--sat-scale", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="Saturation penalty: the absolute excess outside the pixel range (Disco's sat_scale).")
 @json_option
 @click.pass_obj
 def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, select, captioner_spec,
-             guide_target, scheduler, size, out_dir, overwrite, diffusion_spec, clip_spec, as_json):
+             guide_target, scheduler, size, out_dir, overwrite, diffusion_spec, clip_specs, clip_weights, negatives,
+             image_prompts, init_image, strength, cut_schedule, tv_scale, range_scale, sat_scale, as_json):
     """Generate images for each PROMPT (quote each one) with CLIP-guided diffusion.
 
     Writes OUT/<slug>-<seed>.png and a JSON sidecar with every parameter, the model specs, the seed
@@ -57,8 +80,16 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     `clipkit generate PROMPT -n 1 --seed S` with the same options regenerates <slug>-S.png exactly.
 
     \b
+    A PROMPT may weight parts, Disco-style: "a red circle:2 | a square:-1" (parts separated by
+    " | ", each with an optional :WEIGHT, default 1; negative weights push away).
+
+    \b
     Examples:
       clipkit generate "a red circle at the top left"
+      clipkit generate "a shape at the top left" --negative "a red shape"
+      clipkit generate --image-prompt render.png -n 2
+      clipkit generate "a green square at the bottom right" --init-image blue.png --strength 0.5
+      clipkit generate "a red circle" --clip shapes-noised --clip shapes --clip-weights 1,0.5
       clipkit generate "a blue square" "a green triangle" -n 2 --best-of 4 --seed 0 --out shapes/
       clipkit generate "a red square at the bottom left" -n 1 --best-of 4 --select caption
       clipkit generate "a church at sunset" -n 1 --diffusion hf:google/ddpm-church-256 \
@@ -68,7 +99,14 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
 
     from clipkit.cli.common import resolve_spec
     from clipkit.guidance.pipeline import generate as do_generate
-    clip = resolve_spec(settings, "guide", clip_spec)
+    if not prompts:
+        if not image_prompts:
+            raise click.UsageError("give a PROMPT, or --image-prompt PATH to guide by an image alone")
+        prompts = ("",)
+    if clip_weights is not None and len(clip_weights) != max(1, len(clip_specs)):
+        raise click.BadParameter(f"{len(clip_weights)} weights for {max(1, len(clip_specs))} CLIP(s): give one "
+                                 "per --clip", param_hint="--clip-weights")
+    clip = [resolve_spec(settings, "guide", c) for c in clip_specs] or resolve_spec(settings, "guide", None)
     # one notice at most: the first lookup printed it if the default profile was implicit
     diffusion = resolve_spec(dataclasses.replace(settings, quiet=True), "diffusion", diffusion_spec)
     selector = None
@@ -90,7 +128,10 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         res = do_generate(list(prompts), n, seed=seed, diffusion=diffusion, clip=clip, device=settings.device,
                           precision=settings.precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step,
                           steps=steps, clip_scale=clip_scale, cfg_scale=cfg_scale, cutouts=cutouts,
-                          best_of=best_of, select=selector, scheduler=scheduler, size=size, guide_target=guide_target)
+                          best_of=best_of, select=selector, scheduler=scheduler, size=size, guide_target=guide_target,
+                          negative=list(negatives), image_prompts=[list(ip) for ip in image_prompts],
+                          clip_weights=clip_weights, init_image=init_image, strength=strength,
+                          cut_schedule=cut_schedule, tv_scale=tv_scale, range_scale=range_scale, sat_scale=sat_scale)
     finally:
         for b in bars:
             b.close()
@@ -98,6 +139,6 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         emit_json(res.to_dict())
         return
     click.echo(f"# {len(res.images)} image(s) in {res.out_dir} (seed {res.seed}, {res.candidates} candidate(s) "
-               f"per prompt, {res.wall_s:.1f} s); score = cosine with the prompt under CLIP {res.models['clip']!r}")
+               f"per prompt, {res.wall_s:.1f} s); score = {res.score_label()}")
     click.echo(fmt_table(["image", "score", "seed", "prompt"],
                          [[im.path, f"{im.clip_score:.4f}", im.seed, im.prompt] for im in res.images]))

@@ -91,11 +91,22 @@ def parse_weighted_path(value: str) -> tuple[str, float]:
 @dataclass
 class ClipTarget:
     """Distance from ``scorer``'s embedding of the pixels to ``targets`` ([M, D], or [B, M, D] per
-    sample), averaged over the M targets with ``weights`` (default: equal)."""
+    sample), averaged over the M targets with ``weights`` (default: equal).
+
+    ``negatives`` [N, D] (texts or images to stay away from, weights ``negative_weights`` > 0) add a
+    smooth hinge on the margin ``cos_n - cos_p`` (``cos_p``: the weighted cosine with the targets):
+    ``w_n * softplus(s * (cos_n - cos_p)) / s`` with CLIP's ``logit_scale`` s, i.e. CLIP's own pairwise
+    zero-shot classifier "the prompt, not the negative". It pushes only while a negative is about as
+    close as the prompt and fades once the prompt wins by a few 1/s; a plain distance with a negative
+    weight (Disco's form) pushes hardest when already far and drags images anywhere away from it.
+    """
     scorer: object
     targets: torch.Tensor
     weights: torch.Tensor | None = None
     loss: str = "spherical"
+    negatives: torch.Tensor | None = None
+    negative_weights: torch.Tensor | None = None
+    logit_scale: float = 100.0
 
     def __post_init__(self):
         self.loss_fn = get_loss(self.loss)
@@ -103,6 +114,15 @@ class ClipTarget:
         if self.weights is None:
             self.weights = torch.full((self.targets.shape[-2],), 1.0 / self.targets.shape[-2])
         self.weights = torch.as_tensor(self.weights, dtype=torch.float32)
+        if self.negatives is not None:
+            self.negatives = F.normalize(self.negatives.float(), dim=-1)
+            n = self.negatives.shape[0]
+            w = torch.ones(n) if self.negative_weights is None else torch.as_tensor(self.negative_weights).float()
+            if w.shape != (n,) or not (torch.isfinite(w).all() and (w > 0).all()):
+                raise InputError(f"need {n} finite negative weights > 0, got {w.tolist()!r}")
+            self.negative_weights = w
+        if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise InputError(f"logit_scale must be a finite number > 0, got {self.logit_scale!r}")
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.scorer.embed_pixels(pixels)
@@ -122,10 +142,16 @@ class ClipTarget:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         emb = self.embed(pixels).float()                                         # [B, D]
         dist = self.loss_fn(emb[:, None, :], self._rows(emb.shape[0], emb.device))   # [B, M]
-        return (dist * self.weights.to(emb.device)).sum(-1)
+        loss = (dist * self.weights.to(emb.device)).sum(-1)
+        if self.negatives is None:
+            return loss
+        e = F.normalize(emb, dim=-1)
+        margin = e @ self.negatives.to(e.device).T - self._weighted_cos(e)[:, None]  # [B, N]
+        s = self.logit_scale
+        return loss + (F.softplus(s * margin) / s * self.negative_weights.to(e.device)).sum(-1)
 
     def cosine(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The weighted mean cosine [B] (what a user reads as "the CLIP score")."""
+        """The weighted mean cosine [B] with the targets (what a user reads as "the CLIP score")."""
         emb = F.normalize(self.embed(pixels).float(), dim=-1)
         return self._weighted_cos(emb)
 
@@ -136,8 +162,11 @@ class ClipTarget:
         from clipkit.core.ranking import cosines
         if self.targets.ndim != 2:
             raise InputError("score_images needs targets shared by every image ([M, D])")
-        sims = cosines(self.scorer.encode_images(images), self.targets.float())       # [N, M] fp32, CPU
-        return (sims * self.weights.cpu()).sum(-1)
+        emb = self.scorer.encode_images(images)
+        score = (cosines(emb, self.targets.float()) * self.weights.cpu()).sum(-1)     # [N] fp32, CPU
+        if self.negatives is not None:
+            score = score - (cosines(emb, self.negatives) * self.negative_weights).sum(-1)
+        return score
 
     def _weighted_cos(self, emb: torch.Tensor) -> torch.Tensor:
         tgt = self._rows(emb.shape[0], emb.device)

@@ -38,7 +38,7 @@ from PIL import Image
 
 from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.guidance.schedulers import count_timesteps, make_scheduler
-from clipkit.guidance.wrapper import GuidanceConfig, GuidanceStats, GuidedDenoiser, sample
+from clipkit.guidance.wrapper import GuidanceConfig, GuidanceStats, GuidedDenoiser, iter_sample, sample
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,45 @@ def _check_size(comps: LatentComponents, height: int | None, width: int | None) 
     return h, w
 
 
+def _sampler(components: LatentComponents, prompts: list[str], negs: list[str] | None, n_per_prompt: int,
+             cfg_scale: float, guidance: GuidanceConfig | None, scorer, objective: Callable | None, view_batch: int,
+             generator: torch.Generator, init: torch.Tensor | None, h: int, w: int):
+    """(denoiser, after_step hook, init latents or None, the GuidedDenoiser or None) for a latent batch of
+    ``len(prompts) * n_per_prompt``: CFG over the text encoder, wrapped by guidance when asked."""
+    sched, dev = components.scheduler, components.device
+    N = len(prompts) * n_per_prompt
+    per_image = [p for p in prompts for _ in range(n_per_prompt)]             # prompt-major
+    # text conditioning: encode each distinct text once, expand to the latent batch (B = N)
+    cond = encode_prompts(components, prompts).repeat_interleave(n_per_prompt, dim=0)        # [N,L,C]
+    uncond = None
+    if cfg_scale != 1:
+        uncond = encode_prompts(components, negs or [""] * len(prompts)).repeat_interleave(n_per_prompt, dim=0)
+    model = make_cfg_model(components.unet, cond, uncond, cfg_scale)
+
+    # CLIP guidance wraps the CFG denoiser
+    guide = None
+    if guidance is not None and guidance.scale > 0:
+        from clipkit.core.objectives import ClipTarget
+        if objective is None:
+            objective = ClipTarget(scorer, scorer.text_embeddings(per_image)[:, None, :])   # [N,1,D]
+        if view_batch:
+            guidance = dataclasses.replace(guidance, view_chunk=view_batch)
+        view_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generator,
+                                                                     device=generator.device)))
+        guide = GuidedDenoiser(model, sched, objective, guidance, decode=lambda z: (components.decode(z) + 1) / 2,
+                               generator=view_gen)
+    z_init = None
+    if init is not None:
+        if tuple(init.shape) != (N, 3, h, w):
+            raise InputError(f"init images have shape {tuple(init.shape)}, expected {(N, 3, h, w)}")
+        with torch.no_grad():
+            vae_dtype = next(components.vae.parameters()).dtype
+            post = components.vae.encode((init * 2 - 1).to(dev, vae_dtype)).latent_dist
+            z_init = (post.mean.float() - components.shift_factor) * components.scaling_factor
+
+    return (guide or model), (guide.after_step if guide is not None else None), z_init, guide
+
+
 def generate_latent(components: LatentComponents, prompts: str | Sequence[str], n_per_prompt: int = 1,
                     steps: int = 25, cfg_scale: float = DEFAULT_CFG_SCALE, guidance: GuidanceConfig | None = None,
                     scorer=None, negative_prompt: str | Sequence[str] | None = None, seed: int | None = 0,
@@ -324,40 +363,15 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
     if noise is None:                                                         # before any other draw
         noise = torch.randn(shape, generator=generator, device=generator.device)
 
-    # 2. text conditioning: encode each distinct text once, expand to the latent batch (B = N)
-    cond = encode_prompts(components, prompts).repeat_interleave(n_per_prompt, dim=0)        # [N,L,C]
-    uncond = None
-    if cfg_scale != 1:
-        uncond = encode_prompts(components, negs or [""] * len(prompts)).repeat_interleave(n_per_prompt, dim=0)
-    model = make_cfg_model(components.unet, cond, uncond, cfg_scale)
-
-    # 3. CLIP guidance wraps the CFG denoiser
-    guide = None
-    if guidance is not None and guidance.scale > 0:
-        from clipkit.core.objectives import ClipTarget
-        if objective is None:
-            objective = ClipTarget(scorer, scorer.text_embeddings(per_image)[:, None, :])   # [N,1,D]
-        if view_batch:
-            guidance = dataclasses.replace(guidance, view_chunk=view_batch)
-        view_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generator,
-                                                                     device=generator.device)))
-        guide = GuidedDenoiser(model, sched, objective, guidance, decode=lambda z: (components.decode(z) + 1) / 2,
-                               generator=view_gen)
-    z_init = None
-    if init is not None:
-        if tuple(init.shape) != (N, 3, h, w):
-            raise InputError(f"init images have shape {tuple(init.shape)}, expected {(N, 3, h, w)}")
-        with torch.no_grad():
-            vae_dtype = next(components.vae.parameters()).dtype
-            post = components.vae.encode((init * 2 - 1).to(dev, vae_dtype)).latent_dist
-            z_init = (post.mean.float() - components.shift_factor) * components.scaling_factor
+    denoiser, after_step, z_init, guide = _sampler(components, prompts, negs, n_per_prompt, cfg_scale, guidance,
+                                                   scorer, objective, view_batch, generator, init, h, w)
 
     # 4. sample in latent space, decode once
     amp = _AUTOCAST[precision]
     ac = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with ac:
-        z = sample(guide or model, sched, shape, steps, generator, device=dev, callback=callback, noise=noise,
-                   after_step=guide.after_step if guide is not None else None, init=z_init, strength=strength)
+        z = sample(denoiser, sched, shape, steps, generator, device=dev, callback=callback, noise=noise,
+                   after_step=after_step, init=z_init, strength=strength)
         with torch.no_grad():
             pix = ((components.decode(z) + 1) / 2).clamp(0, 1).float().cpu()
     from clipkit.guidance.pipeline import tensor_to_pil
@@ -420,21 +434,26 @@ class LatentDiffusion:
         return count_timesteps(config.scheduler, self.components.scheduler.config, config.steps, self.spec,
                                latent=True)
 
-    def generate(self, cond, seeds: Sequence[int], config,
-                 on_step: Callable[[], None] | None = None) -> list[Image.Image]:
-        """``cond``: a :class:`~clipkit.guidance.pipeline.Conditioning` (objective, CFG texts, init)."""
+    def trajectory(self, cond, seed: int, config):
+        """One image's sampling as :func:`~clipkit.guidance.wrapper.iter_sample` states (latents); the
+        same draws as :func:`generate_latent` with ``seed`` and a batch of one."""
         size = config.size or self.native_size
         guidance = config.guidance() if config.guided and cond.objective is not None else None
-        callback = (lambda i, t, x: on_step()) if on_step else None
-        out = []
-        for seed in seeds:
-            comps = self.components.with_scheduler(config.scheduler)     # fresh scheduler state per image
-            r = generate_latent(comps, cond.text, 1, steps=config.steps, cfg_scale=self.cfg_scale(config),
-                                guidance=guidance, objective=cond.objective, negative_prompt=cond.negative,
-                                seed=int(seed), height=size, width=size, view_batch=self.view_batch,
-                                callback=callback, score=False, init=cond.init, strength=cond.strength)
-            out.append(r.images[0])
-        return out
+        comps = self.components.with_scheduler(config.scheduler)         # fresh scheduler state per image
+        generator = torch.Generator().manual_seed(int(seed))
+        shape = (1, int(comps.unet.config.in_channels), size // comps.vae_scale_factor, size // comps.vae_scale_factor)
+        noise = torch.randn(shape, generator=generator, device=generator.device)      # before any other draw
+        negs = None if cond.negative is None else [cond.negative]
+        denoiser, after_step, z_init, _ = _sampler(comps, [cond.text], negs, 1, self.cfg_scale(config), guidance,
+                                                   None, cond.objective, self.view_batch, generator, cond.init,
+                                                   size, size)
+        return iter_sample(denoiser, comps.scheduler, shape, config.steps, generator, device=comps.device,
+                           noise=noise, after_step=after_step, init=z_init, strength=cond.strength)
+
+    def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels [B, 3, H, W] in [0, 1] (VAE decode), fp32 on the CPU."""
+        with torch.no_grad():
+            return ((self.components.decode(z) + 1) / 2).clamp(0, 1).float().cpu()
 
 
 def load_latent(source: str, spec: str, local_only: bool, device="cpu",

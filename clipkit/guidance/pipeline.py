@@ -38,7 +38,7 @@ import time
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Collection, Protocol, Sequence, runtime_checkable
+from typing import Callable, Collection, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from PIL import Image
@@ -96,6 +96,9 @@ class GenerateConfig:
                                     # auto: xt for a noise-aware CLIP on a model that takes it, else x0
     size: int | None = None         # image side in pixels; None: the model's native size
     best_of: int = 1                # candidates per kept image (kept: the best by CLIP score)
+    drafts: int = 1                 # trajectories started per candidate; after draft_steps the best
+                                    # (by the same score, on their x0 estimates) go on (1: off)
+    draft_steps: int = 5            # steps every draft runs before the choice
     negative: list = field(default_factory=list)        # texts pushed away (a prompt part of weight -1
                                                         # each; latent models: also the CFG negative prompt)
     image_prompts: list = field(default_factory=list)   # [[path, weight], ...]: CLIP image targets
@@ -120,7 +123,7 @@ class GenerateConfig:
                 raise InputError(f"{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if self.step_mode not in ("normalized", "scaled"):
             raise InputError(f"step_mode must be 'normalized' or 'scaled', got {self.step_mode!r}")
-        for name, lo in (("views", 1), ("cutouts", 0), ("best_of", 1)):
+        for name, lo in (("views", 1), ("cutouts", 0), ("best_of", 1), ("drafts", 1), ("draft_steps", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise InputError(f"{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
@@ -214,9 +217,12 @@ class DiffusionBackend(Protocol):
     def steps_per_image(self, config: GenerateConfig) -> int:
         """How many times ``generate`` calls ``on_step`` per image (for progress bars)."""
 
-    def generate(self, cond: "Conditioning", seeds: Sequence[int], config: GenerateConfig,
-                 on_step: Callable[[], None] | None = None) -> list[Image.Image]:
-        """One RGB image per seed; image i must depend only on (cond, seeds[i], config)."""
+    def trajectory(self, cond: "Conditioning", seed: int, config: GenerateConfig) -> Iterator:
+        """One image's sampling, step by step: :class:`~clipkit.guidance.wrapper.SampleState` after every
+        step (``x`` and ``x0`` in the model's space); it must depend only on (cond, seed, config)."""
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> pixels [B, 3, H, W] in [0, 1] on the CPU (the final ``x``, or an ``x0``)."""
 
 
 @dataclass
@@ -271,26 +277,24 @@ class PixelDiffusion:
     def steps_per_image(self, config: GenerateConfig) -> int:
         return count_timesteps(config.scheduler, self.scheduler_config, config.steps, self.spec)
 
-    def generate(self, cond: Conditioning, seeds: Sequence[int], config: GenerateConfig,
-                 on_step: Callable[[], None] | None = None) -> list[Image.Image]:
-        from clipkit.guidance.wrapper import GuidedDenoiser, sample
+    def trajectory(self, cond: Conditioning, seed: int, config: GenerateConfig):
+        """One image's sampling as :func:`~clipkit.guidance.wrapper.iter_sample` states (model space)."""
+        from clipkit.guidance.wrapper import GuidedDenoiser, iter_sample
         size = config.size or self.native_size
-        gcfg = config.guidance()
         init = None if cond.init is None else (cond.init.to(self.device) * 2 - 1)  # model space
-        out = []
-        for seed in seeds:
-            sched = make_scheduler(config.scheduler, self.scheduler_config)
-            noise = torch.Generator().manual_seed(int(seed))                  # CPU: same noise on any device
-            model, hook = self._model, None
-            if config.guided and cond.objective is not None:
-                model = GuidedDenoiser(self._model, sched, cond.objective, gcfg,
-                                       generator=torch.Generator().manual_seed(int(seed) + MAX_SEED))
-                hook = model.after_step
-            x = sample(model, sched, (1, self.channels, size, size), config.steps, noise,
-                       device=self.device, after_step=hook, init=init, strength=cond.strength,
-                       callback=(lambda i, t, x: on_step()) if on_step else None)   # [1,3,H,W] in [-1,1]
-            out.append(tensor_to_pil((x[0] + 1) / 2))
-        return out
+        sched = make_scheduler(config.scheduler, self.scheduler_config)
+        noise = torch.Generator().manual_seed(int(seed))                      # CPU: same noise on any device
+        model, hook = self._model, None
+        if config.guided and cond.objective is not None:
+            model = GuidedDenoiser(self._model, sched, cond.objective, config.guidance(),
+                                   generator=torch.Generator().manual_seed(int(seed) + MAX_SEED))
+            hook = model.after_step
+        return iter_sample(model, sched, (1, self.channels, size, size), config.steps, noise, device=self.device,
+                           after_step=hook, init=init, strength=cond.strength)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space [-1, 1] -> pixels [B, 3, H, W] in [0, 1], on the CPU."""
+        return ((x.detach().float() + 1) / 2).clamp(0, 1).cpu()
 
 
 def load_pixel(source: str, spec: str, local_only: bool, device="cpu", dtype=torch.float32) -> PixelDiffusion:
@@ -374,6 +378,16 @@ class GenerateResult:
     out_dir: str | None = None
     score: str = "cosine"
     score_note: str = SCORE_NOTE
+
+    def score_label(self) -> str:
+        """What the score column means, in words."""
+        clips = self.models["clip"] if isinstance(self.models["clip"], list) else [self.models["clip"]]
+        plain = not (self.config.negative or self.config.image_prompts or len(clips) > 1
+                     or any(" | " in im.prompt or parse_weighted_prompt(im.prompt) != [PromptPart(im.prompt)]
+                            for im in self.images))
+        under = f"CLIP {clips[0]!r}" if len(clips) == 1 else "CLIPs " + ", ".join(map(repr, clips)) + " (weighted)"
+        return ("cosine with the prompt under " if plain else
+                "weighted cosine with the prompt's parts, negatives and image prompts under ") + under
 
     def to_dict(self) -> dict:
         return {"score": self.score, "score_note": self.score_note, "models": self.models,
@@ -529,25 +543,32 @@ def init_pixels(image: Image.Image, size: int) -> torch.Tensor:
 
 def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Image, float]], scorers: Sequence,
                     clip_weights: Sequence[float] | None = None) -> Weighted:
-    """The CLIP objective of one prompt: per CLIP, one :class:`ClipTarget` over the text parts and the
-    image prompts with their weights (divided by the sum of the positive weights, so one plain prompt
-    is the plain spherical loss); an ensemble weights the CLIPs (normalised to sum 1).
+    """The CLIP objective of one prompt: per CLIP, one :class:`ClipTarget` pulled towards the text
+    parts and image prompts of positive weight (spherical distance; weights divided by their sum, so
+    one plain prompt is the plain loss) and kept from those of negative weight (CLIP's pairwise
+    classifier, :class:`ClipTarget`); an ensemble weights the CLIPs (normalised to sum 1).
     ``score_images`` of the result is the matching weighted cosine (what best-of ranks by)."""
     ws = list(clip_weights) if clip_weights is not None else [1.0] * len(scorers)
     if len(ws) != len(scorers):
         raise InputError(f"{len(ws)} --clip-weights for {len(scorers)} CLIPs: give one per --clip")
-    weights = [p.weight for p in parts] + [w for _, w in images]
-    pos = sum(w for w in weights if w > 0)
+    items = [("text", p.text, p.weight) for p in parts] + [("image", im, w) for im, w in images]
+    pos = sum(w for _, _, w in items if w > 0)
     if pos <= 0:
         raise InputError("nothing to guide towards: give a text or an image prompt with a positive weight")
     terms = []
     for scorer, cw in zip(scorers, ws):
-        emb = []
-        if parts:
-            emb.append(scorer.text_embeddings([p.text for p in parts]).float().cpu())
-        if images:
-            emb.append(scorer.encode_images([im for im, _ in images]).float().cpu())
-        target = ClipTarget(scorer, torch.cat(emb), torch.tensor(weights) / pos)
+        def embed(sel):
+            texts = [x for kind, x, w in items if kind == "text" and sel(w)]
+            ims = [x for kind, x, w in items if kind == "image" and sel(w)]
+            emb = ([scorer.text_embeddings(texts).float().cpu()] if texts else []) + \
+                  ([scorer.encode_images(ims).float().cpu()] if ims else [])
+            ws_ = [w for kind, _, w in items if kind == "text" and sel(w)] + \
+                  [w for kind, _, w in items if kind == "image" and sel(w)]
+            return (torch.cat(emb), torch.tensor(ws_).abs() / pos) if emb else (None, None)
+        targets, weights = embed(lambda w: w > 0)
+        negatives, neg_weights = embed(lambda w: w < 0)
+        target = ClipTarget(scorer, targets, weights, negatives=negatives, negative_weights=neg_weights,
+                            logit_scale=float(scorer.logit_scale))
         terms.append((cw / sum(ws), target))
     return Weighted(terms)
 
@@ -576,6 +597,40 @@ class Selector(Protocol):
     name: str
 
     def __call__(self, images: Sequence[Image.Image], prompt: str, clip_scores: torch.Tensor) -> torch.Tensor: ...
+
+
+def run_candidates(pipe, cond: Conditioning, seeds: Sequence[int], config: GenerateConfig, keep: int,
+                   rank: Callable, on_step: Callable[[], None] | None = None) -> tuple[list[int], list[Image.Image]]:
+    """Sample ``seeds`` and return ``keep`` of them finished: (their indices in ``seeds``, images).
+
+    Without drafts (``len(seeds) == keep``) every seed is sampled to the end. With drafts, every
+    trajectory runs ``config.draft_steps`` steps, ``rank(images) -> scores`` judges their x0 estimates
+    (as 8-bit images, like the final ones), and the ``keep`` best (ties by seed) go on to the end; the
+    others stop there. A trajectory continued is the one sampled alone, so seed S regenerates its image.
+    """
+    trajs = [pipe.trajectory(cond, s, config) for s in seeds]
+    last: list = [None] * len(seeds)
+
+    def advance(k: int, n: int | None):
+        for j, state in enumerate(trajs[k]):
+            last[k] = state
+            if on_step:
+                on_step()
+            if n is not None and j + 1 >= n:
+                return
+    alive = list(range(len(seeds)))
+    if keep < len(seeds):
+        for k in alive:
+            advance(k, config.draft_steps)
+        previews = [tensor_to_pil(pipe.to_pixels(last[k].x0 if last[k].x0 is not None else last[k].x)[0])
+                    for k in alive]
+        scores = torch.as_tensor(rank(previews), dtype=torch.float32)
+        alive = sorted(alive[j] for j, _ in order([seeds[k] for k in alive], scores, keep))
+    images = []
+    for k in alive:
+        advance(k, None)
+        images.append(tensor_to_pil(pipe.to_pixels(last[k].x)[0]))
+    return alive, images
 
 
 def _step_counter(on_step, total: int):
@@ -625,12 +680,13 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         raise InputError(f"{len(cfg.clip_weights)} clip weights for {len(clips)} CLIPs: give one per --clip")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"n must be a positive integer, got {n!r}")
-    n_cand = n * cfg.best_of
+    n_cand = n * cfg.best_of                       # finished candidates per prompt
+    n_seeds = n_cand * cfg.drafts                   # trajectories started per prompt
     if seed is None:
-        seed = secrets.randbelow(MAX_SEED - n_cand)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - n_cand:
-        raise InputError(f"seed must be an integer in [0, {MAX_SEED - n_cand}], got {seed!r}")
-    seeds = list(range(seed, seed + n_cand))
+        seed = secrets.randbelow(MAX_SEED - n_seeds)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - n_seeds:
+        raise InputError(f"seed must be an integer in [0, {MAX_SEED - n_seeds}], got {seed!r}")
+    seeds = list(range(seed, seed + n_seeds))
     vocab = next((v for v in map(known_words, (*map(_spec_of, clips), _spec_of(diffusion))) if v is not None), None)
     if vocab is not None:                         # a bundled model: it knows only its world's words
         warn_unknown_words([pt.text for ps in parts for pt in ps], vocab)
@@ -654,7 +710,9 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     per_image = pipe.steps_per_image(cfg)
     if init_image is not None:                    # img2img runs the last part of the trajectory only
         per_image = max(1, per_image * max(1, min(cfg.steps, int(cfg.steps * cfg.strength))) // cfg.steps)
-    step = None if on_step is None else _step_counter(on_step, len(prompts) * n_cand * per_image)
+    drafted = min(cfg.draft_steps, per_image) if cfg.drafts > 1 else 0
+    total = n_seeds * drafted + n_cand * (per_image - drafted)
+    step = None if on_step is None else _step_counter(on_step, len(prompts) * total)
     init = None if init_image is None else init_pixels(init_image, cfg.size or pipe.native_size)
     # 4. sample, score, keep the best, write
     from clipkit import __version__
@@ -666,18 +724,22 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         text, negative = conditioning_text(parts[pi])
         cond = Conditioning(objective if cfg.guided else None, text, negative, init,
                             cfg.strength if init is not None else 1.0)
-        images = pipe.generate(cond, seeds, cfg, on_step=step)
+        def rank(images, objective=objective, prompt=prompt):
+            scores = objective.score_images(images)
+            return scores if select is None else torch.as_tensor(select(images, prompt, scores), dtype=torch.float32)
+        kept_idx, images = run_candidates(pipe, cond, seeds, cfg, n_cand, rank, on_step=step)
+        finished = [seeds[k] for k in kept_idx]
         scores = objective.score_images(images)                                   # [n_cand]
         chosen = scores if select is None or n_cand == n else \
             torch.as_tensor(select(images, prompt, scores), dtype=torch.float32)
-        for k, rank in order(seeds, chosen, n):                                # the n best, ties by seed
-            img = GeneratedImage(prompt, seeds[k], images[k], float(scores[k]), rank,
+        for k, rank_ in order(finished, chosen, n):                             # the n best, ties by seed
+            img = GeneratedImage(prompt, finished[k], images[k], float(scores[k]), rank_,
                                  selection_score=None if chosen is scores else float(chosen[k]))
             if out_dir is not None:
-                png = targets[(pi, seeds[k])]
-                sidecar = {"clipkit": __version__, "prompt": prompt, "seed": seeds[k], "image": png.name,
+                png = targets[(pi, finished[k])]
+                sidecar = {"clipkit": __version__, "prompt": prompt, "seed": finished[k], "image": png.name,
                            "clip_score": img.clip_score, "score": "cosine", "score_note": SCORE_NOTE,
-                           "rank": rank, "candidates": n_cand, "models": models,
+                           "rank": rank_, "candidates": n_cand, "models": models,
                            "parameters": parameters(cfg, n, seed),
                            "device": str(scorer.device), "precision": precision,
                            "size": list(img.image.size)}

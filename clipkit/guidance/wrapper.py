@@ -42,7 +42,7 @@ import dataclasses
 import inspect
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -368,7 +368,32 @@ def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generat
     ``init`` (model space, ``shape``) with ``strength`` S in (0, 1]: run only the last
     ``max(1, int(steps * S))`` timesteps, starting from ``init`` noised to the first of them with the
     scheduler's own ``add_noise``, as diffusers' img2img pipelines do.
+    ``callback(i, t, x)`` after every step. :func:`iter_sample` is the same loop, one step at a time.
     """
+    x = None
+    for state in iter_sample(model, scheduler, shape, steps, generator, device, noise, after_step, init, strength):
+        x = state.x
+        if callback is not None:
+            callback(state.i, state.t, x)
+    return x
+
+
+@dataclass
+class SampleState:
+    """The sampler after step ``i`` of ``n``: the new sample and the x0 estimate of the step's input
+    (model space, from the model's output: what a draft is judged by)."""
+    i: int
+    n: int
+    t: object
+    x: torch.Tensor
+    x0: torch.Tensor
+
+
+def iter_sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generator: torch.Generator,
+                device="cpu", noise: torch.Tensor | None = None, after_step: Callable | None = None,
+                init: torch.Tensor | None = None, strength: float = 1.0) -> Iterator[SampleState]:
+    """:func:`sample`'s loop as a generator: yields a :class:`SampleState` after every step, so a
+    caller can stop a trajectory part-way, judge it, and go on with it later (drafts)."""
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
     if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
@@ -393,15 +418,20 @@ def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generat
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(skip)
         x = scheduler.add_noise(init.float().to(device), x, torch.as_tensor([timesteps[0]]))
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    pt = scheduler.config.get("prediction_type", "epsilon")
     # the scheduler's parameters, not its local variables (co_varnames would list both)
     extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
         with torch.no_grad():
-            out = model(x_in, t)
-        x = scheduler.step(out.detach(), t, x, **extra).prev_sample
+            out = model(x_in, t).detach()
+        x0 = None
+        if abar is not None and pt in PREDICTION_TYPES:
+            a = abar_at(torch.as_tensor(abar, dtype=torch.float64), t, x_in.shape[0], x_in.device)
+            x0 = split_output(out.float(), x_in.float(), a, pt)[1]
+        x = scheduler.step(out, t, x, **extra).prev_sample
         if after_step is not None:
             x = after_step(i, scheduler, timesteps, x)
-        if callback is not None:
-            callback(i, t, x)
-    return x.detach()
+        x = x.detach()
+        yield SampleState(i, len(timesteps), t, x, x0)
