@@ -23,6 +23,12 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
               help="First seed (default: random, printed and saved); candidate k uses SEED+k.")
 @click.option("--best-of", "best_of", type=int, default=1, show_default=True,
               help="Draw M candidates per kept image; keep the N best by CLIP score.")
+@click.option("--drafts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Start D trajectories per candidate; after --draft-steps steps keep the best by the same "
+                   "score on their denoised previews and finish only those (early selection: more tries for "
+                   "little more time).")
+@click.option("--draft-steps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Steps every draft runs before the choice.")
 @click.option("--select", type=click.Choice(["clip", "caption"]), default="clip", show_default=True,
               help="How --best-of keeps its N: clip = the guiding CLIP's cosine; caption = that cosine plus "
                    "the captioner's log-probability that the caption ends right after the prompt (penalises "
@@ -68,7 +74,8 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
               help="Saturation penalty: the absolute excess outside the pixel range (Disco's sat_scale).")
 @json_option
 @click.pass_obj
-def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, select, captioner_spec,
+def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, drafts, draft_steps,
+             select, captioner_spec,
              guide_target, scheduler, size, out_dir, overwrite, diffusion_spec, clip_specs, clip_weights, negatives,
              image_prompts, init_image, strength, cut_schedule, tv_scale, range_scale, sat_scale, as_json):
     """Generate images for each PROMPT (quote each one) with CLIP-guided diffusion.
@@ -110,11 +117,11 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     # one notice at most: the first lookup printed it if the default profile was implicit
     diffusion = resolve_spec(dataclasses.replace(settings, quiet=True), "diffusion", diffusion_spec)
     selector = None
-    if select != "clip" and best_of == 1:
+    if select != "clip" and best_of == 1 and drafts == 1:
         import logging
         logging.getLogger("clipkit.cli").warning("--select %s chooses among --best-of candidates; with "
                                                  "--best-of 1 there is nothing to choose", select)
-    if select == "caption" and best_of > 1:
+    if select == "caption" and (best_of > 1 or drafts > 1):
         from clipkit.captioning.captioner import CaptionEndSelector, load_captioner
         cap_spec = resolve_spec(dataclasses.replace(settings, quiet=True), "captioner", captioner_spec)
         selector = CaptionEndSelector(load_captioner(cap_spec, device=settings.device))
@@ -128,7 +135,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         res = do_generate(list(prompts), n, seed=seed, diffusion=diffusion, clip=clip, device=settings.device,
                           precision=settings.precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step,
                           steps=steps, clip_scale=clip_scale, cfg_scale=cfg_scale, cutouts=cutouts,
-                          best_of=best_of, select=selector, scheduler=scheduler, size=size, guide_target=guide_target,
+                          best_of=best_of, drafts=drafts, draft_steps=draft_steps, select=selector, scheduler=scheduler, size=size, guide_target=guide_target,
                           negative=list(negatives), image_prompts=[list(ip) for ip in image_prompts],
                           clip_weights=clip_weights, init_image=init_image, strength=strength,
                           cut_schedule=cut_schedule, tv_scale=tv_scale, range_scale=range_scale, sat_scale=sat_scale)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from clipkit.cli.main import cli
 from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.guidance.latent import DEFAULT_CFG_SCALE, LatentDiffusion, generate_latent
-from clipkit.guidance.pipeline import DiffusionBackend, generate, load_diffusion
+from clipkit.guidance.pipeline import DiffusionBackend, generate, load_diffusion, slugify
 from clipkit.guidance.schedulers import SCHEDULER_NAMES
 from helpers import assert_seed_fixes_the_image, make_sd_components, save_sd_pipeline   # tests/ is on sys.path (conftest.py)
 
@@ -196,3 +196,74 @@ def test_latent_refuses_the_xt_target(tmp_path):
     with pytest.raises(InputError, match="guide-target"):
         check(type("Fake", (), {"native_size": 32, "components": None, "spec": "x"})(),
               GenerateConfig(guide_target="xt"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# guidance v2 controls on the latent path (issue 14)
+# ---------------------------------------------------------------------------------------------------
+
+def _render(tmp_path, name="render.png"):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    arr = (rng.random((32, 32, 3)) * 255).astype("uint8")
+    Image.fromarray(arr).save(tmp_path / name)
+    return tmp_path / name
+
+
+def test_negative_is_also_the_cfg_negative_prompt(pipe, scorer):
+    comps = pipe.components.with_scheduler("ddim")
+    got = generate(PROMPT, n=1, seed=3, steps=3, cfg_scale=4.0, clip_scale=0.0, negative=["blurry"],
+                   diffusion=pipe, clip=scorer).images[0].image
+    ref = generate_latent(comps, PROMPT, 1, steps=3, cfg_scale=4.0, negative_prompt="blurry", seed=3).images[0]
+    plain = generate(PROMPT, n=1, seed=3, steps=3, cfg_scale=4.0, clip_scale=0.0, diffusion=pipe, clip=scorer)
+    assert np.array_equal(pixels(got), pixels(ref))
+    assert not np.array_equal(pixels(got), pixels(plain.images[0].image))
+
+
+def test_init_image_runs_the_last_part_of_the_trajectory(pipe, scorer, tmp_path):
+    path = _render(tmp_path)
+    kw = dict(n=1, seed=3, steps=4, cfg_scale=2.0, diffusion=pipe, clip=scorer)
+    seen = []
+    a = generate(PROMPT, init_image=str(path), strength=0.5, on_step=lambda d, t: seen.append(t), **kw)
+    b = generate(PROMPT, init_image=str(path), strength=0.5, **kw)
+    c = generate(PROMPT, **kw)
+    assert seen[-1] == 2 and len(seen) == 2                      # 2 of 4 steps
+    assert np.array_equal(pixels(a.images[0].image), pixels(b.images[0].image))
+    assert not np.array_equal(pixels(a.images[0].image), pixels(c.images[0].image))
+
+
+def test_ensemble_image_prompt_drafts_and_cuts_through_the_cli(sd_dir, tiny_openclip_dir, tmp_path):
+    """Every control at once on the latent path: two CLIPs (the same one twice, weighted), an image
+    prompt, a negative, a cut schedule, regularisers, drafts and an init image."""
+    path = _render(tmp_path)
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli, ["-q", "generate", "a red circle:2 | a square:-1", "--diffusion", str(sd_dir),
+                                   "--clip", str(tiny_openclip_dir), "--clip", str(tiny_openclip_dir),
+                                   "--clip-weights", "1,0.5", "--image-prompt", f"{path}:0.5", "--negative", "dark",
+                                   "--cut-schedule", "2+1,1+2", "--tv-scale", "0.1", "--sat-scale", "1",
+                                   "--drafts", "2", "--draft-steps", "1", "--init-image", str(path),
+                                   "--strength", "0.8", "--steps", "3", "-n", "1", "--seed", "5", "--out", str(out),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    p = doc["parameters"]
+    assert doc["models"]["clip"] == [str(tiny_openclip_dir)] * 2 and p["clip_weights"] == [1.0, 0.5]
+    assert p["image_prompts"] == [[str(path), 0.5]] and p["negative"] == ["dark"] and p["drafts"] == 2
+    assert p["init_image"] == str(path) and p["strength"] == 0.8 and p["guidance"]["cut_schedule"] == [[2, 1], [1, 2]]
+    (im,) = doc["images"]
+    assert im["seed"] in (5, 6) and (out / f"{slugify('a red circle:2 | a square:-1')}-{im['seed']}.png").exists()
+    # an image prompt alone: no PROMPT needed
+    res = CliRunner().invoke(cli, ["-q", "generate", "--diffusion", str(sd_dir), "--clip", str(tiny_openclip_dir),
+                                   "--image-prompt", str(path), "--steps", "2", "-n", "1", "--seed", "1",
+                                   "--out", str(tmp_path / "img"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["images"][0]["prompt"] == ""
+
+
+def test_cutouts_are_evaluated_in_chunks(pipe, scorer):
+    """32 cutouts go through the CLIP in chunks of 8 views (checkpointed): the same image as one chunk."""
+    kw = dict(n=1, seed=2, steps=2, cfg_scale=2.0, diffusion=pipe, clip=scorer, cutouts=28)
+    a = generate(PROMPT, **kw).images[0]
+    one_chunk = LatentDiffusion(pipe.components, pipe.spec, view_batch=1000)     # all 32 views at once
+    b = generate(PROMPT, **{**kw, "diffusion": one_chunk}).images[0]
+    assert np.abs(pixels(a.image).astype(int) - pixels(b.image).astype(int)).max() <= 1

@@ -167,3 +167,136 @@ def test_auto_target_is_xt_only_for_a_noise_aware_clip_on_a_model_that_takes_it(
     assert side["models"]["clip"] == "shapes" and side["parameters"]["guide_target"] == "x0"
     with pytest.raises(InputError, match="guide_target"):
         GenerateConfig(guide_target="x1").validate()
+
+
+# ---------------------------------------------------------------- guidance v2 controls (issue 14)
+
+def _png(tmp_path, name="render.png", colour="blue", position="bottom right", shape="square"):
+    from PIL import Image
+
+    from clipkit.shapes.render import render_scenes
+    from clipkit.shapes.world import Scene, ShapeObject
+    x = render_scenes([Scene((ShapeObject(shape, colour, "large", position),))])[0]
+    path = tmp_path / name
+    Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    return path
+
+
+def test_drafts_keep_the_best_preview_and_a_kept_seed_regenerates_alone(shapes_pipe, scorer):
+    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=4, seed=20)
+    ranked = []
+
+    class Spy:                                                 # a selector that records what it ranks
+        name = "spy"
+
+        def __call__(self, images, prompt, clip_scores):
+            ranked.append(len(images))
+            return clip_scores
+    res = generate(PROMPT, n=1, drafts=4, draft_steps=2, best_of=2, select=Spy(), **kw)
+    # 8 trajectories started, judged once on their x0 previews; 2 finished, judged again; 1 kept
+    assert ranked == [8, 2] and len(res.images) == 1 and 20 <= res.images[0].seed < 28
+    alone = generate(PROMPT, n=1, **{**kw, "seed": res.images[0].seed}).images[0]
+    assert np.array_equal(pixels(alone.image), pixels(res.images[0].image))
+    assert math.isclose(alone.clip_score, res.images[0].clip_score, abs_tol=1e-6)
+    # progress: 8 drafts x 2 steps + 2 finished x 2 more steps
+    seen = []
+    generate(PROMPT, n=1, drafts=4, draft_steps=2, best_of=2, on_step=lambda d, t: seen.append((d, t)), **kw)
+    assert seen[-1] == (20, 20)
+
+
+def test_weighted_negative_and_image_prompts_build_one_objective(shapes_pipe, scorer, tmp_path):
+    from clipkit.core.objectives import ClipTarget, Weighted
+    from clipkit.guidance.pipeline import build_objective, check_parts, read_image
+    cfg = GenerateConfig(negative=["a red shape"], image_prompts=[[str(_png(tmp_path)), 0.5]]).validate()
+    parts = check_parts("a red circle:2 | a square:-1", cfg)
+    assert [(p.text, p.weight) for p in parts] == [("a red circle", 2.0), ("a square", -1.0), ("a red shape", -1.0)]
+    obj = build_objective(parts, [(read_image(cfg.image_prompts[0][0], "image prompt"), 0.5)], [scorer])
+    (w, target), = obj.terms
+    assert isinstance(obj, Weighted) and isinstance(target, ClipTarget) and w == 1.0
+    # positives pull (2 and 0.5, divided by their sum), negatives are the pairwise hinge
+    assert torch.allclose(target.weights, torch.tensor([0.8, 0.2]))
+    assert torch.allclose(target.negative_weights, torch.tensor([0.4, 0.4]))
+    # the score ranks like a user reads it: the weighted cosine minus the negatives'
+    img = [_png(tmp_path, "red.png", "red", "top left", "circle")]
+    emb = scorer.encode_images(img)
+    want = (0.8 * emb @ scorer.encode_texts(["a red circle"]).T + 0.2 * emb @ scorer.encode_images(
+        [cfg.image_prompts[0][0]]).T - 0.4 * emb @ scorer.encode_texts(["a square", "a red shape"]).T.sum(1, keepdim=True))
+    assert torch.allclose(obj.score_images(img), want.flatten(), atol=1e-5)
+    # the hinge fades once the prompt beats the negative: a far-away negative adds (almost) nothing
+    pix = torch.stack([torch.from_numpy(np.array(read_image(str(img[0]), "x"))).permute(2, 0, 1).float() / 255])
+    plain = ClipTarget(scorer, scorer.text_embeddings(["a red circle"]))
+    far = ClipTarget(scorer, scorer.text_embeddings(["a red circle"]), negatives=scorer.text_embeddings(["a blue square"]),
+                     logit_scale=100.0)
+    assert float(far(pix) - plain(pix)) < 0.01
+
+
+def test_generate_with_every_control_and_ensembles(shapes_pipe, scorer, tmp_path):
+    from clipkit.core.scorer import load_scorer
+    noised = load_scorer("shapes-noised", device="cpu")
+    kw = dict(diffusion=shapes_pipe, steps=3, seed=4)
+    res = generate("a red circle:1 | a square:-0.5", n=1, clip=[noised, scorer], clip_weights=[1, 3],
+                   negative=["a green shape"], image_prompts=[[str(_png(tmp_path)), 1.0]], tv_scale=0.1,
+                   range_scale=1.0, sat_scale=1.0, cut_schedule="2+1,1+2", out_dir=tmp_path / "out", **kw)
+    side = json.loads((tmp_path / "out" / f"{slugify('a red circle:1 | a square:-0.5')}-4.json").read_text())
+    assert side["models"]["clip"] == ["shapes-noised", "shapes"] and side["parameters"]["clip_weights"] == [1.0, 3.0]
+    assert side["parameters"]["negative"] == ["a green shape"] and side["parameters"]["guidance"]["cut_schedule"] == [[2, 1], [1, 2]]
+    assert res.config.guide_target == "x0"        # not every CLIP is noise-aware: auto -> x0
+    # the ensemble's score is the weighted mean of each CLIP's score (weights normalised)
+    im = res.images[0].image
+    one = [generate("a red circle", n=1, clip=c, **kw) for c in (noised, scorer)]
+    assert all(len(r.images) == 1 for r in one)
+    from clipkit.guidance.pipeline import build_objective, check_parts
+    parts = check_parts("a red circle", GenerateConfig())
+    s_n = float(build_objective(parts, [], [noised]).score_images([im])[0])
+    s_c = float(build_objective(parts, [], [scorer]).score_images([im])[0])
+    s_e = float(build_objective(parts, [], [noised, scorer], [1, 3]).score_images([im])[0])
+    assert math.isclose(s_e, 0.25 * s_n + 0.75 * s_c, abs_tol=1e-6)
+    # an image prompt alone (empty prompt) guides
+    only = generate("", n=1, clip=scorer, image_prompts=[[str(_png(tmp_path)), 1.0]], **kw)
+    assert only.images[0].prompt == "" and len(only.images) == 1
+
+
+def test_init_image_strength(shapes_pipe, scorer, tmp_path):
+    blue = _png(tmp_path)
+    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=10, seed=1, clip_scale=0.0)
+    ref = np.asarray(pixels(generate("a red circle", n=1, **kw).images[0].image), dtype=float)
+    init = np.asarray(read_png(blue), dtype=float)
+    low = np.asarray(pixels(generate("a red circle", n=1, init_image=str(blue), strength=0.1, **kw).images[0].image), float)
+    high = np.asarray(pixels(generate("a red circle", n=1, init_image=str(blue), strength=1.0, **kw).images[0].image), float)
+    # strength 0.1: one step from the lightly noised render: close to it; 1.0: the init image is noise-drowned
+    assert np.abs(low - init).mean() < 12 < np.abs(high - init).mean()
+    assert np.abs(high - ref).mean() < np.abs(high - init).mean()
+    seen = []
+    generate("a red circle", n=1, init_image=str(blue), strength=0.5, on_step=lambda d, t: seen.append((d, t)), **kw)
+    assert seen[-1] == (5, 5)
+
+
+def read_png(path):
+    from PIL import Image
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_controls_reject_bad_input_before_any_model_loads(tmp_path, monkeypatch):
+    import clipkit.core.scorer as sc
+    monkeypatch.setattr(sc, "load_scorer", lambda *a, **k: pytest.fail("a model was loaded"))
+    fifo = tmp_path / "fifo"
+    import os
+    os.mkfifo(fifo)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    for kw, msg in [(dict(image_prompts=[[str(tmp_path / "nope.png"), 1.0]]), "image prompt"),
+                    (dict(image_prompts=[[str(fifo), 1.0]]), "not a regular file"),
+                    (dict(image_prompts=[[str(tmp_path / "bad.png"), 1.0]]), "image prompt"),
+                    (dict(init_image=str(tmp_path / "bad.png")), "init image"),
+                    (dict(image_prompts=[["x.png", float("nan")]]), "PATH"),
+                    (dict(strength=0.0), "strength"), (dict(strength=1.5), "strength"),
+                    (dict(tv_scale=float("inf")), "tv-scale"), (dict(sat_scale=-1.0), "sat-scale"),
+                    (dict(cut_schedule="0+2"), "VIEWS"), (dict(clip_weights=[1.0, float("nan")]), "clip weights"),
+                    (dict(negative=[""]), "negative"), (dict(drafts=0), "drafts")]:
+        with pytest.raises(InputError, match=msg):
+            generate(PROMPT, n=1, seed=0, **kw)
+    with pytest.raises(InputError, match="nothing to guide towards"):
+        generate("a red circle:-1", n=1, seed=0)
+    with pytest.raises(InputError, match="weight"):
+        generate(":2", n=1, seed=0)
+    with pytest.raises(InputError, match="clip weights for 1 CLIP"):
+        generate(PROMPT, n=1, seed=0, clip_weights=[1.0, 2.0])
