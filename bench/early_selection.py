@@ -12,8 +12,9 @@ and its x0 estimate by the bundled captioner (log P(end of caption | x0, prompt)
 The final image's strict verdict, cosine and end score are recorded too. The oracle only judges.
 
 Analyse: for each rule (a score at step s), keep the best `keep` of the first k candidates at step s,
-finish them, pick one by the final clip+0.05*end score. Cost in units of one default sample:
-k * s / steps + keep * (1 - s / steps) (+ the captioner, ~0.5% per call).
+finish them, pick one by the final score (the guide's cosine, or + 0.05 x the captioner's end term).
+Cost in units of one default sample: k * (s + 1) / steps + keep * (steps - s - 1) / steps (the
+preview is the x0 estimate of step s's network output; + the captioner, ~0.5% per call).
 """
 from __future__ import annotations
 
@@ -101,11 +102,10 @@ RULES = {
 }
 
 
-def final_score(c):
-    return c["final"]["cos"] + 0.05 * c["final"]["end"]
+FINAL = {"clip": lambda c: c["final"]["cos"], "clip+0.05*end": lambda c: c["final"]["cos"] + 0.05 * c["final"]["end"]}
 
 
-def analyse(paths, steps=25):
+def analyse(paths, steps=25, rules=None, keeps=(1, 2), ks=(4, 6, 8)):
     for p in paths:
         d = json.load(open(p))
         rows = d["rows"]
@@ -119,22 +119,27 @@ def analyse(paths, steps=25):
             chosen = [pick(r["candidates"][:k]) for r in rows]
             ok = sum(c["final"]["strict"] for c in chosen)
             h = Counter(min(c["final"]["n"], 3) for c in chosen)
-            cost = k * s / steps + keep * (1 - s / steps) if s else k
+            # drafts run s + 1 network steps (the x0 preview is step s's output), the kept go on
+            cost = k * (s + 1) / steps + keep * (steps - s - 1) / steps if s else k
             print(f"| {name} | {s or '-'} | {k} | {keep} | **{ok / n:.2f} ({ok}/{n})** | "
                   f"{h[1]}/{h[2]}/{h[3]} | {cost:.2f} |")
         line("first", 0, 1, 1, lambda cs: cs[0])
-        for k in range(2, K + 1):
-            line("final clip+0.05*end", 0, k, k, lambda cs: max(cs, key=final_score))
+        for fname, final in FINAL.items():
+            for k in range(2, K + 1):
+                line(f"best-of by final {fname}", 0, k, k, lambda cs, final=final: max(cs, key=final))
         for s in at:
             for name, f in RULES.items():
-                for k in (4, 6, 8):
-                    if k > K:
-                        continue
-                    for keep in (1, 2):
-                        def pick(cs, f=f, keep=keep, s=str(s)):
-                            top = sorted(cs, key=lambda c: -f(c, s))[:keep]
-                            return max(top, key=final_score)
-                        line(name, s, k, keep, pick)
+                if rules and name not in rules:
+                    continue
+                for fname, final in FINAL.items():
+                    for k in ks:
+                        if k > K:
+                            continue
+                        for keep in keeps:
+                            def pick(cs, f=f, keep=keep, s=str(s), final=final):
+                                top = sorted(cs, key=lambda c: -f(c, s))[:keep]
+                                return max(top, key=final)
+                            line(f"{name}; final {fname}" if keep > 1 else name, s, k, keep, pick)
 
 
 def main():
@@ -147,9 +152,10 @@ def main():
     ap.add_argument("--at", type=int, nargs="*", default=[3, 5, 8, 12])
     ap.add_argument("--record")
     ap.add_argument("--analyse", nargs="*")
+    ap.add_argument("--rules", nargs="*", default=None, help="early rules to print (default: all)")
     args = ap.parse_args()
     if args.analyse:
-        analyse(args.analyse)
+        analyse(args.analyse, rules=args.rules)
     else:
         record(args)
 

@@ -107,6 +107,9 @@ class ClipTarget:
     negatives: torch.Tensor | None = None
     negative_weights: torch.Tensor | None = None
     logit_scale: float = 100.0
+    image_pixels: torch.Tensor | None = None    # [K, 3, H, W] in [0, 1]: the image prompts behind the last
+                                                # K targets, for :meth:`at` (noise-matched targets)
+    noise_draws: int = 4
 
     def __post_init__(self):
         self.loss_fn = get_loss(self.loss)
@@ -123,6 +126,29 @@ class ClipTarget:
             self.negative_weights = w
         if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
             raise InputError(f"logit_scale must be a finite number > 0, got {self.logit_scale!r}")
+        self._at: dict = {}
+
+    def at(self, abar: float) -> "ClipTarget":
+        """This target for a CLIP that sees the noisy sample x_t at noise level ``abar`` (the noise-aware
+        ``xt`` guidance method): each image prompt becomes the mean embedding of itself noised the same
+        way, ``sqrt(abar) (2x - 1) + sqrt(1 - abar) eps`` over ``noise_draws`` fixed draws, so it is
+        compared with x_t like for like (a noise-aware CLIP maps x_t of a scene near its caption, not
+        near the clean render's embedding). Text targets do not change."""
+        if self.image_pixels is None or abar >= 1:
+            return self
+        key = round(float(abar), 6)
+        if key not in self._at:
+            x = self.image_pixels.float() * 2 - 1                                   # [K, 3, H, W]
+            eps = torch.randn((self.noise_draws, *x.shape), generator=torch.Generator().manual_seed(0))
+            xt = math.sqrt(key) * x + math.sqrt(1 - key) * eps
+            with torch.no_grad():
+                emb = self.scorer.embed_pixels(((xt + 1) / 2).flatten(0, 1).to(self.scorer.device)).float().cpu()
+            emb = F.normalize(emb.view(self.noise_draws, x.shape[0], -1).mean(0), dim=-1)
+            k = x.shape[0]
+            targets = torch.cat([self.targets[:-k].cpu(), emb]) if self.targets.shape[0] > k else emb
+            self._at[key] = ClipTarget(self.scorer, targets, self.weights, self.loss, self.negatives,
+                                       self.negative_weights, self.logit_scale)
+        return self._at[key]
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.scorer.embed_pixels(pixels)
@@ -213,6 +239,10 @@ class Weighted:
         if not self.terms:
             return pixels.new_zeros(pixels.shape[0])
         return sum(w * obj(pixels) for w, obj in self.terms)
+
+    def at(self, abar: float) -> "Weighted":
+        """The terms at noise level ``abar`` (those with an ``at``; see :meth:`ClipTarget.at`)."""
+        return Weighted([(w, o.at(abar) if hasattr(o, "at") else o) for w, o in self.terms])
 
     def score_images(self, images) -> torch.Tensor:
         """The weighted sum of the terms' ``score_images`` [N] (terms without one are skipped)."""

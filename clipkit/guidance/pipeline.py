@@ -542,12 +542,14 @@ def init_pixels(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Image, float]], scorers: Sequence,
-                    clip_weights: Sequence[float] | None = None) -> Weighted:
+                    clip_weights: Sequence[float] | None = None, size: int | None = None) -> Weighted:
     """The CLIP objective of one prompt: per CLIP, one :class:`ClipTarget` pulled towards the text
     parts and image prompts of positive weight (spherical distance; weights divided by their sum, so
     one plain prompt is the plain loss) and kept from those of negative weight (CLIP's pairwise
     classifier, :class:`ClipTarget`); an ensemble weights the CLIPs (normalised to sum 1).
-    ``score_images`` of the result is the matching weighted cosine (what best-of ranks by)."""
+    ``score_images`` of the result is the matching weighted cosine (what best-of ranks by).
+    ``size``: the side of the images generated; image prompts are also kept at that size, so a CLIP
+    that sees x_t compares it with the image prompt noised alike (:meth:`ClipTarget.at`)."""
     ws = list(clip_weights) if clip_weights is not None else [1.0] * len(scorers)
     if len(ws) != len(scorers):
         raise InputError(f"{len(ws)} --clip-weights for {len(scorers)} CLIPs: give one per --clip")
@@ -567,8 +569,10 @@ def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Im
             return (torch.cat(emb), torch.tensor(ws_).abs() / pos) if emb else (None, None)
         targets, weights = embed(lambda w: w > 0)
         negatives, neg_weights = embed(lambda w: w < 0)
+        pos_images = [im for kind, im, w in items if kind == "image" and w > 0]
+        pix = torch.cat([init_pixels(im, size) for im in pos_images]) if pos_images and size else None
         target = ClipTarget(scorer, targets, weights, negatives=negatives, negative_weights=neg_weights,
-                            logit_scale=float(scorer.logit_scale))
+                            logit_scale=float(scorer.logit_scale), image_pixels=pix)
         terms.append((cw / sum(ws), target))
     return Weighted(terms)
 
@@ -720,7 +724,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         make_out_dir(out_dir)
     kept: list[GeneratedImage] = []
     for pi, prompt in enumerate(prompts):
-        objective = build_objective(parts[pi], image_prompts, scorers, cfg.clip_weights)
+        objective = build_objective(parts[pi], image_prompts, scorers, cfg.clip_weights, cfg.size or pipe.native_size)
         text, negative = conditioning_text(parts[pi])
         cond = Conditioning(objective if cfg.guided else None, text, negative, init,
                             cfg.strength if init is not None else 1.0)

@@ -272,13 +272,14 @@ class GuidedDenoiser:
         return self.cfg.scale > 0 and self.cfg.stop <= self.frac(t) <= self.cfg.start
 
     # ---- the loss the methods differentiate
-    def views_loss(self, pixels: torch.Tensor, t) -> torch.Tensor:
+    def views_loss(self, pixels: torch.Tensor, t, objective: Callable | None = None) -> torch.Tensor:
         """scale x the objective's mean over this step's views of ``pixels`` [B,3,H,W] -> [B]."""
         from clipkit.core.objectives import Views
+        objective = objective or self.objective
         views, cutouts = self.cfg.cuts_at(self.frac(t))
         vcfg = dataclasses.replace(self.cfg, views=views, cutouts=cutouts)
         chunk = self.cfg.view_chunk or (views + cutouts)
-        return Views(self.objective, lambda p: make_views(p, vcfg, self.generator), chunk)(pixels) * self.cfg.scale
+        return Views(objective, lambda p: make_views(p, vcfg, self.generator), chunk)(pixels) * self.cfg.scale
 
     def regularisers(self, x0: torch.Tensor) -> torch.Tensor | float:
         """tv / range / saturation of the x0 estimate's pixels (unclamped), [B] or 0."""
@@ -301,8 +302,13 @@ class GuidedDenoiser:
 
     def xt_loss(self, xt: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
         """The objective seeing ``(x_t + 1) / 2`` unclamped, as ``train_clip``'s ``noise_images`` feeds a
-        noise-aware CLIP; the regularisers act on ``x0`` (a function of x_t, network output fixed)."""
-        return self.views_loss((xt.float() + 1) / 2, t) + self.regularisers(x0)
+        noise-aware CLIP; the regularisers act on ``x0`` (a function of x_t, network output fixed).
+        An objective with ``at(abar)`` (image prompts: :meth:`~clipkit.core.objectives.ClipTarget.at`)
+        is first matched to this step's noise level."""
+        objective = self.objective
+        if hasattr(objective, "at"):
+            objective = objective.at(float(abar_at(self.abar, t, 1, "cpu").flatten()[0]))
+        return self.views_loss((xt.float() + 1) / 2, t, objective) + self.regularisers(x0)
 
     # ---- the denoiser
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:

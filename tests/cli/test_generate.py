@@ -85,6 +85,13 @@ def test_cli_never_overwrites_silently(tmp_path):
     [PROMPT, "--clip-scale", "-1"], [PROMPT, "--clip-scale", "nan"], [PROMPT, "--cfg-scale", "nan"],
     [PROMPT, "--cfg-scale", "7.5"], [PROMPT, "--scheduler", "heun"], [PROMPT, "-n", "0"],
     [PROMPT, "--best-of", "0"], [PROMPT, "--cutouts", "-1"], [PROMPT, "--scheduler", "pndm", "--steps", "3"],
+    # guidance v2 controls: every one validated before a model loads
+    [PROMPT, "--image-prompt", "missing.png"], [PROMPT, "--image-prompt", "x.png:nan"], [PROMPT, "--init-image", "."],
+    [PROMPT, "--strength", "0"], [PROMPT, "--strength", "1.5"], [PROMPT, "--strength", "nan"],
+    [PROMPT, "--tv-scale", "-1"], [PROMPT, "--sat-scale", "inf"], [PROMPT, "--range-scale", "nan"],
+    [PROMPT, "--cut-schedule", "4+x"], [PROMPT, "--cut-schedule", "0+4"], [PROMPT, "--clip-weights", "1,2"],
+    [PROMPT, "--clip-weights", "nan"], [PROMPT, "--drafts", "0"], [PROMPT, "--negative", ""],
+    ["a red circle:-1"], ["a red circle:2 | :3"], [],
 ])
 def test_cli_bad_input_exit_2_nothing_written(tmp_path, bad):
     out = tmp_path / "o"

@@ -173,3 +173,25 @@ def test_aesthetic_specs_go_through_the_registry(tmp_path):
         parse_spec(f"aesthetic:{good}", "clip")
     with pytest.raises(ModelLoadError, match="is not a scorer model spec"):
         parse_spec("openclip:ViT-B-32/openai", "scorer")
+
+
+def test_image_prompts_match_the_noise_level(scorer, renders):
+    """ClipTarget.at(abar): image-prompt rows become the embedding of the image noised to abar (fixed
+    draws, so deterministic); text rows and weights stay; abar = 1 is the target itself."""
+    texts = scorer.text_embeddings(["a red circle"])
+    target = ob.ClipTarget(scorer, torch.cat([texts, scorer.embed_pixels(renders[:1]).detach()]),
+                           torch.tensor([0.5, 0.5]), image_pixels=renders[:1])
+    assert target.at(1.0) is target
+    half = target.at(0.3)
+    assert half is target.at(0.3)                                    # cached per noise level
+    assert torch.allclose(half.targets[0], target.targets[0])        # text unchanged
+    assert not torch.allclose(half.targets[1], target.targets[1], atol=1e-3)
+    again = ob.ClipTarget(scorer, target.targets, target.weights, image_pixels=renders[:1]).at(0.3)
+    assert torch.equal(again.targets, half.targets)                  # fixed noise draws
+    # by hand: the mean embedding of 4 noised copies
+    eps = torch.randn((4, *renders[:1].shape), generator=torch.Generator().manual_seed(0))
+    xt = 0.3 ** 0.5 * (renders[:1] * 2 - 1) + 0.7 ** 0.5 * eps
+    want = torch.nn.functional.normalize(scorer.embed_pixels(((xt + 1) / 2).flatten(0, 1)).mean(0), dim=-1)
+    assert torch.allclose(half.targets[1], want.detach(), atol=1e-5)
+    w = ob.Weighted([(1.0, target), (0.5, ob.tv)]).at(0.3)
+    assert w.terms[0][1] is half and w.terms[1][1] is ob.tv
