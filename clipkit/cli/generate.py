@@ -21,18 +21,20 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
               help="Random crops per step that CLIP also sees (on top of 4 jittered views).")
 @click.option("--seed", type=int, default=None,
               help="First seed (default: random, printed and saved); candidate k uses SEED+k.")
-@click.option("--best-of", "best_of", type=int, default=1, show_default=True,
-              help="Draw M candidates per kept image; keep the N best by CLIP score.")
+@click.option("--best-of", "best_of", type=click.IntRange(min=1), default=None,
+              help="Draw M candidates per kept image; keep the N best by CLIP score (default: the profile's on "
+                   "its own diffusion model: 3 for shapes, 1 otherwise).")
 @click.option("--drafts", type=click.IntRange(min=1), default=1, show_default=True,
               help="Start D trajectories per candidate; after --draft-steps steps keep the best by the same "
                    "score on their denoised previews and finish only those (early selection: more tries for "
                    "little more time).")
 @click.option("--draft-steps", type=click.IntRange(min=1), default=5, show_default=True,
               help="Steps every draft runs before the choice.")
-@click.option("--select", type=click.Choice(["clip", "caption"]), default="clip", show_default=True,
+@click.option("--select", type=click.Choice(["clip", "caption"]), default=None,
               help="How --best-of keeps its N: clip = the guiding CLIP's cosine; caption = that cosine plus "
                    "the captioner's log-probability that the caption ends right after the prompt (penalises "
-                   "images holding more than the prompt names).")
+                   "images holding more than the prompt names). Default: the profile's on its own diffusion "
+                   "model (caption for shapes), else clip.")
 @click.option("--captioner", "captioner_spec", type=ModelSpecType("captioner"), default=None, metavar="SPEC",
               help="Captioner for --select caption (default: the profile's).")
 @click.option("--guide-target", type=click.Choice(["auto", "x0", "xt"]), default="auto", show_default=True,
@@ -116,6 +118,11 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     clip = [resolve_spec(settings, "guide", c) for c in clip_specs] or resolve_spec(settings, "guide", None)
     # one notice at most: the first lookup printed it if the default profile was implicit
     diffusion = resolve_spec(dataclasses.replace(settings, quiet=True), "diffusion", diffusion_spec)
+    from clipkit.core.registry import DEFAULT_PROFILE, PROFILES
+    profile = PROFILES[settings.profile or DEFAULT_PROFILE]
+    own = diffusion_spec is None                  # the profile's defaults hold for its own diffusion model
+    best_of = best_of if best_of is not None else (profile.best_of if own else 1)
+    select = select if select is not None else (profile.select if own else "clip")
     selector = None
     if select != "clip" and best_of == 1 and drafts == 1:
         import logging

@@ -107,6 +107,7 @@ class ClipTarget:
     negatives: torch.Tensor | None = None
     negative_weights: torch.Tensor | None = None
     logit_scale: float = 100.0
+    negative_mode: str = "hinge"                # hinge (above) | cosine: w_n * cos_n | spherical: -w_n * distance
     image_pixels: torch.Tensor | None = None    # [K, 3, H, W] in [0, 1]: the image prompts behind the last
                                                 # K targets, for :meth:`at` (noise-matched targets)
     noise_draws: int = 4
@@ -124,6 +125,8 @@ class ClipTarget:
             if w.shape != (n,) or not (torch.isfinite(w).all() and (w > 0).all()):
                 raise InputError(f"need {n} finite negative weights > 0, got {w.tolist()!r}")
             self.negative_weights = w
+        if self.negative_mode not in ("hinge", "cosine", "spherical"):
+            raise InputError(f"negative_mode must be hinge, cosine or spherical, got {self.negative_mode!r}")
         if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
             raise InputError(f"logit_scale must be a finite number > 0, got {self.logit_scale!r}")
         self._at: dict = {}
@@ -147,7 +150,7 @@ class ClipTarget:
             k = x.shape[0]
             targets = torch.cat([self.targets[:-k].cpu(), emb]) if self.targets.shape[0] > k else emb
             self._at[key] = ClipTarget(self.scorer, targets, self.weights, self.loss, self.negatives,
-                                       self.negative_weights, self.logit_scale)
+                                       self.negative_weights, self.logit_scale, self.negative_mode)
         return self._at[key]
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -172,9 +175,14 @@ class ClipTarget:
         if self.negatives is None:
             return loss
         e = F.normalize(emb, dim=-1)
-        margin = e @ self.negatives.to(e.device).T - self._weighted_cos(e)[:, None]  # [B, N]
+        neg, w = self.negatives.to(e.device), self.negative_weights.to(e.device)
+        if self.negative_mode == "spherical":                                      # Disco's form
+            return loss - (self.loss_fn(emb[:, None, :], neg[None]) * w).sum(-1)
+        if self.negative_mode == "cosine":
+            return loss + ((e @ neg.T) * w).sum(-1)
+        margin = e @ neg.T - self._weighted_cos(e)[:, None]                        # [B, N]
         s = self.logit_scale
-        return loss + (F.softplus(s * margin) / s * self.negative_weights.to(e.device)).sum(-1)
+        return loss + (F.softplus(s * margin) / s * w).sum(-1)
 
     def cosine(self, pixels: torch.Tensor) -> torch.Tensor:
         """The weighted mean cosine [B] with the targets (what a user reads as "the CLIP score")."""

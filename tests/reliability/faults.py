@@ -183,7 +183,7 @@ def symlink_outputs(tmp: Path) -> Outcome:
     out = work / "out"
     out.mkdir()
     cases = {   # output name -> command
-        "a-red-circle-0.png": ["generate", "a red circle", "-n", "1", "--steps", "2", "--seed", "0",
+        "a-red-circle-0.png": ["generate", "a red circle", "-n", "1", "--steps", "2", "--seed", "0", "--best-of", "1",
                                "--out", out, "--overwrite"],
         "rank.csv": ["rerank", work / "imgs", "-q", "a red shape", "--csv", out / "rank.csv", "--overwrite"],
         "sheet.png": ["rerank", work / "imgs", "-q", "a red shape", "--sheet", out / "sheet.png", "--overwrite"],
