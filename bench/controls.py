@@ -100,21 +100,22 @@ def image_prompt(args, pipe, guide, save, tmp: Path):
     rng = random.Random(args.seed)
     scenes = [Scene((ShapeObject(rng.choice(SHAPES), rng.choice(COLOR_NAMES), "large", rng.choice(POSITIONS)),))
               for _ in range(args.samples)]
-    ims, total = [], 0.0
-    for i, sc in enumerate(scenes):
-        path = save_render(sc, tmp / f"scene{i}.png")
-        got, s = run("", 1, args.seed + i, diffusion=pipe, clip=args.image_clip or guide,
-                     image_prompts=[[str(path), 1.0]], guide_target=args.image_target)
-        ims.append(got[0].image)
-        total += s
+    for label, best_of in (("--image-prompt RENDER (no text)", 1), ("the same, --best-of 3 (by cosine)", 3)):
+        ims, total = [], 0.0
+        for i, sc in enumerate(scenes):
+            path = save_render(sc, tmp / f"scene{i}.png")
+            got, s = run("", 1, args.seed + 3 * i, diffusion=pipe, clip=args.image_clip or guide, best_of=best_of,
+                         image_prompts=[[str(path), 1.0]], guide_target=args.image_target)
+            ims.append(got[0].image)
+            total += s
 
-    def judge(f, i):
-        o = scenes[i].objects[0]
-        want = [{"color": o.color, "position": o.position}]
-        return {"colour + position (lenient)": matches(f, want[0]),
-                "strict: one object, colour + position": strict_match(f, want),
-                "strict + shape": strict_match(f, [{**want[0], "shape": o.shape}])}
-    b.arm("--image-prompt RENDER (no text)", ims, judge, total)
+        def judge(f, i):
+            o = scenes[i].objects[0]
+            want = [{"color": o.color, "position": o.position}]
+            return {"colour + position (lenient)": matches(f, want[0]),
+                    "strict: one object, colour + position": strict_match(f, want),
+                    "strict + shape": strict_match(f, [{**want[0], "shape": o.shape}])}
+        b.arm(label, ims, judge, total)
     b.print(["colour + position (lenient)", "strict: one object, colour + position", "strict + shape"])
 
 

@@ -21,6 +21,13 @@ class FiniteFloat(click.FloatRange):
     ``FiniteFloat(min=0, min_open=True)``); FloatRange alone lets NaN through every bound."""
     name = "float"
 
+    def _describe_range(self) -> str:
+        # click prints "x<=None" for an unbounded range; say nothing instead
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+    def get_metavar(self, *args, **kwargs):
+        return "FLOAT"
+
     def convert(self, value, param, ctx):
         if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
             self.fail(f"{value!r} is not a finite number", param, ctx)

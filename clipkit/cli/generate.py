@@ -28,7 +28,7 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
               help="Start D trajectories per candidate; after --draft-steps steps keep the best by the same "
                    "score on their denoised previews and finish only those (early selection: more tries for "
                    "little more time).")
-@click.option("--draft-steps", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--draft-steps", type=click.IntRange(min=1), default=13, show_default=True,
               help="Steps every draft runs before the choice.")
 @click.option("--select", type=click.Choice(["clip", "caption"]), default=None,
               help="How --best-of keeps its N: clip = the guiding CLIP's cosine; caption = that cosine plus "

@@ -98,7 +98,7 @@ class GenerateConfig:
     best_of: int = 1                # candidates per kept image (kept: the best by CLIP score)
     drafts: int = 1                 # trajectories started per candidate; after draft_steps the best
                                     # (by the same score, on their x0 estimates) go on (1: off)
-    draft_steps: int = 5            # steps every draft runs before the choice
+    draft_steps: int = 13           # steps every draft runs before the choice (chosen on bench/early_selection.py)
     negative: list = field(default_factory=list)        # texts pushed away (a prompt part of weight -1
                                                         # each; latent models: also the CFG negative prompt)
     image_prompts: list = field(default_factory=list)   # [[path, weight], ...]: CLIP image targets
