@@ -122,7 +122,9 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     profile = PROFILES[settings.profile or DEFAULT_PROFILE]
     own = diffusion_spec is None                  # the profile's defaults hold for its own diffusion model
     best_of = best_of if best_of is not None else (profile.best_of if own else 1)
-    select = select if select is not None else (profile.select if own else "clip")
+    if select is None:
+        # the captioner judges an image against a text: with image prompts alone there is none
+        select = profile.select if own and any(prompts) else "clip"
     selector = None
     if select != "clip" and best_of == 1 and drafts == 1:
         import logging
