@@ -25,6 +25,7 @@ from collections import Counter
 
 import torch
 
+from clipkit.core.objectives import ClipTarget
 from clipkit.core.scorer import load_scorer
 from clipkit.guidance.pipeline import GenerateConfig, MAX_SEED, load_diffusion, tensor_to_pil
 from clipkit.guidance.schedulers import make_scheduler
@@ -52,15 +53,15 @@ def record(args):
         for k in range(K):
             seed = args.seed + K * i + k
             sched = make_scheduler(cfg.scheduler, pipe.scheduler_config)
-            g = GuidedDenoiser(pipe._model, sched, guide, tg[:, None, :], gcfg,
+            g = GuidedDenoiser(pipe._model, sched, ClipTarget(guide, tg), gcfg,
                                generator=torch.Generator().manual_seed(seed + MAX_SEED))
             xs = {}
 
             def cb(j, t, x, xs=xs):
                 if j + 1 in at:
                     xs[j + 1] = x.clone()
-            x = sample(pipe._model, sched, (1, 3, 32, 32), cfg.steps, torch.Generator().manual_seed(seed),
-                       guide=g, callback=cb)
+            x = sample(g, sched, (1, 3, 32, 32), cfg.steps, torch.Generator().manual_seed(seed),
+                       after_step=g.after_step, callback=cb)
             final = ((x[0] + 1) / 2).clamp(0, 1)
             final = torch.from_numpy(__import__("numpy").array(tensor_to_pil(final))).permute(2, 0, 1).float() / 255
             c = {"seed": seed, "final": score(final, prompt, objs, guide, tg, clean, tc, cap)}

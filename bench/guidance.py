@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from clipkit.core.objectives import ClipTarget
 from clipkit.core.registry import bundled_path
 from clipkit.core.scorer import load_scorer
 from clipkit.guidance.wrapper import GuidanceConfig, GuidedDenoiser, sample
@@ -127,10 +128,11 @@ def main():
         for i in range(0, len(texts), args.batch):
             tb, eb = texts[i:i + args.batch], expected[i:i + args.batch]
             tg = guide_scorer.text_embeddings(tb)[:, None, :]
-            guide = None if cfg is None else GuidedDenoiser(model, sched, guide_scorer, tg, cfg,
+            guide = None if cfg is None else GuidedDenoiser(model, sched, ClipTarget(guide_scorer, tg), cfg,
                                                             generator=torch.Generator().manual_seed(1000 + i))
-            x = sample(model, sched, (len(tb), 3, 32, 32), args.steps, torch.Generator().manual_seed(args.seed + i),
-                       guide=guide)
+            x = sample(guide or model, sched, (len(tb), 3, 32, 32), args.steps,
+                       torch.Generator().manual_seed(args.seed + i),
+                       after_step=guide.after_step if guide is not None else None)
             img = ((x + 1) / 2).clamp(0, 1)
             for objs, im in zip(eb, img):
                 found = read_attributes(im)

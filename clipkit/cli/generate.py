@@ -86,7 +86,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     and the final CLIP score: the cosine similarity of the saved image with its prompt under the
     guiding CLIP (what guidance optimises, so it flatters; judge with another CLIP). Existing files
     are never replaced without --overwrite, and every target is checked before anything is generated.
-    `clipkit generate PROMPT -n 1 --seed S` with the same options regenerates <slug>-S.png exactly.
+    `clipkit generate PROMPT -n 1 --best-of 1 --seed S` with the same options regenerates <slug>-S.png exactly.
 
     \b
     A PROMPT may weight parts, Disco-style: "a red circle:2 | a square:-1" (parts separated by
@@ -120,20 +120,20 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     diffusion = resolve_spec(dataclasses.replace(settings, quiet=True), "diffusion", diffusion_spec)
     from clipkit.core.registry import DEFAULT_PROFILE, PROFILES
     profile = PROFILES[settings.profile or DEFAULT_PROFILE]
-    own = diffusion_spec is None                  # the profile's defaults hold for its own diffusion model
+    own = diffusion == profile.diffusion          # the profile's defaults hold for its own diffusion model
     best_of = best_of if best_of is not None else (profile.best_of if own else 1)
+    explicit_select = select is not None
     if select is None:
         # the captioner judges an image against a text: with image prompts alone there is none
         select = profile.select if own and any(prompts) else "clip"
     selector = None
-    if select != "clip" and best_of == 1 and drafts == 1:
+    if explicit_select and select != "clip" and best_of == 1 and drafts == 1:
         import logging
         logging.getLogger("clipkit.cli").warning("--select %s chooses among --best-of candidates; with "
                                                  "--best-of 1 there is nothing to choose", select)
     if select == "caption" and (best_of > 1 or drafts > 1):
-        from clipkit.captioning.captioner import CaptionEndSelector, load_captioner
         cap_spec = resolve_spec(dataclasses.replace(settings, quiet=True), "captioner", captioner_spec)
-        selector = CaptionEndSelector(load_captioner(cap_spec, device=settings.device))
+        selector = _LazyCaptionSelector(cap_spec, settings.device)
     bars = []
 
     def on_step(done: int, total: int):
@@ -158,3 +158,24 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
                f"per prompt, {res.wall_s:.1f} s); score = {res.score_label()}")
     click.echo(fmt_table(["image", "score", "seed", "prompt"],
                          [[im.path, f"{im.clip_score:.4f}", im.seed, im.prompt] for im in res.images]))
+
+
+class _LazyCaptionSelector:
+    """``CaptionEndSelector`` whose captioner loads at the first call, so every input is validated
+    (inside ``generate``) before any model loads."""
+    name = "caption"
+
+    def __init__(self, spec: str, device):
+        self.spec, self.device, self._sel = spec, device, None
+
+    @property
+    def weight(self) -> float:
+        from clipkit.captioning.captioner import CaptionEndSelector
+        return CaptionEndSelector.weight
+
+    def __call__(self, images, prompt, clip_scores):
+        if self._sel is None:
+            from clipkit.captioning.captioner import CaptionEndSelector, load_captioner
+            self._sel = CaptionEndSelector(load_captioner(self.spec, device=self.device))
+        return self._sel(images, prompt, clip_scores)
+

@@ -55,7 +55,8 @@ class PromptPart:
 def parse_weighted_prompt(prompt: str) -> list[PromptPart]:
     """``"a red circle:2 | a square:-1"`` -> parts with weights (default 1).
 
-    A part ends in ``:NUMBER`` to set its weight; any other colon belongs to the text. Empty parts
+    A part ends in ``:NUMBER`` to set its weight; any other colon belongs to the text, and so does
+    a colon right after a digit ("a clock at 10:30", "16:9"). Empty parts
     are ignored; an empty prompt gives no parts (a run guided by image prompts only).
     """
     if not isinstance(prompt, str):
@@ -66,6 +67,8 @@ def parse_weighted_prompt(prompt: str) -> list[PromptPart]:
         if not raw:
             continue
         m = _WEIGHT.match(raw)
+        if m and m.group("text")[-1:].isdigit():       # "10:30" is a time, "16:9" a ratio: not weights
+            m = None
         text, w = (m.group("text").strip(), float(m.group("w"))) if m else (raw, 1.0)
         if not math.isfinite(w):
             raise InputError(f"prompt part {raw!r}: the weight must be a finite number")

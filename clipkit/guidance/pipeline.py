@@ -3,7 +3,7 @@
 :func:`generate` does, for each prompt:
 
 1. draw ``n * best_of`` candidates with seeds ``seed, seed + 1, ...``; every candidate is sampled on
-   its own, so its seed alone fixes it (``-n 1 --seed S`` regenerates the file ``<slug>-S.png``,
+   its own, so its seed alone fixes it (``-n 1 --best-of 1 --seed S`` regenerates the file ``<slug>-S.png``,
    bit for bit on the same machine, torch build and thread count);
 2. score each candidate *as saved* (8-bit RGB) by cosine with the prompt under the guiding CLIP,
    ranked with core's ranking (:func:`clipkit.core.ranking.order`: score descending, rounded to
@@ -138,6 +138,8 @@ class GenerateConfig:
         s = self.strength
         if not isinstance(s, (int, float)) or isinstance(s, bool) or not (0 < s <= 1):
             raise InputError(f"strength must be a number in (0, 1], got {s!r}")
+        if self.init_image is not None:
+            self.init_image = str(self.init_image)
         if isinstance(self.negative, str):
             self.negative = [self.negative]
         self.negative = list(self.negative)

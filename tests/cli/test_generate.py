@@ -161,3 +161,15 @@ def test_cli_guide_target_xt_is_recorded_and_changes_the_image(tmp_path):
         assert side["parameters"]["guidance"]["target"] == target
         outs[target] = next(out.glob("*.png")).read_bytes()
     assert outs["x0"] != outs["xt"]
+
+
+def test_cli_default_validates_before_loading_the_captioner(tmp_path, monkeypatch):
+    """The profile's default selector (caption) loads its model only when it first ranks."""
+    import clipkit.captioning.captioner as cap
+    monkeypatch.setattr(cap, "load_captioner", lambda *a, **k: pytest.fail("the captioner was loaded"))
+    for bad in (["--steps", "0"], ["--negative", ""], ["--clip-scale", "-1"]):
+        res = run(["-q", "generate", PROMPT, *bad, "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and res.stderr.startswith("Error: "), res.output
+    # an explicit --diffusion naming the profile's own model keeps the profile's defaults
+    res = run(["-q", "generate", PROMPT, "--best-of", "1", "--steps", "1", "--seed", "0", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0 and "nothing to choose" not in res.stderr, res.output

@@ -195,3 +195,8 @@ def test_image_prompts_match_the_noise_level(scorer, renders):
     assert torch.allclose(half.targets[1], want.detach(), atol=1e-5)
     w = ob.Weighted([(1.0, target), (0.5, ob.tv)]).at(0.3)
     assert w.terms[0][1] is half and w.terms[1][1] is ob.tv
+
+
+def test_a_colon_after_a_digit_is_text_not_a_weight():
+    assert ob.parse_weighted_prompt("a clock showing 10:30") == [ob.PromptPart("a clock showing 10:30", 1.0)]
+    assert ob.parse_weighted_prompt("a 16:9 frame | a cat:2") == [ob.PromptPart("a 16:9 frame"), ob.PromptPart("a cat", 2.0)]
