@@ -568,7 +568,10 @@ def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Im
                   ([scorer.encode_images(ims).float().cpu()] if ims else [])
             ws_ = [w for kind, _, w in items if kind == "text" and sel(w)] + \
                   [w for kind, _, w in items if kind == "image" and sel(w)]
-            return (torch.cat(emb), torch.tensor(ws_).abs() / pos) if emb else (None, None)
+            # pulls are divided by their sum; each negative keeps its own weight (|w|), so "a:2" and
+            # "a" meet a --negative with the same strength
+            w = torch.tensor(ws_).abs()
+            return (torch.cat(emb), w / pos if sel(1.0) else w) if emb else (None, None)
         targets, weights = embed(lambda w: w > 0)
         negatives, neg_weights = embed(lambda w: w < 0)
         pos_images = [im for kind, im, w in items if kind == "image" and w > 0]

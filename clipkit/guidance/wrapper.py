@@ -281,12 +281,12 @@ class GuidedDenoiser:
         chunk = self.cfg.view_chunk or (views + cutouts)
         return Views(objective, lambda p: make_views(p, vcfg, self.generator), chunk)(pixels) * self.cfg.scale
 
-    def regularisers(self, x0: torch.Tensor) -> torch.Tensor | float:
-        """tv / range / saturation of the x0 estimate's pixels (unclamped), [B] or 0."""
+    def regularisers(self, x0: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor | float:
+        """tv / range / saturation of the x0 estimate's pixels (unclamped; ``pixels``: already decoded), [B] or 0."""
         from clipkit.core.objectives import range_excess, saturation, tv
         cfg, loss = self.cfg, 0.0
         if cfg.tv_scale or cfg.range_scale or cfg.sat_scale:
-            pix = self.decode(x0).float()
+            pix = self.decode(x0).float() if pixels is None else pixels
             for scale, fn in ((cfg.tv_scale, tv), (cfg.range_scale, range_excess), (cfg.sat_scale, saturation)):
                 if scale:
                     loss = loss + scale * fn(pix)
@@ -298,7 +298,8 @@ class GuidedDenoiser:
         if self.cfg.blend:
             fac = (1 - a).sqrt()
             src = x0 * fac + xt * (1 - fac)
-        return self.views_loss(clamp_st(self.decode(src).float()), t) + self.regularisers(x0)
+        pix = self.decode(src).float()                # one decode (a VAE pass on latent models)
+        return self.views_loss(clamp_st(pix), t) + self.regularisers(x0, None if self.cfg.blend else pix)
 
     def xt_loss(self, xt: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
         """The objective seeing ``(x_t + 1) / 2`` unclamped, as ``train_clip``'s ``noise_images`` feeds a
