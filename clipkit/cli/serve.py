@@ -54,4 +54,23 @@ def serve(settings, index_path, host, port, captioner, max_upload, clip_spec):
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        close_bounded(server)
+
+
+def close_bounded(server, timeout_s: float = 10.0) -> None:
+    """``server.server_close()`` (it joins the request threads), but a request still running
+    ``timeout_s`` after Ctrl-C does not keep the process alive: warn and exit at once (``os._exit``
+    skips interpreter teardown, so no thread is killed inside native code either)."""
+    import logging
+    import os
+    import sys
+    import threading
+    closer = threading.Thread(target=server.server_close, daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        logging.getLogger("clipkit.cli").warning("a request was still running %.0f s after Ctrl-C; stopping "
+                                                 "without it", timeout_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

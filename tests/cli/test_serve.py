@@ -40,3 +40,20 @@ def test_serve_real_subprocess(built):
         p.send_signal(signal.SIGINT)
         rc = p.wait(timeout=90)                 # a torch process can take a while to exit on a busy machine
         assert rc == 0, p.stderr.read()[-2000:]
+
+
+def test_close_is_bounded_when_a_request_hangs(monkeypatch):
+    """A request thread that never ends cannot keep `clipkit serve` alive after Ctrl-C."""
+    import threading
+
+    from clipkit.cli import serve
+    stop = threading.Event()
+    exits = []
+
+    class Stuck:
+        def server_close(self):
+            stop.wait(30)
+    monkeypatch.setattr("os._exit", lambda code: exits.append(code))
+    serve.close_bounded(Stuck(), timeout_s=0.2)
+    stop.set()
+    assert exits == [0]
