@@ -49,6 +49,11 @@ def serve(settings, index_path, host, port, captioner, max_upload, clip_spec):
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {index_path} ({len(reader)} images) on http://{shown}:{server.server_port}/ "
                "(Ctrl-C to stop)", err=True)
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)          # `kill` / a service manager: the same clean stop as Ctrl-C
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -27,8 +27,11 @@ def test_serve_real_subprocess(built):
     import sys
     import urllib.request
     idx, _ = built
+    # a test run started in the background (`cmd &` in a script) ignores SIGINT, and children inherit
+    # that: give the server the default disposition, as a terminal would
     p = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", str(idx), "--port", "0",
-                          "--captioner", "none"], stderr=subprocess.PIPE, text=True)
+                          "--captioner", "none"], stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = p.stderr.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
