@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--two", action="store_true")
     ap.add_argument("--name-shape", action="store_true", default=True)
     ap.add_argument("--weights", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.3])
+    ap.add_argument("--negative", nargs="*", default=[],
+                    help='negatives for every candidate, e.g. "{prompt} and another shape:4" (the bundled default)')
     args = ap.parse_args()
     K = args.candidates
     expected, texts = draw_prompts(args.prompts, args.prompt_seed, args.name_shape, args.two)
@@ -50,7 +52,7 @@ def main():
     gen_s = cap_s = 0.0
     for i, (objs, prompt) in enumerate(zip(expected, texts)):
         t0 = time.time()
-        res = generate(prompt, n=K, seed=args.seed + K * i, device="cpu")
+        res = generate(prompt, n=K, seed=args.seed + K * i, device="cpu", negative=args.negative)
         gen_s += time.time() - t0
         cands = sorted(res.images, key=lambda g: g.seed)           # candidate k = seed + k
         t0 = time.time()

@@ -10,7 +10,9 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
 @click.command()
 @click.argument("prompts", nargs=-1, metavar="PROMPT...")
 @click.option("-n", "n", type=int, default=4, show_default=True, help="Images kept per prompt.")
-@click.option("--steps", type=int, default=25, show_default=True, help="Denoising steps.")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps of the schedule (default 25; with --init-image, 25/strength, so that 25 run: "
+                   "an img2img run takes the last steps x strength of them, as in diffusers).")
 @click.option("--clip-scale", type=FiniteFloat(), default=0.2, show_default=True,
               help="CLIP guidance strength, 0 = unguided: the RMS distance (pixels in [-1, 1]) each guided "
                    "step moves the denoised estimate along the CLIP gradient.")
@@ -55,14 +57,19 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
                    "an ensemble: each CLIP sees the image with its own preprocessing.")
 @click.option("--clip-weights", type=FloatList(min=0), default=None, metavar="W1,W2,...",
               help="One weight per --clip (default: equal; normalised to sum 1).")
-@click.option("--negative", "negatives", multiple=True, metavar="TEXT",
-              help="Push away from TEXT (repeatable): a prompt part of weight -1; latent models also use it "
-                   "as the classifier-free negative prompt.")
+@click.option("--negative", "negatives", multiple=True, metavar="TEXT[:STRENGTH]",
+              help="Push away from TEXT (repeatable; strength default 1): CLIP's pairwise choice \"the prompt, "
+                   "not TEXT\"; {prompt} in TEXT stands for the prompt. Latent models also use it as the "
+                   "classifier-free negative prompt. On its own diffusion model a profile adds its "
+                   "negatives (shapes: \"{prompt} and another shape:4\", which keeps images to what the "
+                   "prompt names); --negative '' drops them.")
 @click.option("--image-prompt", "image_prompts", type=ImagePromptType(), multiple=True, metavar="PATH[:WEIGHT]",
               help="Guide towards an image's CLIP embedding (repeatable; weight default 1). With image "
                    "prompts only, the PROMPT may be left out.")
 @click.option("--init-image", type=ImagePromptType(weighted=False), default=None, metavar="PATH",
-              help="Start from this image noised to --strength of the trajectory (img2img); guidance still applies.")
+              help="Start from this image noised to --strength of the trajectory (img2img); guidance still applies. "
+                   "On the bundled profile's own model, without --clip, shapes-noised and shapes guide together "
+                   "(the noise-aware guide alone adds shapes instead of recolouring).")
 @click.option("--strength", type=FiniteFloat(min=0, max=1, min_open=True), default=0.5, show_default=True,
               help="With --init-image: how much of the trajectory is run (1 = from pure noise, the image is ignored).")
 @click.option("--cut-schedule", type=CutScheduleType(), default=None, metavar="V+C,...",
@@ -96,6 +103,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     Examples:
       clipkit generate "a red circle at the top left"
       clipkit generate "a shape at the top left" --negative "a red shape"
+      clipkit generate "a red circle" --negative "{prompt} and another shape:4" --negative "a blue shape:2"
       clipkit generate --image-prompt render.png -n 2
       clipkit generate "a green square at the bottom right" --init-image blue.png --strength 0.5
       clipkit generate "a red circle" --clip shapes-noised --clip shapes --clip-weights 1,0.5
@@ -121,7 +129,14 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     from clipkit.core.registry import DEFAULT_PROFILE, PROFILES
     profile = PROFILES[settings.profile or DEFAULT_PROFILE]
     own = diffusion == profile.diffusion          # the profile's defaults hold for its own diffusion model
+    if init_image and own and not clip_specs and profile.init_clips:
+        clip = list(profile.init_clips)
+    if steps is None:                             # 25 steps run, with or without an init image
+        steps = max(1, round(25 / strength)) if init_image else 25
     best_of = best_of if best_of is not None else (profile.best_of if own else 1)
+    # the profile's negatives (its count guard) come first, unless an empty --negative '' drops them
+    keep_default = own and all(t.strip() for t in negatives)
+    negatives = [*(profile.negative if keep_default else ()), *(t for t in negatives if t.strip())]
     explicit_select = select is not None
     if select is None:
         # the captioner judges an image against a text: with image prompts alone there is none

@@ -52,6 +52,18 @@ class PromptPart:
     weight: float = 1.0
 
 
+def _parse_part(raw: str) -> PromptPart:
+    m = _WEIGHT.match(raw)
+    if m and m.group("text")[-1:].isdigit():       # "10:30" is a time, "16:9" a ratio: not weights
+        m = None
+    text, w = (m.group("text").strip(), float(m.group("w"))) if m else (raw, 1.0)
+    if not math.isfinite(w):
+        raise InputError(f"prompt part {raw!r}: the weight must be a finite number")
+    if not text:
+        raise InputError(f"prompt part {raw!r} has a weight but no text")
+    return PromptPart(text, w)
+
+
 def parse_weighted_prompt(prompt: str) -> list[PromptPart]:
     """``"a red circle:2 | a square:-1"`` -> parts with weights (default 1).
 
@@ -61,21 +73,36 @@ def parse_weighted_prompt(prompt: str) -> list[PromptPart]:
     """
     if not isinstance(prompt, str):
         raise InputError(f"a prompt must be a string, got {type(prompt).__name__}")
-    parts = []
-    for raw in prompt.split(" | "):
-        raw = raw.strip()
-        if not raw:
-            continue
-        m = _WEIGHT.match(raw)
-        if m and m.group("text")[-1:].isdigit():       # "10:30" is a time, "16:9" a ratio: not weights
-            m = None
-        text, w = (m.group("text").strip(), float(m.group("w"))) if m else (raw, 1.0)
-        if not math.isfinite(w):
-            raise InputError(f"prompt part {raw!r}: the weight must be a finite number")
-        if not text:
-            raise InputError(f"prompt part {raw!r} has a weight but no text")
-        parts.append(PromptPart(text, w))
-    return parts
+    return [_parse_part(raw.strip()) for raw in prompt.split(" | ") if raw.strip()]
+
+
+#: in a negative prompt, stands for each positive text part of the prompt
+PROMPT_SLOT = "{prompt}"
+
+
+def parse_negative(text: str) -> PromptPart:
+    """``--negative "TEXT[:STRENGTH]"`` -> a part of weight -STRENGTH (default 1, STRENGTH > 0).
+    TEXT may hold ``{prompt}`` (see :func:`negative_parts`)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"a negative prompt must be a non-empty text, got {text!r}")
+    part = _parse_part(text.strip())
+    if not part.weight > 0:
+        raise InputError(f"negative prompt {text!r}: its :STRENGTH must be > 0 (it is pushed away with that "
+                         "strength)")
+    return PromptPart(part.text, -part.weight)
+
+
+def negative_parts(negatives: Sequence[str], parts: Sequence[PromptPart]) -> list[PromptPart]:
+    """The negatives of a prompt whose ``parts`` are given: ``{prompt}`` in a negative stands for each
+    positive text part (one negative per part: ``"{prompt} and another shape"`` keeps a prompt's
+    image to what it names); a templated negative is dropped when the prompt has no text."""
+    out = []
+    for n in map(parse_negative, negatives):
+        if PROMPT_SLOT in n.text:
+            out += [PromptPart(n.text.replace(PROMPT_SLOT, p.text), n.weight) for p in parts if p.weight > 0]
+        else:
+            out.append(n)
+    return out
 
 
 def parse_weighted_path(value: str) -> tuple[str, float]:
@@ -194,16 +221,21 @@ class ClipTarget:
 
     def score_images(self, images) -> torch.Tensor:
         """The weighted cosine [N] of images as files are read (paths or PIL images, the scorer's
-        exact preprocessing path and core's exact cosines: what ``rerank`` and best-of rank by).
-        Needs shared targets [M, D]."""
+        exact preprocessing path and core's exact cosines: what ``rerank`` and best-of rank by),
+        less each negative's term as guidance counts it (the hinge; ``w * cos_n`` for the linear
+        modes). Needs shared targets [M, D]."""
         from clipkit.core.ranking import cosines
         if self.targets.ndim != 2:
             raise InputError("score_images needs targets shared by every image ([M, D])")
         emb = self.scorer.encode_images(images)
         score = (cosines(emb, self.targets.float()) * self.weights.cpu()).sum(-1)     # [N] fp32, CPU
-        if self.negatives is not None:
-            score = score - (cosines(emb, self.negatives) * self.negative_weights).sum(-1)
-        return score
+        if self.negatives is None:
+            return score
+        cos_n = cosines(emb, self.negatives)                                           # [N, K]
+        if self.negative_mode != "hinge":                                              # the linear forms
+            return score - (cos_n * self.negative_weights).sum(-1)
+        s = self.logit_scale                        # the guidance loss's hinge, so both rank alike
+        return score - (F.softplus(s * (cos_n - score[:, None])) / s * self.negative_weights).sum(-1)
 
     def _weighted_cos(self, emb: torch.Tensor) -> torch.Tensor:
         tgt = self._rows(emb.shape[0], emb.device)

@@ -47,7 +47,8 @@ from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.core.ranking import order
 from clipkit.core.registry import BUNDLED, known_words
 from clipkit.guidance.schedulers import OUTPUT_ONLY, SCHEDULERS, count_timesteps, make_scheduler
-from clipkit.core.objectives import ClipTarget, PromptPart, Weighted, parse_weighted_path, parse_weighted_prompt
+from clipkit.core.objectives import (ClipTarget, PromptPart, Weighted, negative_parts, parse_negative,
+                                     parse_weighted_path, parse_weighted_prompt)
 from clipkit.guidance.wrapper import GuidanceConfig, parse_cut_schedule
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,17 @@ LOADERS: dict[str, str] = {
 MAX_SEED = 2 ** 32        # seeds are in [0, 2^32); view noise uses seed + 2^32, so streams never collide
 SCORE_NOTE = ("cosine similarity between the image as saved and its prompt, under the guiding CLIP; "
               "guidance optimises this number, so it overstates quality: judge with another CLIP or the oracle")
+WEIGHTED_NOTE = ("weighted cosine similarity between the image as saved and the prompt's positive parts and image "
+                 "prompts, under the guiding CLIP(s) (an ensemble: weighted by --clip-weights), less each "
+                 "negative's hinge softplus(s (cos_neg - cos)) / s; guidance optimises this number, so it "
+                 "overstates quality: judge with another CLIP or the oracle")
+
+
+def score_kind(config: "GenerateConfig", prompt: str, n_clips: int) -> str:
+    """"cosine" when a prompt's score is its plain cosine under one CLIP, else "weighted" (weights,
+    negatives, image prompts or an ensemble)."""
+    plain = not (prompt_parts(prompt, config) != [PromptPart(prompt)] or config.image_prompts or n_clips > 1)
+    return "cosine" if plain else "weighted"
 
 
 #: per guide target, what GenerateConfig's None fields mean (chosen on the development prompts of
@@ -93,7 +105,8 @@ class GenerateConfig:
     grad_mode: str = "x0"           # x0 (cheap) | unet (backprop through the denoiser)
     guide_target: str = "auto"      # what the CLIP sees: x0 (the x0 estimate, any CLIP) | xt (the noisy
                                     # input itself: a noise-aware CLIP, `train clip --noise-aware`) |
-                                    # auto: xt for a noise-aware CLIP on a model that takes it, else x0
+                                    # auto: xt when a guiding CLIP is noise-aware (in an ensemble: any)
+                                    # and the model takes it, else x0
     size: int | None = None         # image side in pixels; None: the model's native size
     best_of: int = 1                # candidates per kept image (kept: the best by CLIP score)
     drafts: int = 1                 # trajectories started per candidate; after draft_steps the best
@@ -140,11 +153,14 @@ class GenerateConfig:
             raise InputError(f"strength must be a number in (0, 1], got {s!r}")
         if self.init_image is not None:
             self.init_image = str(self.init_image)
+            if self.scheduler == "pndm":      # its warm-up timesteps cannot be entered part-way
+                raise InputError("--init-image cannot start part-way through pndm's warm-up steps: use another "
+                                 "--scheduler (ddim, the default)")
         if isinstance(self.negative, str):
             self.negative = [self.negative]
         self.negative = list(self.negative)
-        if not all(isinstance(t, str) and t.strip() for t in self.negative):
-            raise InputError("every negative prompt must be a non-empty text")
+        for t in self.negative:
+            parse_negative(t)                       # non-empty TEXT[:STRENGTH > 0]: an InputError
         self.image_prompts = [list(ip) if not isinstance(ip, str) else list(parse_weighted_path(ip))
                               for ip in self.image_prompts]
         for ip in self.image_prompts:
@@ -378,18 +394,24 @@ class GenerateResult:
     candidates: int                 # candidates per prompt (n * best_of)
     wall_s: float = 0.0
     out_dir: str | None = None
-    score: str = "cosine"
-    score_note: str = SCORE_NOTE
+
+    @property
+    def score(self) -> str:
+        """"cosine" (every prompt's plain cosine) or "weighted" (see :func:`score_kind`)."""
+        clips = self.models["clip"] if isinstance(self.models["clip"], list) else [self.models["clip"]]
+        kinds = {score_kind(self.config, im.prompt, len(clips)) for im in self.images}
+        return "weighted" if "weighted" in kinds else "cosine"
+
+    @property
+    def score_note(self) -> str:
+        return SCORE_NOTE if self.score == "cosine" else WEIGHTED_NOTE
 
     def score_label(self) -> str:
         """What the score column means, in words."""
         clips = self.models["clip"] if isinstance(self.models["clip"], list) else [self.models["clip"]]
-        plain = not (self.config.negative or self.config.image_prompts or len(clips) > 1
-                     or any(" | " in im.prompt or parse_weighted_prompt(im.prompt) != [PromptPart(im.prompt)]
-                            for im in self.images))
         under = f"CLIP {clips[0]!r}" if len(clips) == 1 else "CLIPs " + ", ".join(map(repr, clips)) + " (weighted)"
-        return ("cosine with the prompt under " if plain else
-                "weighted cosine with the prompt's parts, negatives and image prompts under ") + under
+        return ("cosine with the prompt under " if self.score == "cosine" else
+                "weighted cosine with the prompt's parts and image prompts, less the negatives' hinge, under ") + under
 
     def to_dict(self) -> dict:
         return {"score": self.score, "score_note": self.score_note, "models": self.models,
@@ -399,7 +421,11 @@ class GenerateResult:
 
 
 def parameters(config: GenerateConfig, n: int, seed: int) -> dict:
-    return {"n": n, "seed": seed, **config.to_dict(), "guidance": config.guidance().to_dict()}
+    """What a sidecar records of a run (``strength`` only with an init image: it means nothing without)."""
+    d = {"n": n, "seed": seed, **config.to_dict(), "guidance": config.guidance().to_dict()}
+    if config.init_image is None:
+        d.pop("strength")
+    return d
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
@@ -513,8 +539,10 @@ def _check_prompts(prompts, allow_empty: bool = False) -> list[str]:
 
 
 def prompt_parts(prompt: str, config: GenerateConfig) -> list[PromptPart]:
-    """The prompt's weighted text parts (`` | ``-separated, ``:weight``) and each negative (weight -1)."""
-    return parse_weighted_prompt(prompt) + [PromptPart(t, -1.0) for t in config.negative]
+    """The prompt's weighted text parts (`` | ``-separated, ``:weight``) and its negatives
+    (``TEXT[:STRENGTH]``, weight -STRENGTH; ``{prompt}`` stands for each positive part)."""
+    parts = parse_weighted_prompt(prompt)
+    return parts + negative_parts(config.negative, parts)
 
 
 def check_parts(prompt: str, config: GenerateConfig) -> list[PromptPart]:
@@ -712,7 +740,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     pipe = load_diffusion(diffusion, device=scorer.device, precision=precision) if isinstance(diffusion, str) \
         else diffusion
     from clipkit.core.registry import is_noise_aware
-    noise_aware = all(is_noise_aware(s.spec) for s in scorers)
+    noise_aware = any(is_noise_aware(s.spec) for s in scorers)   # an ensemble with one: all see x_t
     cfg = pipe.check(cfg.resolve_target(noise_aware, pipe.guide_targets))
     models = {"clip": scorer.spec if len(scorers) == 1 else [s.spec for s in scorers],
               "diffusion": pipe.spec, "diffusion_kind": pipe.kind}
@@ -731,6 +759,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     for pi, prompt in enumerate(prompts):
         objective = build_objective(parts[pi], image_prompts, scorers, cfg.clip_weights, cfg.size or pipe.native_size)
         text, negative = conditioning_text(parts[pi])
+        kind = score_kind(cfg, prompt, len(scorers))
         cond = Conditioning(objective if cfg.guided else None, text, negative, init,
                             cfg.strength if init is not None else 1.0)
         def rank(images, objective=objective, prompt=prompt):
@@ -747,12 +776,14 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
             if out_dir is not None:
                 png = targets[(pi, finished[k])]
                 sidecar = {"clipkit": __version__, "prompt": prompt, "seed": finished[k], "image": png.name,
-                           "clip_score": img.clip_score, "score": "cosine", "score_note": SCORE_NOTE,
+                           "clip_score": img.clip_score, "score": kind,
+                           "score_note": SCORE_NOTE if kind == "cosine" else WEIGHTED_NOTE,
                            "rank": rank_, "candidates": n_cand, "models": models,
                            "parameters": parameters(cfg, n, seed),
                            "device": str(scorer.device), "precision": precision,
                            "size": list(img.image.size)}
-                if img.selection_score is not None:
+                if select is not None and (img.selection_score is not None or cfg.drafts > 1):
+                    # the selector chose among the candidates, or among the drafts only (-n = candidates)
                     sidecar.update(selection=select.name, selection_score=img.selection_score,
                                    selection_weight=getattr(select, "weight", None))
                     if getattr(select, "spec", None):

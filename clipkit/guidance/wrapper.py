@@ -419,6 +419,9 @@ def iter_sample(model: Callable, scheduler, shape: Sequence[int], steps: int, ge
         if tuple(init.shape) != tuple(shape):
             raise InputError(f"init has shape {tuple(init.shape)}, expected {tuple(shape)}")
         order = getattr(scheduler, "order", 1)
+        if len(timesteps) != steps * order:     # e.g. PNDM's warm-up: the timesteps are not steps x order
+            raise InputError(f"{type(scheduler).__name__} runs {len(timesteps)} timesteps for {steps} steps: an "
+                             "init image cannot start part-way through them; use another scheduler (DDIM)")
         keep = max(1, min(steps, int(steps * strength)))
         skip = (steps - keep) * order
         timesteps = timesteps[skip:]

@@ -24,7 +24,7 @@ def test_cli_writes_png_and_sidecar_and_json(tmp_path):
     noised_scorer = load_scorer("shapes-noised", device="cpu")
     out = tmp_path / "out"
     res = run(["generate", PROMPT, "-n", "2", "--steps", "3", "--seed", "7", "--best-of", "1", "--out", str(out),
-               "--json"])
+               "--negative", "", "--json"])           # '' drops the profile's negative: the plain cosine
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)                                  # one JSON document, nothing else
     assert doc["score"] == "cosine" and doc["models"]["diffusion"] == "shapes"
@@ -41,7 +41,7 @@ def test_cli_writes_png_and_sidecar_and_json(tmp_path):
         p = side["parameters"]
         assert p["guide_target"] == "xt" and p["guidance"]["target"] == "xt"
         assert (p["steps"], p["n"], p["seed"], p["best_of"], p["scheduler"], p["clip_scale"]) == (3, 2, 7, 1, "ddim", 0.2)
-        assert p["guidance"]["x0_step"] == 0.2 and p["cfg_scale"] is None
+        assert p["guidance"]["x0_step"] == 0.2 and p["cfg_scale"] is None and "strength" not in p
         # the sidecar's score is what `clipkit score --clip shapes-noised` reports for the saved file
         sim = float(noised_scorer.similarity([im["path"]], [PROMPT])[0, 0])
         assert math.isclose(side["clip_score"], sim, abs_tol=1e-5) and im["clip_score"] == side["clip_score"]
@@ -73,6 +73,23 @@ def test_cli_default_is_the_profiles_best_of_3_by_caption(tmp_path):
     side = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert doc["candidates"] == 3 and side["parameters"]["best_of"] == 3 and 3 <= im["seed"] <= 5
     assert side["selection"] == "caption" and side["models"]["selector"] == "shapes"
+    # and the profile's count guard: pushed from "PROMPT and another shape" (strength 4), so the
+    # score is the weighted one, labelled as such
+    assert side["parameters"]["negative"] == ["{prompt} and another shape:4"]
+    assert side["score"] == doc["score"] == "weighted" and "hinge" in side["score_note"]
+    # a user's negative adds to it; --negative '' drops it
+    res = run(["-q", "generate", PROMPT, "-n", "1", "--steps", "2", "--seed", "3", "--best-of", "1", "--out",
+               str(tmp_path / "a"), "--negative", "a blue shape:2", "--json"])
+    assert res.exit_code == 0, res.output
+    side = json.loads(next((tmp_path / "a").glob("*.json")).read_text())
+    assert side["parameters"]["negative"] == ["{prompt} and another shape:4", "a blue shape:2"]
+    res = run(["-q", "generate", PROMPT, "-n", "1", "--steps", "2", "--seed", "3", "--best-of", "1", "--out",
+               str(tmp_path / "b"), "--negative", "", "--negative", "a blue shape", "--json"])
+    side = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    assert side["parameters"]["negative"] == ["a blue shape"]
+    # a negative's strength is a magnitude: a one-line error before anything loads
+    res = run(["generate", PROMPT, "--negative", "a blue shape:-2"])
+    assert res.exit_code == 2 and "STRENGTH must be > 0" in res.stderr
 
 
 def test_cli_never_overwrites_silently(tmp_path):
@@ -104,7 +121,7 @@ def test_cli_never_overwrites_silently(tmp_path):
     [PROMPT, "--strength", "0"], [PROMPT, "--strength", "1.5"], [PROMPT, "--strength", "nan"],
     [PROMPT, "--tv-scale", "-1"], [PROMPT, "--sat-scale", "inf"], [PROMPT, "--range-scale", "nan"],
     [PROMPT, "--cut-schedule", "4+x"], [PROMPT, "--cut-schedule", "0+4"], [PROMPT, "--clip-weights", "1,2"],
-    [PROMPT, "--clip-weights", "nan"], [PROMPT, "--drafts", "0"], [PROMPT, "--negative", ""],
+    [PROMPT, "--clip-weights", "nan"], [PROMPT, "--drafts", "0"], [PROMPT, "--negative", "a red shape:0"],
     ["a red circle:-1"], ["a red circle:2 | :3"], [],
 ])
 def test_cli_bad_input_exit_2_nothing_written(tmp_path, bad):
@@ -167,9 +184,30 @@ def test_cli_default_validates_before_loading_the_captioner(tmp_path, monkeypatc
     """The profile's default selector (caption) loads its model only when it first ranks."""
     import clipkit.captioning.captioner as cap
     monkeypatch.setattr(cap, "load_captioner", lambda *a, **k: pytest.fail("the captioner was loaded"))
-    for bad in (["--steps", "0"], ["--negative", ""], ["--clip-scale", "-1"]):
+    for bad in (["--steps", "0"], ["--negative", "a red shape:0"], ["--clip-scale", "-1"]):
         res = run(["-q", "generate", PROMPT, *bad, "--out", str(tmp_path / "o")])
         assert res.exit_code == 2 and res.stderr.startswith("Error: "), res.output
     # an explicit --diffusion naming the profile's own model keeps the profile's defaults
     res = run(["-q", "generate", PROMPT, "--best-of", "1", "--steps", "1", "--seed", "0", "--out", str(tmp_path / "p")])
     assert res.exit_code == 0 and "nothing to choose" not in res.stderr, res.output
+
+
+def test_cli_init_image_defaults_on_the_bundled_profile(tmp_path):
+    """--init-image without --clip/--steps on the profile's own model: the profile's img2img CLIPs
+    (shapes-noised + shapes, both on x_t) and a 25/strength schedule, so that 25 steps run."""
+    from PIL import Image
+    init = tmp_path / "blue.png"
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(init)
+    res = run(["-q", "generate", "a green square at the bottom right", "-n", "1", "--best-of", "1", "--seed", "0",
+               "--init-image", str(init), "--strength", "0.8", "--out", str(tmp_path / "o"), "--json"])
+    assert res.exit_code == 0, res.output
+    side = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert side["models"]["clip"] == ["shapes-noised", "shapes"]
+    p = side["parameters"]
+    assert p["steps"] == 31 and p["strength"] == 0.8 and p["guide_target"] == "xt"
+    # an explicit --clip / --steps wins
+    res = run(["-q", "generate", "a green square", "-n", "1", "--best-of", "1", "--seed", "0", "--steps", "4",
+               "--init-image", str(init), "--clip", "shapes", "--out", str(tmp_path / "p"), "--json"])
+    assert res.exit_code == 0, res.output
+    side = json.loads(next((tmp_path / "p").glob("*.json")).read_text())
+    assert side["models"]["clip"] == "shapes" and side["parameters"]["steps"] == 4

@@ -187,7 +187,8 @@ def test_image_prompts_match_the_noise_level(scorer, renders):
     assert torch.allclose(half.targets[0], target.targets[0])        # text unchanged
     assert not torch.allclose(half.targets[1], target.targets[1], atol=1e-3)
     again = ob.ClipTarget(scorer, target.targets, target.weights, image_pixels=renders[:1]).at(0.3)
-    assert torch.equal(again.targets, half.targets)                  # fixed noise draws
+    assert torch.equal(again.targets[1], half.targets[1])            # fixed noise draws
+    assert torch.allclose(again.targets, half.targets, atol=1e-6)    # (text rows: normalised twice)
     # by hand: the mean embedding of 4 noised copies
     eps = torch.randn((4, *renders[:1].shape), generator=torch.Generator().manual_seed(0))
     xt = 0.3 ** 0.5 * (renders[:1] * 2 - 1) + 0.7 ** 0.5 * eps
@@ -200,3 +201,20 @@ def test_image_prompts_match_the_noise_level(scorer, renders):
 def test_a_colon_after_a_digit_is_text_not_a_weight():
     assert ob.parse_weighted_prompt("a clock showing 10:30") == [ob.PromptPart("a clock showing 10:30", 1.0)]
     assert ob.parse_weighted_prompt("a 16:9 frame | a cat:2") == [ob.PromptPart("a 16:9 frame"), ob.PromptPart("a cat", 2.0)]
+
+
+def test_negatives_take_a_strength_and_a_prompt_slot():
+    """--negative TEXT[:STRENGTH]: weight -STRENGTH; {prompt} stands for each positive text part
+    (a templated negative is dropped when the prompt has no text: an image-prompt-only run)."""
+    P = ob.PromptPart
+    assert ob.parse_negative("a red shape") == P("a red shape", -1.0)
+    assert ob.parse_negative(" a red shape:2.5 ") == P("a red shape", -2.5)
+    assert ob.parse_negative("a clock at 10:30") == P("a clock at 10:30", -1.0)
+    for bad in ("", "   ", "a red shape:0", "a red shape:-1", ":2"):
+        with pytest.raises(InputError):
+            ob.parse_negative(bad)
+    parts = ob.parse_weighted_prompt("a red circle | a square:2 | a blue shape:-1")
+    got = ob.negative_parts(["{prompt} and another shape:4", "two shapes"], parts)
+    assert got == [P("a red circle and another shape", -4.0), P("a square and another shape", -4.0),
+                   P("two shapes", -1.0)]
+    assert ob.negative_parts(["{prompt} and another shape"], []) == []

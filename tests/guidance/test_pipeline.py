@@ -216,12 +216,22 @@ def test_weighted_negative_and_image_prompts_build_one_objective(shapes_pipe, sc
     # positives pull (2 and 0.5, divided by their sum), negatives are the pairwise hinge, each |w|
     assert torch.allclose(target.weights, torch.tensor([0.8, 0.2]))
     assert torch.allclose(target.negative_weights, torch.tensor([1.0, 1.0]))
-    # the score ranks like a user reads it: the weighted cosine minus the negatives'
+    # best-of ranks by the weighted cosine less each negative's hinge, as guidance counts it
     img = [_png(tmp_path, "red.png", "red", "top left", "circle")]
     emb = scorer.encode_images(img)
-    want = (0.8 * emb @ scorer.encode_texts(["a red circle"]).T + 0.2 * emb @ scorer.encode_images(
-        [cfg.image_prompts[0][0]]).T - emb @ scorer.encode_texts(["a square", "a red shape"]).T.sum(1, keepdim=True))
+    cos_p = (0.8 * emb @ scorer.encode_texts(["a red circle"]).T + 0.2 * emb @ scorer.encode_images(
+        [cfg.image_prompts[0][0]]).T)
+    cos_n = emb @ scorer.encode_texts(["a square", "a red shape"]).T
+    s = target.logit_scale
+    want = cos_p - (torch.nn.functional.softplus(s * (cos_n - cos_p)) / s).sum(1, keepdim=True)
     assert torch.allclose(obj.score_images(img), want.flatten(), atol=1e-5)
+    # a negative the image is far from costs (almost) nothing in the ranking, as in guidance
+    far = build_objective(check_parts("a red circle | a blue square:-1", GenerateConfig()), [], [scorer])
+    near = build_objective(check_parts("a red circle | a red circle at the top left:-1", GenerateConfig()), [],
+                           [scorer])
+    alone = build_objective(check_parts("a red circle", GenerateConfig()), [], [scorer])
+    assert float(alone.score_images(img) - far.score_images(img)) < 1e-3
+    assert float(alone.score_images(img) - near.score_images(img)) > 1e-3
     # the hinge fades once the prompt beats the negative: a far-away negative adds (almost) nothing
     pix = torch.stack([torch.from_numpy(np.array(read_image(str(img[0]), "x"))).permute(2, 0, 1).float() / 255])
     plain = ClipTarget(scorer, scorer.text_embeddings(["a red circle"]))
@@ -240,7 +250,7 @@ def test_generate_with_every_control_and_ensembles(shapes_pipe, scorer, tmp_path
     side = json.loads((tmp_path / "out" / f"{slugify('a red circle:1 | a square:-0.5')}-4.json").read_text())
     assert side["models"]["clip"] == ["shapes-noised", "shapes"] and side["parameters"]["clip_weights"] == [1.0, 3.0]
     assert side["parameters"]["negative"] == ["a green shape"] and side["parameters"]["guidance"]["cut_schedule"] == [[2, 1], [1, 2]]
-    assert res.config.guide_target == "x0"        # not every CLIP is noise-aware: auto -> x0
+    assert res.config.guide_target == "xt"        # one CLIP is noise-aware: auto -> x_t for the ensemble
     # the ensemble's score is the weighted mean of each CLIP's score (weights normalised)
     im = res.images[0].image
     one = [generate("a red circle", n=1, clip=c, **kw) for c in (noised, scorer)]
@@ -300,3 +310,17 @@ def test_controls_reject_bad_input_before_any_model_loads(tmp_path, monkeypatch)
         generate(":2", n=1, seed=0)
     with pytest.raises(InputError, match="clip weights for 1 CLIP"):
         generate(PROMPT, n=1, seed=0, clip_weights=[1.0, 2.0])
+
+
+def test_img2img_refuses_a_scheduler_with_warm_up_steps():
+    """PNDM's Runge-Kutta warm-up makes its timesteps more than steps x order: starting part-way
+    through them (diffusers' img2img slicing) would misalign; refused with a one-line error."""
+    from diffusers import PNDMScheduler
+    from clipkit.guidance.wrapper import sample
+    with pytest.raises(InputError, match="pndm"):
+        GenerateConfig(init_image="x.png", scheduler="pndm").validate()
+    sched = PNDMScheduler(num_train_timesteps=1000)
+    x = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(InputError, match="part-way"):
+        sample(lambda x, t: torch.zeros_like(x), sched, x.shape, 6, torch.Generator().manual_seed(0),
+               init=x, strength=0.5)
