@@ -22,6 +22,7 @@ Same sampling seeds in every arm of a block. Prints one table per block; --save 
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import tempfile
 import time
@@ -42,6 +43,11 @@ from guidance import draw_prompts          # bench/ is the script's folder: on s
 
 def pixels(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+
+
+@functools.lru_cache(maxsize=None)
+def load(spec: str):
+    return load_scorer(spec, device="cpu")
 
 
 def save_render(scene: Scene, path: Path) -> Path:
@@ -104,7 +110,8 @@ def image_prompt(args, pipe, guide, save, tmp: Path):
         ims, total = [], 0.0
         for i, sc in enumerate(scenes):
             path = save_render(sc, tmp / f"scene{i}.png")
-            got, s = run("", 1, args.seed + 3 * i, diffusion=pipe, clip=args.image_clip or guide, best_of=best_of,
+            clip = [load(c) for c in args.image_clip] if args.image_clip else guide
+            got, s = run("", 1, args.seed + 3 * i, diffusion=pipe, clip=clip, best_of=best_of,
                          image_prompts=[[str(path), 1.0]], guide_target=args.image_target)
             ims.append(got[0].image)
             total += s
@@ -126,12 +133,26 @@ def init_image(args, pipe, guide, save, tmp: Path):
     want = [{"color": "green", "shape": "square", "position": "bottom right"}]
     judge = lambda f, i: {"strict": strict_match(f, want), "lenient": matches(f, want[0]),  # noqa: E731
                           "blue left": any(o.color == "blue" for o in f)}
-    for label, kw in (("text only (no init image)", {}),
-                      ("--init-image blue square --strength 0.5", {"init_image": str(path), "strength": 0.5}),
-                      ("--init-image blue square --strength 0.7", {"init_image": str(path), "strength": 0.7})):
-        ims, s = run(prompt, args.samples, args.seed, diffusion=pipe, clip=guide, **kw)
+    init = {"init_image": str(path), "strength": 0.5}
+    # what `clipkit generate PROMPT --init-image blue.png --strength 0.5` does on the bundled profile
+    cli = {**init, "clip": [guide, load_scorer("shapes", device="cpu")], "steps": 50, "guide_target": "xt",
+           "negative": ["{prompt} and another shape:4"]}
+    for label, kw in (("text only (no init image)", {"clip": guide}),
+                      ("API defaults: shapes-noised, 25-step schedule (12 run)", {**init, "clip": guide}),
+                      ("CLI default, one sample: shapes-noised + shapes, 25 run, count guard", cli),
+                      ("CLI default: the same, best of 3 by caption", {**cli, "best_of": 3, "select": caption()})):
+        if kw.get("best_of", 1) > 1:      # per image, as `-n 1 --best-of 3` (candidates seed + 3i ...)
+            got = [run(prompt, 1, args.seed + 3 * i, diffusion=pipe, **kw) for i in range(args.samples)]
+            ims, s = [g[0][0] for g in got], sum(g[1] for g in got)
+        else:
+            ims, s = run(prompt, args.samples, args.seed, diffusion=pipe, **kw)
         b.arm(label, [g.image for g in ims], judge, s)
     b.print(["strict", "lenient", "blue left"])
+
+
+def caption():
+    from clipkit.captioning.captioner import CaptionEndSelector, load_captioner
+    return CaptionEndSelector(load_captioner("shapes", device="cpu"))
 
 
 def ensemble(args, pipe, guide, save):
@@ -156,7 +177,8 @@ def main():
     ap.add_argument("--seed", type=int, default=5000)
     ap.add_argument("--only", nargs="*", default=["negative", "image", "init", "ensemble"])
     ap.add_argument("--save", type=Path)
-    ap.add_argument("--image-clip", default=None, help="CLIP for the image-prompt block (default: shapes-noised)")
+    ap.add_argument("--image-clip", nargs="*", default=None,
+                    help="CLIP(s) for the image-prompt block (default: shapes-noised; several: an ensemble)")
     ap.add_argument("--image-target", default="auto", help="guide target for the image-prompt block")
     args = ap.parse_args()
     if args.save:

@@ -25,9 +25,9 @@ from collections import Counter
 
 import torch
 
-from clipkit.core.objectives import ClipTarget
 from clipkit.core.scorer import load_scorer
-from clipkit.guidance.pipeline import GenerateConfig, MAX_SEED, load_diffusion, tensor_to_pil
+from clipkit.guidance.pipeline import (GenerateConfig, MAX_SEED, build_objective, check_parts, load_diffusion,
+                                      tensor_to_pil)
 from clipkit.guidance.schedulers import make_scheduler
 from clipkit.guidance.wrapper import GuidedDenoiser, abar_at, sample, split_output
 from clipkit.shapes.oracle import read_attributes, strict_match
@@ -49,11 +49,14 @@ def record(args):
     for i, (objs, prompt) in enumerate(zip(expected, texts)):
         tg = guide.text_embeddings([prompt])
         tc = clean.text_embeddings([prompt])
+        # the guidance objective, with --negative (e.g. the bundled count guard) when given
+        objective = build_objective(check_parts(prompt, GenerateConfig(negative=args.negative)), [], [guide], size=32)
+        target = objective.terms[0][1]
         cands = []
         for k in range(K):
             seed = args.seed + K * i + k
             sched = make_scheduler(cfg.scheduler, pipe.scheduler_config)
-            g = GuidedDenoiser(pipe._model, sched, ClipTarget(guide, tg), gcfg,
+            g = GuidedDenoiser(pipe._model, sched, objective, gcfg,
                                generator=torch.Generator().manual_seed(seed + MAX_SEED))
             xs = {}
 
@@ -64,7 +67,7 @@ def record(args):
                        after_step=g.after_step, callback=cb)
             final = ((x[0] + 1) / 2).clamp(0, 1)
             final = torch.from_numpy(__import__("numpy").array(tensor_to_pil(final))).permute(2, 0, 1).float() / 255
-            c = {"seed": seed, "final": score(final, prompt, objs, guide, tg, clean, tc, cap)}
+            c = {"seed": seed, "final": score(final, prompt, objs, target, clean, tc, cap)}
             ts = list(sched.timesteps)
             for s, xt in xs.items():
                 with torch.no_grad():
@@ -73,7 +76,7 @@ def record(args):
                     a = abar_at(g.abar, tn, 1, "cpu")
                     _, x0 = split_output(pipe._model(xt, tn).float(), xt, a, "epsilon")
                 x0 = ((x0[0].clamp(-1, 1) + 1) / 2)
-                c[str(s)] = {"xt": cos_xt, **score(x0, prompt, objs, guide, tg, clean, tc, cap)}
+                c[str(s)] = {"xt": cos_xt, **score(x0, prompt, objs, target, clean, tc, cap)}
             cands.append(c)
         rows.append({"prompt": prompt, "objects": objs, "candidates": cands})
         print(f"{i}: {prompt}: " + " ".join(f"[{c['final']['strict']:d} {c['final']['n']}]" for c in cands),
@@ -82,14 +85,22 @@ def record(args):
             json.dump({"args": vars(args), "rows": rows}, f)
 
 
-def score(img, prompt, objs, guide, tg, clean, tc, cap) -> dict:
-    """img [3,H,W] in [0,1] -> oracle verdict and model scores."""
+def score(img, prompt, objs, target, clean, tc, cap) -> dict:
+    """img [3,H,W] in [0,1] -> oracle verdict and model scores. ``cos``: what generate ranks by (the
+    guide's cosine, less the negatives' hinge when there are negatives); ``plain``: the cosine alone."""
     found = read_attributes(img)
     with torch.no_grad():
-        cos = float(guide.embed_pixels(img[None]) @ tg[0])
+        e = torch.nn.functional.normalize(target.embed(img[None]).float(), dim=-1)
+        plain = float(target._weighted_cos(e)[0])
+        cos = plain
+        if target.negatives is not None:          # the hinge of ClipTarget / score_images
+            sc = target.logit_scale
+            cos -= float((torch.nn.functional.softplus(sc * (e[0] @ target.negatives.T - plain)) / sc
+                          * target.negative_weights).sum())
         cos_clean = float(clean.embed_pixels(img[None]) @ tc[0])
     end = float(cap.end_logprob(img[None], [prompt])[0])
-    return {"strict": bool(strict_match(found, objs)), "n": len(found), "cos": cos, "clean": cos_clean, "end": end}
+    return {"strict": bool(strict_match(found, objs)), "n": len(found), "cos": cos, "plain": plain,
+            "clean": cos_clean, "end": end}
 
 
 RULES = {
@@ -103,10 +114,12 @@ RULES = {
 }
 
 
-FINAL = {"clip": lambda c: c["final"]["cos"], "clip+0.05*end": lambda c: c["final"]["cos"] + 0.05 * c["final"]["end"]}
+FINAL = {"clip": lambda c: c["final"]["cos"], "clip+0.05*end": lambda c: c["final"]["cos"] + 0.05 * c["final"]["end"],
+         "clean": lambda c: c["final"]["clean"], "clip+clean": lambda c: c["final"]["cos"] + c["final"]["clean"],
+         "clip+clean+0.05*end": lambda c: c["final"]["cos"] + c["final"]["clean"] + 0.05 * c["final"]["end"]}
 
 
-def analyse(paths, steps=25, rules=None, keeps=(1, 2), ks=(4, 6, 8)):
+def analyse(paths, steps=25, rules=None, keeps=(1, 2, 3), ks=(4, 5, 6, 7, 8)):
     for p in paths:
         d = json.load(open(p))
         rows = d["rows"]
@@ -152,6 +165,8 @@ def main():
     ap.add_argument("--two", action="store_true")
     ap.add_argument("--at", type=int, nargs="*", default=[3, 5, 8, 12])
     ap.add_argument("--record")
+    ap.add_argument("--negative", nargs="*", default=[],
+                    help='negatives of every candidate, e.g. "{prompt} and another shape:4" (the bundled default)')
     ap.add_argument("--analyse", nargs="*")
     ap.add_argument("--rules", nargs="*", default=None, help="early rules to print (default: all)")
     args = ap.parse_args()

@@ -109,8 +109,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
       clipkit generate "a red circle" --clip shapes-noised --clip shapes --clip-weights 1,0.5
       clipkit generate "a blue square" "a green triangle" -n 2 --best-of 4 --seed 0 --out shapes/
       clipkit generate "a red square at the bottom left" -n 1 --best-of 4 --select caption
-      clipkit generate "a church at sunset" -n 1 --diffusion hf:google/ddpm-church-256 \
-          --clip openclip:ViT-B-32/laion2b_s34b_b79k
+      clipkit generate "a church" -n 1 --diffusion hf:google/ddpm-church-256 --clip openclip:ViT-B-32/openai
     """
     import dataclasses
 

@@ -140,6 +140,7 @@ class ClipTarget:
     negative_mode: str = "hinge"                # hinge (above) | cosine: w_n * cos_n | spherical: -w_n * distance
     image_pixels: torch.Tensor | None = None    # [K, 3, H, W] in [0, 1]: the image prompts behind the last
                                                 # K targets, for :meth:`at` (noise-matched targets)
+    negative_pixels: torch.Tensor | None = None  # the same for the last K negatives (negative image prompts)
     noise_draws: int = 4
 
     def __post_init__(self):
@@ -163,25 +164,36 @@ class ClipTarget:
 
     def at(self, abar: float) -> "ClipTarget":
         """This target for a CLIP that sees the noisy sample x_t at noise level ``abar`` (the noise-aware
-        ``xt`` guidance method): each image prompt becomes the mean embedding of itself noised the same
-        way, ``sqrt(abar) (2x - 1) + sqrt(1 - abar) eps`` over ``noise_draws`` fixed draws, so it is
-        compared with x_t like for like (a noise-aware CLIP maps x_t of a scene near its caption, not
-        near the clean render's embedding). Text targets do not change."""
-        if self.image_pixels is None or abar >= 1:
+        ``xt`` guidance method): each image prompt (a target or a negative) becomes the mean embedding
+        of itself noised the same way, ``sqrt(abar) (2x - 1) + sqrt(1 - abar) eps`` over
+        ``noise_draws`` fixed draws, so it is compared with x_t like for like (a noise-aware CLIP maps
+        x_t of a scene near its caption, not near the clean render's embedding). Texts do not change."""
+        if (self.image_pixels is None and self.negative_pixels is None) or abar >= 1:
             return self
         key = round(float(abar), 6)
         if key not in self._at:
-            x = self.image_pixels.float() * 2 - 1                                   # [K, 3, H, W]
-            eps = torch.randn((self.noise_draws, *x.shape), generator=torch.Generator().manual_seed(0))
-            xt = math.sqrt(key) * x + math.sqrt(1 - key) * eps
-            with torch.no_grad():
-                emb = self.scorer.embed_pixels(((xt + 1) / 2).flatten(0, 1).to(self.scorer.device)).float().cpu()
-            emb = F.normalize(emb.view(self.noise_draws, x.shape[0], -1).mean(0), dim=-1)
-            k = x.shape[0]
-            targets = torch.cat([self.targets[:-k].cpu(), emb]) if self.targets.shape[0] > k else emb
-            self._at[key] = ClipTarget(self.scorer, targets, self.weights, self.loss, self.negatives,
+            targets, negatives = self.targets.cpu(), self.negatives
+            if self.image_pixels is not None:
+                targets = self._swap_last(targets, self._noised(self.image_pixels, key))
+            if self.negative_pixels is not None:
+                negatives = self._swap_last(negatives.cpu(), self._noised(self.negative_pixels, key))
+            self._at[key] = ClipTarget(self.scorer, targets, self.weights, self.loss, negatives,
                                        self.negative_weights, self.logit_scale, self.negative_mode)
         return self._at[key]
+
+    def _noised(self, pixels: torch.Tensor, abar: float) -> torch.Tensor:
+        """The mean embedding [K, D] of ``pixels`` [K, 3, H, W] noised to ``abar`` (fixed draws)."""
+        x = pixels.float() * 2 - 1
+        eps = torch.randn((self.noise_draws, *x.shape), generator=torch.Generator().manual_seed(0))
+        xt = math.sqrt(abar) * x + math.sqrt(1 - abar) * eps
+        with torch.no_grad():
+            emb = self.scorer.embed_pixels(((xt + 1) / 2).flatten(0, 1).to(self.scorer.device)).float().cpu()
+        return F.normalize(emb.view(self.noise_draws, x.shape[0], -1).mean(0), dim=-1)
+
+    @staticmethod
+    def _swap_last(rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        k = last.shape[0]
+        return torch.cat([rows[:-k], last]) if rows.shape[0] > k else last
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.scorer.embed_pixels(pixels)

@@ -602,10 +602,12 @@ def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Im
             return (torch.cat(emb), w / pos if sel(1.0) else w) if emb else (None, None)
         targets, weights = embed(lambda w: w > 0)
         negatives, neg_weights = embed(lambda w: w < 0)
-        pos_images = [im for kind, im, w in items if kind == "image" and w > 0]
-        pix = torch.cat([init_pixels(im, size) for im in pos_images]) if pos_images and size else None
+        def pixels(sel):                       # the image prompts (last rows), for noise matching
+            ims = [im for kind, im, w in items if kind == "image" and sel(w)]
+            return torch.cat([init_pixels(im, size) for im in ims]) if ims and size else None
         target = ClipTarget(scorer, targets, weights, negatives=negatives, negative_weights=neg_weights,
-                            logit_scale=float(scorer.logit_scale), image_pixels=pix)
+                            logit_scale=float(scorer.logit_scale), image_pixels=pixels(lambda w: w > 0),
+                            negative_pixels=pixels(lambda w: w < 0))
         terms.append((cw / sum(ws), target))
     return Weighted(terms)
 

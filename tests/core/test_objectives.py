@@ -194,6 +194,11 @@ def test_image_prompts_match_the_noise_level(scorer, renders):
     xt = 0.3 ** 0.5 * (renders[:1] * 2 - 1) + 0.7 ** 0.5 * eps
     want = torch.nn.functional.normalize(scorer.embed_pixels(((xt + 1) / 2).flatten(0, 1)).mean(0), dim=-1)
     assert torch.allclose(half.targets[1], want.detach(), atol=1e-5)
+    # a negative image prompt is matched the same way; a negative text is not touched
+    neg = ob.ClipTarget(scorer, texts, negatives=torch.cat([texts, scorer.embed_pixels(renders[:1]).detach()]),
+                        negative_pixels=renders[:1]).at(0.3)
+    assert torch.allclose(neg.negatives[1], want.detach(), atol=1e-5)
+    assert torch.allclose(neg.negatives[0], torch.nn.functional.normalize(texts[0], dim=-1), atol=1e-6)
     w = ob.Weighted([(1.0, target), (0.5, ob.tv)]).at(0.3)
     assert w.terms[0][1] is half and w.terms[1][1] is ob.tv
 
