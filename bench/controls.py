@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from clipkit.core.scorer import load_scorer
-from clipkit.guidance.pipeline import generate, load_diffusion
+from clipkit.guidance.pipeline import generate, load_diffusion, steps_for_strength
 from clipkit.shapes.oracle import matches, read_attributes, strict_match
 from clipkit.shapes.render import render_scenes
 from clipkit.shapes.world import COLOR_NAMES, POSITIONS, SHAPES, Scene, ShapeObject
@@ -135,7 +135,7 @@ def init_image(args, pipe, guide, save, tmp: Path):
                           "blue left": any(o.color == "blue" for o in f)}
     init = {"init_image": str(path), "strength": 0.5}
     # what `clipkit generate PROMPT --init-image blue.png --strength 0.5` does on the bundled profile
-    cli = {**init, "clip": [guide, load_scorer("shapes", device="cpu")], "steps": 50, "guide_target": "xt",
+    cli = {**init, "clip": [guide, load("shapes")], "steps": steps_for_strength(25, 0.5), "guide_target": "xt",
            "negative": ["{prompt} and another shape:4"]}
     for label, kw in (("text only (no init image)", {"clip": guide}),
                       ("API defaults: shapes-noised, 25-step schedule (12 run)", {**init, "clip": guide}),

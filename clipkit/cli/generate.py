@@ -11,8 +11,8 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
 @click.argument("prompts", nargs=-1, metavar="PROMPT...")
 @click.option("-n", "n", type=int, default=4, show_default=True, help="Images kept per prompt.")
 @click.option("--steps", type=int, default=None,
-              help="Denoising steps of the schedule (default 25; with --init-image, 25/strength, so that 25 run: "
-                   "an img2img run takes the last steps x strength of them, as in diffusers).")
+              help="Denoising steps of the schedule (default 25; with --init-image, about 25/strength, so that 25 "
+                   "run: an img2img run takes the last int(steps x strength) of them, as in diffusers).")
 @click.option("--clip-scale", type=FiniteFloat(), default=0.2, show_default=True,
               help="CLIP guidance strength, 0 = unguided: the RMS distance (pixels in [-1, 1]) each guided "
                    "step moves the denoised estimate along the CLIP gradient.")
@@ -119,9 +119,6 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         if not image_prompts:
             raise click.UsageError("give a PROMPT, or --image-prompt PATH to guide by an image alone")
         prompts = ("",)
-    if clip_weights is not None and len(clip_weights) != max(1, len(clip_specs)):
-        raise click.BadParameter(f"{len(clip_weights)} weights for {max(1, len(clip_specs))} CLIP(s): give one "
-                                 "per --clip", param_hint="--clip-weights")
     clip = [resolve_spec(settings, "guide", c) for c in clip_specs] or resolve_spec(settings, "guide", None)
     # one notice at most: the first lookup printed it if the default profile was implicit
     diffusion = resolve_spec(dataclasses.replace(settings, quiet=True), "diffusion", diffusion_spec)
@@ -130,8 +127,14 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     own = diffusion == profile.diffusion          # the profile's defaults hold for its own diffusion model
     if init_image and own and not clip_specs and profile.init_clips:
         clip = list(profile.init_clips)
+    n_clips = len(clip) if isinstance(clip, list) else 1
+    if clip_weights is not None and len(clip_weights) != n_clips:
+        raise click.BadParameter(f"{len(clip_weights)} weights for {n_clips} CLIP(s) (" +
+                                 ", ".join(clip if isinstance(clip, list) else [clip]) + "): give one per CLIP",
+                                 param_hint="--clip-weights")
     if steps is None:                             # 25 steps run, with or without an init image
-        steps = max(1, round(25 / strength)) if init_image else 25
+        from clipkit.guidance.pipeline import steps_for_strength
+        steps = steps_for_strength(25, strength) if init_image else 25
     best_of = best_of if best_of is not None else (profile.best_of if own else 1)
     # the profile's negatives (its count guard) come first, unless an empty --negative '' drops them
     keep_default = own and all(t.strip() for t in negatives)

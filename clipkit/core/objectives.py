@@ -50,6 +50,8 @@ _WEIGHT = re.compile(r"^(?P<text>.*?)\s*:\s*(?P<w>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE
 class PromptPart:
     text: str
     weight: float = 1.0
+    templated: bool = False         # a negative made from the prompt ({prompt}): CLIP only, never a
+                                    # text-conditioned model's negative prompt (it would cancel the prompt)
 
 
 def _parse_part(raw: str) -> PromptPart:
@@ -93,15 +95,17 @@ def parse_negative(text: str) -> PromptPart:
 
 
 def negative_parts(negatives: Sequence[str], parts: Sequence[PromptPart]) -> list[PromptPart]:
-    """The negatives of a prompt whose ``parts`` are given: ``{prompt}`` in a negative stands for each
-    positive text part (one negative per part: ``"{prompt} and another shape"`` keeps a prompt's
-    image to what it names); a templated negative is dropped when the prompt has no text."""
+    """The negatives of a prompt whose ``parts`` are given. ``{prompt}`` in a negative stands for the
+    prompt's text when it is one plain part (``"{prompt} and another shape"`` keeps the image to what
+    the prompt names); for a prompt of several weighted parts, or none (image prompts only), a
+    templated negative is left out (a part alone is not what the image should show)."""
     out = []
+    pos = [p for p in parts if p.weight > 0]
     for n in map(parse_negative, negatives):
-        if PROMPT_SLOT in n.text:
-            out += [PromptPart(n.text.replace(PROMPT_SLOT, p.text), n.weight) for p in parts if p.weight > 0]
-        else:
+        if PROMPT_SLOT not in n.text:
             out.append(n)
+        elif len(parts) == 1 and len(pos) == 1:
+            out.append(PromptPart(n.text.replace(PROMPT_SLOT, pos[0].text), n.weight, templated=True))
     return out
 
 

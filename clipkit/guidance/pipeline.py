@@ -67,14 +67,16 @@ SCORE_NOTE = ("cosine similarity between the image as saved and its prompt, unde
               "guidance optimises this number, so it overstates quality: judge with another CLIP or the oracle")
 WEIGHTED_NOTE = ("weighted cosine similarity between the image as saved and the prompt's positive parts and image "
                  "prompts, under the guiding CLIP(s) (an ensemble: weighted by --clip-weights), less each "
-                 "negative's hinge softplus(s (cos_neg - cos)) / s; guidance optimises this number, so it "
-                 "overstates quality: judge with another CLIP or the oracle")
+                 "negative's hinge w * softplus(s (cos_neg - cos)) / s (w: its strength, s: CLIP's logit "
+                 "scale); guidance optimises this number, so it overstates quality: judge with another CLIP "
+                 "or the oracle")
 
 
 def score_kind(config: "GenerateConfig", prompt: str, n_clips: int) -> str:
     """"cosine" when a prompt's score is its plain cosine under one CLIP, else "weighted" (weights,
     negatives, image prompts or an ensemble)."""
-    plain = not (prompt_parts(prompt, config) != [PromptPart(prompt)] or config.image_prompts or n_clips > 1)
+    parts = prompt_parts(prompt, config)
+    plain = len(parts) == 1 and parts[0].weight > 0 and not config.image_prompts and n_clips == 1
     return "cosine" if plain else "weighted"
 
 
@@ -373,11 +375,13 @@ class GeneratedImage:
     prompt: str
     seed: int
     image: Image.Image
-    clip_score: float               # cosine(image as saved, prompt) under the guiding CLIP
+    clip_score: float               # the score best-of ranks by (``score``): cosine(image as saved, prompt)
+                                    # under the guiding CLIP, or the weighted score of WEIGHTED_NOTE
     rank: int                       # 1 = best of this prompt's candidates
     path: str | None = None         # the PNG, when written
     sidecar: str | None = None      # its JSON sidecar
     selection_score: float | None = None    # the Selector's score, when one chose among candidates
+    score: str = "cosine"           # what clip_score is: "cosine" | "weighted" (:func:`score_kind`)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items()
@@ -397,10 +401,9 @@ class GenerateResult:
 
     @property
     def score(self) -> str:
-        """"cosine" (every prompt's plain cosine) or "weighted" (see :func:`score_kind`)."""
-        clips = self.models["clip"] if isinstance(self.models["clip"], list) else [self.models["clip"]]
-        kinds = {score_kind(self.config, im.prompt, len(clips)) for im in self.images}
-        return "weighted" if "weighted" in kinds else "cosine"
+        """"cosine" when every image's score is its prompt's plain cosine, else "weighted" (each image
+        says which it is)."""
+        return "weighted" if any(im.score == "weighted" for im in self.images) else "cosine"
 
     @property
     def score_note(self) -> str:
@@ -411,7 +414,7 @@ class GenerateResult:
         clips = self.models["clip"] if isinstance(self.models["clip"], list) else [self.models["clip"]]
         under = f"CLIP {clips[0]!r}" if len(clips) == 1 else "CLIPs " + ", ".join(map(repr, clips)) + " (weighted)"
         return ("cosine with the prompt under " if self.score == "cosine" else
-                "weighted cosine with the prompt's parts and image prompts, less the negatives' hinge, under ") + under
+                "weighted cosine with the prompt's parts and image prompts, less any negative's hinge, under ") + under
 
     def to_dict(self) -> dict:
         return {"score": self.score, "score_note": self.score_note, "models": self.models,
@@ -614,10 +617,22 @@ def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Im
 
 def conditioning_text(parts: Sequence[PromptPart]) -> tuple[str, str | None]:
     """(text, negative) for a text-conditioned model: the positive parts joined with ", ", the
-    negative ones likewise (None: no negative)."""
+    negative ones likewise (None: no negative), except negatives made from the prompt (``{prompt}``):
+    as the negative prompt of classifier-free guidance they would cancel the prompt itself."""
     pos = ", ".join(p.text for p in parts if p.weight > 0)
-    neg = ", ".join(p.text for p in parts if p.weight < 0)
+    neg = ", ".join(p.text for p in parts if p.weight < 0 and not p.templated)
     return pos, (neg or None)
+
+
+def steps_for_strength(run: int, strength: float) -> int:
+    """The fewest schedule steps of which an img2img run at ``strength`` runs ``run`` (it runs
+    ``int(steps * strength)``, as in diffusers)."""
+    steps = max(1, math.ceil(run / strength))
+    while int((steps - 1) * strength) >= run:
+        steps -= 1
+    while int(steps * strength) < run:
+        steps += 1
+    return steps
 
 
 def make_config(config: GenerateConfig | None, options: dict) -> GenerateConfig:
@@ -728,7 +743,8 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     seeds = list(range(seed, seed + n_seeds))
     vocab = next((v for v in map(known_words, (*map(_spec_of, clips), _spec_of(diffusion))) if v is not None), None)
     if vocab is not None:                         # a bundled model: it knows only its world's words
-        warn_unknown_words([pt.text for ps in parts for pt in ps], vocab)
+        # the words the user wrote (a {prompt} negative would repeat the prompt's)
+        warn_unknown_words([pt.text for ps in parts for pt in ps if not pt.templated], vocab)
     # 2. outputs: every file that could be written, checked before any work
     targets: dict = {}
     if out_dir is not None:
@@ -774,7 +790,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
             torch.as_tensor(select(images, prompt, scores), dtype=torch.float32)
         for k, rank_ in order(finished, chosen, n):                             # the n best, ties by seed
             img = GeneratedImage(prompt, finished[k], images[k], float(scores[k]), rank_,
-                                 selection_score=None if chosen is scores else float(chosen[k]))
+                                 selection_score=None if chosen is scores else float(chosen[k]), score=kind)
             if out_dir is not None:
                 png = targets[(pi, finished[k])]
                 sidecar = {"clipkit": __version__, "prompt": prompt, "seed": finished[k], "image": png.name,

@@ -204,7 +204,11 @@ def test_cli_init_image_defaults_on_the_bundled_profile(tmp_path):
     side = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
     assert side["models"]["clip"] == ["shapes-noised", "shapes"]
     p = side["parameters"]
-    assert p["steps"] == 31 and p["strength"] == 0.8 and p["guide_target"] == "xt"
+    # 32 steps at strength 0.8: int(32 * 0.8) = 25 run (31 would run 24)
+    assert p["steps"] == 32 and p["strength"] == 0.8 and p["guide_target"] == "xt"
+    # --clip-weights count the profile's img2img CLIPs
+    res = run(["generate", "a green square", "--init-image", str(init), "--clip-weights", "1"])
+    assert res.exit_code == 2 and "1 weights for 2 CLIP(s) (shapes-noised, shapes)" in res.stderr
     # an explicit --clip / --steps wins
     res = run(["-q", "generate", "a green square", "-n", "1", "--best-of", "1", "--seed", "0", "--steps", "4",
                "--init-image", str(init), "--clip", "shapes", "--out", str(tmp_path / "p"), "--json"])

@@ -218,8 +218,10 @@ def test_negatives_take_a_strength_and_a_prompt_slot():
     for bad in ("", "   ", "a red shape:0", "a red shape:-1", ":2"):
         with pytest.raises(InputError):
             ob.parse_negative(bad)
+    one = ob.parse_weighted_prompt("a red circle:2")
+    assert ob.negative_parts(["{prompt} and another shape:4", "two shapes"], one) == [
+        P("a red circle and another shape", -4.0, templated=True), P("two shapes", -1.0)]
+    # several parts (a part alone is not what the image should show) or none: templates are left out
     parts = ob.parse_weighted_prompt("a red circle | a square:2 | a blue shape:-1")
-    got = ob.negative_parts(["{prompt} and another shape:4", "two shapes"], parts)
-    assert got == [P("a red circle and another shape", -4.0), P("a square and another shape", -4.0),
-                   P("two shapes", -1.0)]
+    assert ob.negative_parts(["{prompt} and another shape:4", "two shapes"], parts) == [P("two shapes", -1.0)]
     assert ob.negative_parts(["{prompt} and another shape"], []) == []

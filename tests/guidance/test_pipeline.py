@@ -216,6 +216,12 @@ def test_weighted_negative_and_image_prompts_build_one_objective(shapes_pipe, sc
     # positives pull (2 and 0.5, divided by their sum), negatives are the pairwise hinge, each |w|
     assert torch.allclose(target.weights, torch.tensor([0.8, 0.2]))
     assert torch.allclose(target.negative_weights, torch.tensor([1.0, 1.0]))
+    assert target.image_pixels is None and target.negative_pixels is None      # no size: nothing to match
+    # at a size, image prompts keep their pixels for noise matching, a negative one among the negatives
+    sized = build_objective(parts, [(read_image(cfg.image_prompts[0][0], "image prompt"), -0.5)], [scorer], size=32)
+    neg = sized.terms[0][1]
+    assert neg.image_pixels is None and tuple(neg.negative_pixels.shape) == (1, 3, 32, 32)
+    assert torch.allclose(neg.negative_weights, torch.tensor([1.0, 1.0, 0.5]))
     # best-of ranks by the weighted cosine less each negative's hinge, as guidance counts it
     img = [_png(tmp_path, "red.png", "red", "top left", "circle")]
     emb = scorer.encode_images(img)
@@ -324,3 +330,24 @@ def test_img2img_refuses_a_scheduler_with_warm_up_steps():
     with pytest.raises(InputError, match="part-way"):
         sample(lambda x, t: torch.zeros_like(x), sched, x.shape, 6, torch.Generator().manual_seed(0),
                init=x, strength=0.5)
+
+
+def test_steps_for_strength_runs_exactly_that_many():
+    from clipkit.guidance.pipeline import steps_for_strength
+    for strength in (0.05, 0.3, 0.35, 0.4, 0.5, 0.55, 0.65, 0.75, 0.8, 0.85, 0.95, 1.0):
+        k = steps_for_strength(25, strength)
+        assert int(k * strength) >= 25 > int((k - 1) * strength), strength
+
+
+def test_templated_negatives_guide_clip_only_and_label_the_score(scorer):
+    """A {prompt} negative is a CLIP term, never a text-conditioned model's CFG negative (it would
+    cancel the prompt); the score is "cosine" only for one plain positive part and one CLIP."""
+    from clipkit.guidance.pipeline import conditioning_text, prompt_parts, score_kind
+    cfg = GenerateConfig(negative=["{prompt} and another shape:4", "blurry"]).validate()
+    parts = prompt_parts("a castle", cfg)
+    assert [p.text for p in parts] == ["a castle", "a castle and another shape", "blurry"]
+    assert conditioning_text(parts) == ("a castle", "blurry")
+    plain = GenerateConfig().validate()
+    assert score_kind(plain, "a red circle", 1) == score_kind(plain, "a red circle:2", 1) == "cosine"
+    assert score_kind(plain, "a red circle", 2) == score_kind(plain, "a | b", 1) == "weighted"
+    assert score_kind(cfg, "a red circle", 1) == "weighted"
