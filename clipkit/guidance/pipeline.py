@@ -413,8 +413,13 @@ class GenerateResult:
         """What the score column means, in words."""
         clips = self.models["clip"] if isinstance(self.models["clip"], list) else [self.models["clip"]]
         under = f"CLIP {clips[0]!r}" if len(clips) == 1 else "CLIPs " + ", ".join(map(repr, clips)) + " (weighted)"
-        return ("cosine with the prompt under " if self.score == "cosine" else
-                "weighted cosine with the prompt's parts and image prompts, less any negative's hinge, under ") + under
+        parts = [prompt_parts(im.prompt, self.config) for im in self.images]
+        weighted = self.config.image_prompts or any(len([p for p in ps if p.weight > 0]) > 1 for ps in parts)
+        label = ("weighted cosine with the prompt's parts and image prompts" if weighted else "cosine with the prompt")
+        if any(p.weight < 0 for ps in parts for p in ps):
+            label += ", less the negatives' hinge" + (f" ({'; '.join(self.config.negative)})"
+                                                      if self.config.negative else "") + ","
+        return f"{label} under {under}"
 
     def to_dict(self) -> dict:
         return {"score": self.score, "score_note": self.score_note, "models": self.models,

@@ -351,3 +351,17 @@ def test_templated_negatives_guide_clip_only_and_label_the_score(scorer):
     assert score_kind(plain, "a red circle", 1) == score_kind(plain, "a red circle:2", 1) == "cosine"
     assert score_kind(plain, "a red circle", 2) == score_kind(plain, "a | b", 1) == "weighted"
     assert score_kind(cfg, "a red circle", 1) == "weighted"
+
+
+def test_score_label_says_what_the_score_holds():
+    from PIL import Image
+    from clipkit.guidance.pipeline import GeneratedImage, GenerateResult
+    im = lambda p, kind: GeneratedImage(p, 0, Image.new("RGB", (2, 2)), 0.3, 1, score=kind)  # noqa: E731
+    guard = GenerateConfig(negative=["{prompt} and another shape:4"]).validate()
+    r = GenerateResult([im("a red circle", "weighted")], guard, {"clip": "shapes-noised"}, 1, 0, 3)
+    assert r.score == "weighted" and r.score_label() == (
+        "cosine with the prompt, less the negatives' hinge ({prompt} and another shape:4), under CLIP 'shapes-noised'")
+    r = GenerateResult([im("a red circle", "cosine")], GenerateConfig().validate(), {"clip": "shapes"}, 1, 0, 1)
+    assert r.score == "cosine" and r.score_label() == "cosine with the prompt under CLIP 'shapes'"
+    r = GenerateResult([im("a | b", "weighted")], GenerateConfig().validate(), {"clip": ["x", "y"]}, 1, 0, 1)
+    assert r.score_label() == "weighted cosine with the prompt's parts and image prompts under CLIPs 'x', 'y' (weighted)"
