@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--two", action="store_true")
     ap.add_argument("--name-shape", action="store_true", default=True)
     ap.add_argument("--weights", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.3])
+    ap.add_argument("--text-weights", type=float, nargs="*", default=[],
+                    help="also rank by cosine + w * log P(prompt, end | image) under the captioner")
     ap.add_argument("--negative", nargs="*", default=[],
                     help='negatives for every candidate, e.g. "{prompt} and another shape:4" (the bundled default)')
     args = ap.parse_args()
@@ -56,13 +58,15 @@ def main():
         gen_s += time.time() - t0
         cands = sorted(res.images, key=lambda g: g.seed)           # candidate k = seed + k
         t0 = time.time()
-        end = cap.end_logprob([g.image for g in cands], [prompt] * K)
+        lps = cap.token_logprobs([g.image for g in cands], [prompt] * K)
+        end = torch.stack([lp[-1] for lp in lps])
+        full = torch.stack([lp.sum() for lp in lps])               # log P(prompt, then the end | image)
         cap_s += time.time() - t0
         row = []
-        for g, e in zip(cands, end.tolist()):
+        for g, e, t in zip(cands, end.tolist(), full.tolist()):
             x = torch.from_numpy(np.asarray(g.image).copy()).permute(2, 0, 1).float() / 255
             found = read_attributes(x)
-            row.append({"cos": g.clip_score, "end": e, "strict": strict_match(found, objs), "n": len(found),
+            row.append({"cos": g.clip_score, "end": e, "text": t, "strict": strict_match(found, objs), "n": len(found),
                         "lenient": matches(found, {k: objs[0][k] for k in ("color", "position")})})
         rows.append(row)
         print(f"{i}: {prompt}: " + " ".join(f"[{c['strict']:d} n{c['n']} cos{c['cos']:.2f} end{c['end']:.1f}]"
@@ -74,6 +78,8 @@ def main():
     for w in args.weights:
         rules[f"clip+{w:g}*end"] = (lambda w: lambda c: c["cos"] + w * c["end"])(w)
     rules["end"] = lambda c: c["end"]
+    for w in args.text_weights:
+        rules[f"clip+{w:g}*text"] = (lambda w: lambda c: c["cos"] + w * c["text"])(w)
     kind = "two" if args.two else "single"
     print(f"\n# selection: {n} {kind}-object prompts (prompt seed {args.prompt_seed}, seeds {args.seed}+), "
           f"default generate, K up to {K}; generation {per_image:.2f} s/image, captioner "
