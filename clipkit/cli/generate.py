@@ -63,6 +63,12 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
                    "classifier-free negative prompt. On its own diffusion model a profile adds its "
                    "negatives (shapes: \"{prompt} and another shape:4\", which keeps images to what the "
                    "prompt names); --negative '' drops them.")
+@click.option("--scorer", "scorer_specs", multiple=True,
+              metavar="SPEC[:WEIGHT]",
+              help="An image scorer added to what guidance and best-of maximise (repeatable; weight default "
+                   "1): aesthetic:PATH, a LAION aesthetic-predictor head (linear or MLP, .pth or "
+                   ".safetensors) on the first --clip's image embeddings. A preference model that is a CLIP "
+                   "(PickScore: a transformers CLIPModel directory) guides as --clip.")
 @click.option("--image-prompt", "image_prompts", type=ImagePromptType(), multiple=True, metavar="PATH[:WEIGHT]",
               help="Guide towards an image's CLIP embedding (repeatable; weight default 1). With image "
                    "prompts only, the PROMPT may be left out.")
@@ -86,6 +92,7 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
 def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, drafts, draft_steps,
              select, captioner_spec,
              guide_target, scheduler, size, out_dir, overwrite, diffusion_spec, clip_specs, clip_weights, negatives,
+             scorer_specs,
              image_prompts, init_image, strength, cut_schedule, tv_scale, range_scale, sat_scale, as_json):
     """Generate images for each PROMPT (quote each one) with CLIP-guided diffusion.
 
@@ -107,6 +114,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
       clipkit generate --image-prompt render.png -n 2
       clipkit generate "a green square at the bottom right" --init-image blue.png --strength 0.5
       clipkit generate "a red circle" --clip shapes-noised --clip shapes --clip-weights 1,0.5
+      clipkit generate "a red circle" --clip shapes --scorer aesthetic:head.safetensors:0.1
       clipkit generate "a blue square" "a green triangle" -n 2 --best-of 4 --seed 0 --out shapes/
       clipkit generate "a red square at the bottom left" -n 1 --best-of 4 --select caption
       clipkit generate "a church" -n 1 --diffusion hf:google/ddpm-church-256 --clip openclip:ViT-B-32/openai
@@ -164,6 +172,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
                           best_of=best_of, drafts=drafts, draft_steps=draft_steps, select=selector, scheduler=scheduler, size=size, guide_target=guide_target,
                           negative=list(negatives), image_prompts=[list(ip) for ip in image_prompts],
                           clip_weights=clip_weights, init_image=init_image, strength=strength,
+                          scorers=list(scorer_specs),
                           cut_schedule=cut_schedule, tv_scale=tv_scale, range_scale=range_scale, sat_scale=sat_scale)
     finally:
         for b in bars:

@@ -443,6 +443,16 @@ class AestheticScore:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         return -self.score(pixels)
 
+    def score_images(self, images) -> torch.Tensor:
+        """The head's score [N] of images as files are read (the scorer's own preprocessing path),
+        so best-of ranks by it too."""
+        emb = self.scorer.encode_images(images)
+        if emb.shape[-1] != self.head.dim:
+            raise InputError(f"the aesthetic head takes {self.head.dim}-d CLIP embeddings; "
+                             f"this CLIP gives {emb.shape[-1]}-d")
+        with torch.no_grad():
+            return self.head.to(emb.device)(emb).float().cpu()
+
 
 # ---------------------------------------------------------------- ranking with an objective
 

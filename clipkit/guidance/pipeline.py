@@ -47,7 +47,7 @@ from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.core.ranking import order
 from clipkit.core.registry import BUNDLED, known_words
 from clipkit.guidance.schedulers import OUTPUT_ONLY, SCHEDULERS, count_timesteps, make_scheduler
-from clipkit.core.objectives import (ClipTarget, PromptPart, Weighted, negative_parts, parse_negative,
+from clipkit.core.objectives import (AestheticScore, ClipTarget, PromptPart, Weighted, negative_parts, parse_negative,
                                      parse_weighted_path, parse_weighted_prompt)
 from clipkit.guidance.wrapper import GuidanceConfig, parse_cut_schedule
 
@@ -76,7 +76,7 @@ def score_kind(config: "GenerateConfig", prompt: str, n_clips: int) -> str:
     """"cosine" when a prompt's score is its plain cosine under one CLIP, else "weighted" (weights,
     negatives, image prompts or an ensemble)."""
     parts = prompt_parts(prompt, config)
-    plain = len(parts) == 1 and parts[0].weight > 0 and not config.image_prompts and n_clips == 1
+    plain = len(parts) == 1 and parts[0].weight > 0 and not (config.image_prompts or config.scorers) and n_clips == 1
     return "cosine" if plain else "weighted"
 
 
@@ -118,6 +118,8 @@ class GenerateConfig:
                                                         # each; latent models: also the CFG negative prompt)
     image_prompts: list = field(default_factory=list)   # [[path, weight], ...]: CLIP image targets
     clip_weights: list | None = None    # one weight per guiding CLIP (an ensemble); None: equal
+    scorers: list = field(default_factory=list)         # [[spec, weight], ...]: image scorers on the first
+                                                        # CLIP's embeddings (aesthetic:PATH), score maximised
     tv_scale: float = 0.0           # total variation of the x0 estimate (pixels in [0, 1])
     range_scale: float = 0.0        # squared excess of the x0 estimate outside [0, 1]
     sat_scale: float = 0.0          # absolute excess outside [0, 1] (Disco's saturation loss)
@@ -174,6 +176,13 @@ class GenerateConfig:
             if not w or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in w):
                 raise InputError(f"clip weights must be finite numbers > 0, got {self.clip_weights!r}")
             self.clip_weights = [float(v) for v in w]
+        self.scorers = [list(sc) if not isinstance(sc, str) else list(parse_weighted_path(sc)) for sc in self.scorers]
+        for sc in self.scorers:
+            if len(sc) != 2 or not isinstance(sc[1], (int, float)) or not (math.isfinite(sc[1]) and sc[1] > 0):
+                raise InputError(f"a scorer is SPEC[:WEIGHT > 0], got {sc!r}")
+            from clipkit.core.registry import parse_spec
+            parse_spec(str(sc[0]), "scorer")                      # a one-line error for a bad spec
+            sc[0], sc[1] = str(sc[0]), float(sc[1])
         self.guidance().validate()
         return self
 
@@ -416,6 +425,8 @@ class GenerateResult:
         parts = [prompt_parts(im.prompt, self.config) for im in self.images]
         weighted = self.config.image_prompts or any(len([p for p in ps if p.weight > 0]) > 1 for ps in parts)
         label = ("weighted cosine with the prompt's parts and image prompts" if weighted else "cosine with the prompt")
+        if self.config.scorers:
+            label += ", plus " + " + ".join(f"{w:g} x {spec}" for spec, w in self.config.scorers)
         if any(p.weight < 0 for ps in parts for p in ps):
             label += ", less the negatives' hinge" + (f" ({'; '.join(self.config.negative)})"
                                                       if self.config.negative else "") + ","
@@ -580,7 +591,8 @@ def init_pixels(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Image, float]], scorers: Sequence,
-                    clip_weights: Sequence[float] | None = None, size: int | None = None) -> Weighted:
+                    clip_weights: Sequence[float] | None = None, size: int | None = None,
+                    heads: Sequence[tuple] = ()) -> Weighted:
     """The CLIP objective of one prompt: per CLIP, one :class:`ClipTarget` pulled towards the text
     parts and image prompts of positive weight (spherical distance; weights divided by their sum, so
     one plain prompt is the plain loss) and kept from those of negative weight (CLIP's pairwise
@@ -617,6 +629,8 @@ def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Im
                             logit_scale=float(scorer.logit_scale), image_pixels=pixels(lambda w: w > 0),
                             negative_pixels=pixels(lambda w: w < 0))
         terms.append((cw / sum(ws), target))
+    for head, w in heads:                  # image scorers (aesthetic heads) on the first CLIP's embeddings
+        terms.append((w, AestheticScore(scorers[0], head)))
     return Weighted(terms)
 
 
@@ -731,6 +745,8 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     prompts = _check_prompts(prompts, allow_empty=bool(cfg.image_prompts))
     parts = [check_parts(p, cfg) for p in prompts]
     image_prompts = [(read_image(path, "image prompt"), w) for path, w in cfg.image_prompts]
+    from clipkit.core.objectives import load_aesthetic
+    heads = [(load_aesthetic(spec), w) for spec, w in cfg.scorers]      # small files, read before any model
     init_image = read_image(cfg.init_image, "init image") if cfg.init_image else None
     clips = list(clip) if isinstance(clip, (list, tuple)) else [clip]
     if not clips:
@@ -760,6 +776,12 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     from clipkit.core.scorer import load_scorer
     scorers = [load_scorer(c, device=device, precision=precision) if isinstance(c, str) else c for c in clips]
     scorer = scorers[0]
+    if heads:
+        dim = scorer.text_embeddings(["a"]).shape[-1]
+        for (spec, _), (head, _) in zip(cfg.scorers, heads):
+            if head.dim != dim:
+                raise InputError(f"scorer {spec} takes {head.dim}-d CLIP image embeddings; the first CLIP "
+                                 f"({scorer.spec}) gives {dim}-d: give a --clip it was trained on")
     pipe = load_diffusion(diffusion, device=scorer.device, precision=precision) if isinstance(diffusion, str) \
         else diffusion
     from clipkit.core.registry import is_noise_aware
@@ -780,7 +802,8 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         make_out_dir(out_dir)
     kept: list[GeneratedImage] = []
     for pi, prompt in enumerate(prompts):
-        objective = build_objective(parts[pi], image_prompts, scorers, cfg.clip_weights, cfg.size or pipe.native_size)
+        objective = build_objective(parts[pi], image_prompts, scorers, cfg.clip_weights, cfg.size or pipe.native_size,
+                                    heads)
         text, negative = conditioning_text(parts[pi])
         kind = score_kind(cfg, prompt, len(scorers))
         cond = Conditioning(objective if cfg.guided else None, text, negative, init,

@@ -122,6 +122,7 @@ def test_cli_never_overwrites_silently(tmp_path):
     [PROMPT, "--tv-scale", "-1"], [PROMPT, "--sat-scale", "inf"], [PROMPT, "--range-scale", "nan"],
     [PROMPT, "--cut-schedule", "4+x"], [PROMPT, "--cut-schedule", "0+4"], [PROMPT, "--clip-weights", "1,2"],
     [PROMPT, "--clip-weights", "nan"], [PROMPT, "--drafts", "0"], [PROMPT, "--negative", "a red shape:0"],
+    [PROMPT, "--scorer", "aesthetic:missing.pth"], [PROMPT, "--scorer", "shapes"], [PROMPT, "--scorer", "aesthetic:x.pth:0"],
     ["a red circle:-1"], ["a red circle:2 | :3"], [],
 ])
 def test_cli_bad_input_exit_2_nothing_written(tmp_path, bad):

@@ -365,3 +365,29 @@ def test_score_label_says_what_the_score_holds():
     assert r.score == "cosine" and r.score_label() == "cosine with the prompt under CLIP 'shapes'"
     r = GenerateResult([im("a | b", "weighted")], GenerateConfig().validate(), {"clip": ["x", "y"]}, 1, 0, 1)
     assert r.score_label() == "weighted cosine with the prompt's parts and image prompts under CLIPs 'x', 'y' (weighted)"
+
+
+def test_aesthetic_scorer_joins_the_objective_and_the_ranking(shapes_pipe, scorer, tmp_path):
+    """--scorer aesthetic:PATH[:W]: the head's score on the first CLIP's embeddings is added (x W) to
+    what guidance maximises and best-of ranks by; a head of another width is a one-line error."""
+    from safetensors.torch import save_file
+    from clipkit.core.objectives import load_aesthetic
+    d = scorer.text_embeddings(["a"]).shape[-1]
+    save_file({"weight": torch.randn(1, d, generator=torch.Generator().manual_seed(0)), "bias": torch.ones(1)},
+              str(tmp_path / "head.safetensors"))
+    save_file({"weight": torch.zeros(1, d + 1), "bias": torch.zeros(1)}, str(tmp_path / "wide.safetensors"))
+    kw = dict(diffusion=shapes_pipe, clip=scorer, device="cpu", steps=2, seed=0, guide_target="x0")
+    res = generate("a red circle", n=1, scorers=[f"aesthetic:{tmp_path / 'head.safetensors'}:0.5"], **kw)
+    im = res.images[0]
+    emb = scorer.encode_images([im.image])
+    head = load_aesthetic(f"aesthetic:{tmp_path / 'head.safetensors'}")
+    want = float(emb @ scorer.encode_texts(["a red circle"]).T) + 0.5 * float(head(emb))
+    assert math.isclose(im.clip_score, want, abs_tol=1e-4) and res.score == im.score == "weighted"
+    assert res.config.scorers == [[f"aesthetic:{tmp_path / 'head.safetensors'}", 0.5]]
+    # the guided image differs from one without the scorer (same seed): it is in the objective
+    plain = generate("a red circle", n=1, **kw).images[0].image
+    assert np.asarray(plain).tobytes() != np.asarray(im.image).tobytes()
+    with pytest.raises(InputError, match=f"takes {d + 1}-d"):
+        generate("a red circle", n=1, scorers=[f"aesthetic:{tmp_path / 'wide.safetensors'}"], **kw)
+    with pytest.raises(ModelLoadError, match="no such file"):
+        generate("a red circle", n=1, scorers=[f"aesthetic:{tmp_path / 'none.pth'}"], **kw)
