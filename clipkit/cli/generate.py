@@ -67,8 +67,9 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
               metavar="SPEC[:WEIGHT]",
               help="An image scorer added to what guidance and best-of maximise (repeatable; weight default "
                    "1): aesthetic:PATH, a LAION aesthetic-predictor head (linear or MLP, .pth or "
-                   ".safetensors) on the first --clip's image embeddings. A preference model that is a CLIP "
-                   "(PickScore: a transformers CLIPModel directory) guides as --clip.")
+                   ".safetensors) on the first --clip's image embeddings. Preference models that are CLIPs guide "
+                   "as --clip: PickScore (a transformers CLIPModel directory), HPSv2 "
+                   "(openclip:ViT-H-14/HPS_v2_compressed.pt).")
 @click.option("--image-prompt", "image_prompts", type=ImagePromptType(), multiple=True, metavar="PATH[:WEIGHT]",
               help="Guide towards an image's CLIP embedding (repeatable; weight default 1). With image "
                    "prompts only, the PROMPT may be left out.")
