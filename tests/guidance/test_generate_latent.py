@@ -234,19 +234,24 @@ def test_init_image_runs_the_last_part_of_the_trajectory(pipe, scorer, tmp_path)
 
 def test_ensemble_image_prompt_drafts_and_cuts_through_the_cli(sd_dir, tiny_openclip_dir, tmp_path):
     """Every control at once on the latent path: two CLIPs (the same one twice, weighted), an image
-    prompt, a negative, a cut schedule, regularisers, drafts and an init image."""
+    prompt, a negative, a cut schedule, regularisers, drafts, an init image and an aesthetic scorer."""
+    from safetensors.torch import save_file
     path = _render(tmp_path)
     out = tmp_path / "o"
+    head = tmp_path / "head.safetensors"                 # a LAION linear head on the tiny CLIP's 32-d embeddings
+    save_file({"weight": torch.randn(1, 32, generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(1)},
+              str(head))
     res = CliRunner().invoke(cli, ["-q", "generate", "a red circle:2 | a square:-1", "--diffusion", str(sd_dir),
                                    "--clip", str(tiny_openclip_dir), "--clip", str(tiny_openclip_dir),
                                    "--clip-weights", "1,0.5", "--image-prompt", f"{path}:0.5", "--negative", "dark",
                                    "--cut-schedule", "2+1,1+2", "--tv-scale", "0.1", "--sat-scale", "1",
                                    "--drafts", "2", "--draft-steps", "1", "--init-image", str(path),
                                    "--strength", "0.8", "--steps", "3", "-n", "1", "--seed", "5", "--out", str(out),
-                                   "--json"])
+                                   "--scorer", f"aesthetic:{head}:0.2", "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     p = doc["parameters"]
+    assert p["scorers"] == [[f"aesthetic:{head}", 0.2]] and doc["score"] == "weighted"
     assert doc["models"]["clip"] == [str(tiny_openclip_dir)] * 2 and p["clip_weights"] == [1.0, 0.5]
     assert p["image_prompts"] == [[str(path), 0.5]] and p["negative"] == ["dark"] and p["drafts"] == 2
     assert p["init_image"] == str(path) and p["strength"] == 0.8 and p["guidance"]["cut_schedule"] == [[2, 1], [1, 2]]
