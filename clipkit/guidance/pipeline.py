@@ -66,7 +66,8 @@ MAX_SEED = 2 ** 32        # seeds are in [0, 2^32); view noise uses seed + 2^32,
 SCORE_NOTE = ("cosine similarity between the image as saved and its prompt, under the guiding CLIP; "
               "guidance optimises this number, so it overstates quality: judge with another CLIP or the oracle")
 WEIGHTED_NOTE = ("weighted cosine similarity between the image as saved and the prompt's positive parts and image "
-                 "prompts, under the guiding CLIP(s) (an ensemble: weighted by --clip-weights), less each "
+                 "prompts, under the guiding CLIP(s) (an ensemble: weighted by --clip-weights), plus each "
+                 "--scorer's score times its weight, less each "
                  "negative's hinge w * softplus(s (cos_neg - cos)) / s (w: its strength, s: CLIP's logit "
                  "scale); guidance optimises this number, so it overstates quality: judge with another CLIP "
                  "or the oracle")
@@ -74,7 +75,7 @@ WEIGHTED_NOTE = ("weighted cosine similarity between the image as saved and the 
 
 def score_kind(config: "GenerateConfig", prompt: str, n_clips: int) -> str:
     """"cosine" when a prompt's score is its plain cosine under one CLIP, else "weighted" (weights,
-    negatives, image prompts or an ensemble)."""
+    negatives, image prompts, scorers or an ensemble)."""
     parts = prompt_parts(prompt, config)
     plain = len(parts) == 1 and parts[0].weight > 0 and not (config.image_prompts or config.scorers) and n_clips == 1
     return "cosine" if plain else "weighted"
