@@ -147,7 +147,12 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     best_of = best_of if best_of is not None else (profile.best_of if own else 1)
     # the profile's negatives (its count guard) come first, unless an empty --negative '' drops them
     keep_default = own and all(t.strip() for t in negatives)
-    negatives = [*(profile.negative if keep_default else ()), *(t for t in negatives if t.strip())]
+    # (once each: giving the profile's own negative again does not double its strength)
+    negatives = list(dict.fromkeys([*(profile.negative if keep_default else ()), *(t for t in negatives if t.strip())]))
+    if not any(p.strip() for p in prompts) and any("{prompt}" in t and t not in profile.negative for t in negatives):
+        import logging
+        logging.getLogger("clipkit.cli").warning("a {prompt} negative needs a text prompt: with image prompts "
+                                                 "only it is left out")
     explicit_select = select is not None
     if select is None:
         # the captioner judges an image against a text: with image prompts alone there is none

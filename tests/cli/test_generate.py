@@ -87,6 +87,11 @@ def test_cli_default_is_the_profiles_best_of_3_by_caption(tmp_path):
                str(tmp_path / "b"), "--negative", "", "--negative", "a blue shape", "--json"])
     side = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
     assert side["parameters"]["negative"] == ["a blue shape"]
+    # the profile's own negative given again is not doubled
+    res = run(["-q", "generate", PROMPT, "-n", "1", "--steps", "2", "--seed", "3", "--best-of", "1", "--out",
+               str(tmp_path / "c"), "--negative", "{prompt} and another shape:4", "--json"])
+    side = json.loads(next((tmp_path / "c").glob("*.json")).read_text())
+    assert side["parameters"]["negative"] == ["{prompt} and another shape:4"]
     # a negative's strength is a magnitude: a one-line error before anything loads
     res = run(["generate", PROMPT, "--negative", "a blue shape:-2"])
     assert res.exit_code == 2 and "STRENGTH must be > 0" in res.stderr
@@ -216,3 +221,16 @@ def test_cli_init_image_defaults_on_the_bundled_profile(tmp_path):
     assert res.exit_code == 0, res.output
     side = json.loads(next((tmp_path / "p").glob("*.json")).read_text())
     assert side["models"]["clip"] == "shapes" and side["parameters"]["steps"] == 4
+
+
+def test_cli_warns_when_a_prompt_negative_has_no_prompt(tmp_path):
+    """A user's {prompt} negative on an image-prompt-only run is left out, and the user is told so
+    (the profile's own count guard is left out silently)."""
+    from PIL import Image
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(ref)
+    args = ["generate", "--image-prompt", str(ref), "-n", "1", "--best-of", "1", "--steps", "1", "--seed", "0"]
+    res = run([*args, "--out", str(tmp_path / "a"), "--negative", "{prompt} and a square"])
+    assert res.exit_code == 0 and "needs a text prompt" in res.stderr, res.output
+    res = run([*args, "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "needs a text prompt" not in res.stderr, res.output
