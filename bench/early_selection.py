@@ -94,9 +94,7 @@ def score(img, prompt, objs, target, clean, tc, cap) -> dict:
         plain = float(target._weighted_cos(e)[0])
         cos = plain
         if target.negatives is not None:          # the hinge of ClipTarget / score_images
-            sc = target.logit_scale
-            cos -= float((torch.nn.functional.softplus(sc * (e[0] @ target.negatives.T - plain)) / sc
-                          * target.negative_weights).sum())
+            cos -= float(target.hinge(e @ target.negatives.T, torch.tensor([plain]))[0])
         cos_clean = float(clean.embed_pixels(img[None]) @ tc[0])
     end = float(cap.end_logprob(img[None], [prompt])[0])
     return {"strict": bool(strict_match(found, objs)), "n": len(found), "cos": cos, "plain": plain,

@@ -226,9 +226,7 @@ class ClipTarget:
             return loss - (self.loss_fn(emb[:, None, :], neg[None]) * w).sum(-1)
         if self.negative_mode == "cosine":
             return loss + ((e @ neg.T) * w).sum(-1)
-        margin = e @ neg.T - self._weighted_cos(e)[:, None]                        # [B, N]
-        s = self.logit_scale
-        return loss + (F.softplus(s * margin) / s * w).sum(-1)
+        return loss + self.hinge(e @ neg.T, self._weighted_cos(e))
 
     def cosine(self, pixels: torch.Tensor) -> torch.Tensor:
         """The weighted mean cosine [B] with the targets (what a user reads as "the CLIP score")."""
@@ -250,8 +248,14 @@ class ClipTarget:
         cos_n = cosines(emb, self.negatives)                                           # [N, K]
         if self.negative_mode != "hinge":                                              # the linear forms
             return score - (cos_n * self.negative_weights).sum(-1)
-        s = self.logit_scale                        # the guidance loss's hinge, so both rank alike
-        return score - (F.softplus(s * (cos_n - score[:, None])) / s * self.negative_weights).sum(-1)
+        return score - self.hinge(cos_n, score)          # the guidance loss's hinge, so both rank alike
+
+    def hinge(self, cos_n: torch.Tensor, cos_p: torch.Tensor) -> torch.Tensor:
+        """The negatives' term [B] from their cosines [B, N] and the prompt's [B]:
+        ``sum_n w_n * softplus(s * (cos_n - cos_p)) / s``."""
+        s = self.logit_scale
+        w = self.negative_weights.to(cos_n.device)
+        return (F.softplus(s * (cos_n - cos_p[:, None])) / s * w).sum(-1)
 
     def _weighted_cos(self, emb: torch.Tensor) -> torch.Tensor:
         tgt = self._rows(emb.shape[0], emb.device)
@@ -434,7 +438,9 @@ class AestheticScore:
     head: AestheticHead
 
     def score(self, pixels: torch.Tensor) -> torch.Tensor:
-        emb = self.scorer.embed_pixels(pixels)
+        return self._head(self.scorer.embed_pixels(pixels))
+
+    def _head(self, emb: torch.Tensor) -> torch.Tensor:
         if emb.shape[-1] != self.head.dim:
             raise InputError(f"the aesthetic head takes {self.head.dim}-d CLIP embeddings; "
                              f"this CLIP gives {emb.shape[-1]}-d")
@@ -446,12 +452,8 @@ class AestheticScore:
     def score_images(self, images) -> torch.Tensor:
         """The head's score [N] of images as files are read (the scorer's own preprocessing path),
         so best-of ranks by it too."""
-        emb = self.scorer.encode_images(images)
-        if emb.shape[-1] != self.head.dim:
-            raise InputError(f"the aesthetic head takes {self.head.dim}-d CLIP embeddings; "
-                             f"this CLIP gives {emb.shape[-1]}-d")
         with torch.no_grad():
-            return self.head.to(emb.device)(emb).float().cpu()
+            return self._head(self.scorer.encode_images(images)).float().cpu()
 
 
 # ---------------------------------------------------------------- ranking with an objective

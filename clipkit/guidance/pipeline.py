@@ -71,6 +71,7 @@ WEIGHTED_NOTE = ("weighted cosine similarity between the image as saved and the 
                  "negative's hinge w * softplus(s (cos_neg - cos)) / s (w: its strength, s: CLIP's logit "
                  "scale); guidance optimises this number, so it overstates quality: judge with another CLIP "
                  "or the oracle")
+SCORE_NOTES = {"cosine": SCORE_NOTE, "weighted": WEIGHTED_NOTE}     # by score_kind
 
 
 def score_kind(config: "GenerateConfig", prompt: str, n_clips: int) -> str:
@@ -178,10 +179,10 @@ class GenerateConfig:
                 raise InputError(f"clip weights must be finite numbers > 0, got {self.clip_weights!r}")
             self.clip_weights = [float(v) for v in w]
         self.scorers = [list(sc) if not isinstance(sc, str) else list(parse_weighted_path(sc)) for sc in self.scorers]
+        from clipkit.core.registry import parse_spec
         for sc in self.scorers:
             if len(sc) != 2 or not isinstance(sc[1], (int, float)) or not (math.isfinite(sc[1]) and sc[1] > 0):
                 raise InputError(f"a scorer is SPEC[:WEIGHT > 0], got {sc!r}")
-            from clipkit.core.registry import parse_spec
             parse_spec(str(sc[0]), "scorer")                      # a one-line error for a bad spec
             sc[0], sc[1] = str(sc[0]), float(sc[1])
         self.guidance().validate()
@@ -417,7 +418,7 @@ class GenerateResult:
 
     @property
     def score_note(self) -> str:
-        return SCORE_NOTE if self.score == "cosine" else WEIGHTED_NOTE
+        return SCORE_NOTES[self.score]
 
     def score_label(self) -> str:
         """What the score column means, in words."""
@@ -647,9 +648,7 @@ def conditioning_text(parts: Sequence[PromptPart]) -> tuple[str, str | None]:
 def steps_for_strength(run: int, strength: float) -> int:
     """The fewest schedule steps of which an img2img run at ``strength`` runs ``run`` (it runs
     ``int(steps * strength)``, as in diffusers)."""
-    steps = max(1, math.ceil(run / strength))
-    while int((steps - 1) * strength) >= run:
-        steps -= 1
+    steps = max(1, int(run / strength))       # at most the answer: (that - 1) x strength < run
     while int(steps * strength) < run:
         steps += 1
     return steps
@@ -824,7 +823,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
                 png = targets[(pi, finished[k])]
                 sidecar = {"clipkit": __version__, "prompt": prompt, "seed": finished[k], "image": png.name,
                            "clip_score": img.clip_score, "score": kind,
-                           "score_note": SCORE_NOTE if kind == "cosine" else WEIGHTED_NOTE,
+                           "score_note": SCORE_NOTES[kind],
                            "rank": rank_, "candidates": n_cand, "models": models,
                            "parameters": parameters(cfg, n, seed),
                            "device": str(scorer.device), "precision": precision,
