@@ -785,8 +785,12 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     pipe = load_diffusion(diffusion, device=scorer.device, precision=precision) if isinstance(diffusion, str) \
         else diffusion
     from clipkit.core.registry import is_noise_aware
-    noise_aware = any(is_noise_aware(s.spec) for s in scorers)   # an ensemble with one: all see x_t
-    cfg = pipe.check(cfg.resolve_target(noise_aware, pipe.guide_targets))
+    aware = [is_noise_aware(s.spec) for s in scorers]
+    auto = cfg.guide_target == "auto"
+    cfg = pipe.check(cfg.resolve_target(any(aware), pipe.guide_targets))   # an ensemble with one: all see x_t
+    if auto and cfg.guide_target == "xt" and not all(aware):
+        log.info("guide target x_t (a noise-aware CLIP is in the ensemble): %s see x_t too",
+                 ", ".join(s.spec for s, a in zip(scorers, aware) if not a))
     models = {"clip": scorer.spec if len(scorers) == 1 else [s.spec for s in scorers],
               "diffusion": pipe.spec, "diffusion_kind": pipe.kind}
     per_image = pipe.steps_per_image(cfg)

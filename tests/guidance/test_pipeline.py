@@ -246,8 +246,11 @@ def test_weighted_negative_and_image_prompts_build_one_objective(shapes_pipe, sc
     assert float(far(pix) - plain(pix)) < 1e-3
 
 
-def test_generate_with_every_control_and_ensembles(shapes_pipe, scorer, tmp_path):
+def test_generate_with_every_control_and_ensembles(shapes_pipe, scorer, tmp_path, caplog):
+    import logging
+
     from clipkit.core.scorer import load_scorer
+    caplog.set_level(logging.INFO, logger="clipkit.guidance.pipeline")
     noised = load_scorer("shapes-noised", device="cpu")
     kw = dict(diffusion=shapes_pipe, steps=3, seed=4)
     res = generate("a red circle:1 | a square:-0.5", n=1, clip=[noised, scorer], clip_weights=[1, 3],
@@ -257,6 +260,7 @@ def test_generate_with_every_control_and_ensembles(shapes_pipe, scorer, tmp_path
     assert side["models"]["clip"] == ["shapes-noised", "shapes"] and side["parameters"]["clip_weights"] == [1.0, 3.0]
     assert side["parameters"]["negative"] == ["a green shape"] and side["parameters"]["guidance"]["cut_schedule"] == [[2, 1], [1, 2]]
     assert res.config.guide_target == "xt"        # one CLIP is noise-aware: auto -> x_t for the ensemble
+    assert any("shapes see x_t too" in r.getMessage() for r in caplog.records)      # and it is said
     # the ensemble's score is the weighted mean of each CLIP's score (weights normalised)
     im = res.images[0].image
     one = [generate("a red circle", n=1, clip=c, **kw) for c in (noised, scorer)]
