@@ -52,6 +52,9 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--clip-scale", type=float, default=0.2)
     ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--seed-stride", type=int, default=None,
+                    help="prompt i's candidates get seeds seed + STRIDE*i + k (default: --candidates; "
+                         "8 gives the seeds of bench/early_selection.py --candidates 8)")
     args = ap.parse_args()
     K = args.candidates
     expected, texts = draw_prompts(args.prompts, args.prompt_seed, args.name_shape, args.two)
@@ -60,7 +63,7 @@ def main():
     gen_s = cap_s = 0.0
     for i, (objs, prompt) in enumerate(zip(expected, texts)):
         t0 = time.time()
-        res = generate(prompt, n=K, seed=args.seed + K * i, device="cpu", negative=args.negative, clip=args.clip,
+        res = generate(prompt, n=K, seed=args.seed + (args.seed_stride or K) * i, device="cpu", negative=args.negative, clip=args.clip,
                        steps=args.steps, clip_scale=args.clip_scale, views=args.views)
         gen_s += time.time() - t0
         cands = sorted(res.images, key=lambda g: g.seed)           # candidate k = seed + k

@@ -55,6 +55,10 @@ def train():
               help="robust: noise/blur/low-res/tint augmentations (x0-estimate-like inputs); auto: robust, "
                    "none for labelled images.")
 @click.option("--noise-aware", is_flag=True, help="Also train on DDPM-noised images x_t (GLIDE-style).")
+@click.option("--noise-fraction", "noise_fraction", type=FiniteFloat(min=0, max=1), default=None,
+              help="With --noise-aware: the fraction of each batch noised [default: 0.5].")
+@click.option("--render-size", "render_sizes", type=click.IntRange(min=8), multiple=True,
+              help="--data shapes: render at this size (repeatable; each batch picks one) [default: 32, 48, 64].")
 @click.option("--train-only", "train_only", multiple=True, metavar="PREFIX",
               help="Train only parameters whose names start with PREFIX (repeatable; the rest frozen). With "
                    "--init, the saved model is an overlay: just those weights + the base spec.")
@@ -73,16 +77,17 @@ def train():
                    "a labelled folder or list (zero-shot top-1), 'none'; auto: shapes for a Shapes CLIP.")
 @_common
 @click.pass_obj
-def clip(settings, data, init, model_config, augment, noise_aware, train_only, warmup, class_names, templates,
-         wise, reference, as_json, **kw):
+def clip(settings, data, init, model_config, augment, noise_aware, noise_fraction, render_sizes, train_only, warmup,
+         class_names, templates, wise, reference, as_json, **kw):
     """Contrastive CLIP training (symmetric cross-entropy, learned temperature).
 
     \b
     Examples:
       clipkit train clip --out runs/clip --steps 20000            # the bundled Shapes CLIP
       clipkit train clip --data captions.jsonl --init shapes --out runs/ft --steps 500
-      clipkit train clip --init shapes --noise-aware --train-only visual.conv1 \\
-          --train-only visual.transformer.resblocks.0. --out runs/noised --steps 600   # an overlay
+      clipkit train clip --init shapes --noise-aware --noise-fraction 0.75 --render-size 32 \\
+          --train-only visual. --out runs/noised --steps 3000 --batch-size 64 --lr 2e-4 --warmup 100
+                                                 # the bundled guide (an overlay of the image tower)
       accelerate launch --multi_gpu --num_processes 2 -m clipkit.cli.main train clip --out runs/clip
       clipkit train clip --data data/digits --class-names data/digits/class_names.json --init shapes \\
           --out runs/digits --wise 0.25,0.5,0.75          # FLYP fine-tuning + WiSE-FT on an ImageFolder
@@ -108,11 +113,16 @@ def clip(settings, data, init, model_config, augment, noise_aware, train_only, w
     if not labelled and (class_names or templates or wise):
         raise click.UsageError("--class-names, --templates and --wise are for labelled --data "
                                "(an ImageFolder or a path,label list)")
+    if noise_fraction is not None and not noise_aware:
+        raise click.UsageError("--noise-fraction is the share of x_t images: it needs --noise-aware")
+    if render_sizes and data != "shapes":
+        raise click.UsageError("--render-size sets the size of Shapes renders: it needs --data shapes")
     if wise and not init:
         raise click.UsageError("--wise interpolates between --init SPEC and the fine-tuned model: give --init")
     ref_name, ref_fn = reference_task(reference, init) if wise else (None, None)
     cfg = _config(TrainClipConfig, data=data, init=init, model_cfg=model_cfg, augment=augment,
-                  noise_aware=noise_aware, train_only=tuple(train_only) or None, warmup=warmup, class_names=class_names,
+                  noise_aware=noise_aware, noise_fraction=noise_fraction, render_sizes=tuple(render_sizes) or None,
+                  train_only=tuple(train_only) or None, warmup=warmup, class_names=class_names,
                   templates=templates, wise=tuple(wise) if wise else None, reference=ref_name, **kw)
     res = train_clip(cfg, progress=not (settings.quiet or as_json), reference=ref_fn)
     _report(res, as_json)

@@ -68,6 +68,24 @@ def test_train_clip_labelled_options(tmp_path, colours, tiny_openclip_dir):
     assert (tmp_path / "ft" / "wise.csv").read_text().startswith("alpha,model,test_top1")
 
 
+def test_train_clip_noise_options(tmp_path, colours, monkeypatch):
+    assert_one_line_error(run("train", "clip", "--out", tmp_path / "a", "--noise-fraction", "0.7"), "--noise-aware")
+    assert_one_line_error(run("train", "clip", "--data", colours, "--out", tmp_path / "b", "--render-size", "32"),
+                          "--data shapes")
+    assert_one_line_error(run("train", "clip", "--out", tmp_path / "c", "--noise-aware", "--noise-fraction", "1.5"),
+                          "1.5")
+    seen = {}
+
+    def fake(cfg, progress=True, reference=None):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+    monkeypatch.setattr("clipkit.shapes.recipes.train_clip", fake)
+    run("train", "clip", "--out", tmp_path / "d", "--noise-aware", "--noise-fraction", "0.75",
+        "--render-size", "32", "--train-only", "visual.")
+    cfg = seen["cfg"]
+    assert cfg.noise_aware and cfg.noise_fraction == 0.75 and cfg.render_sizes == (32,) and cfg.train_only == ("visual.",)
+
+
 def test_eval_real_subprocess(colours, tiny_openclip_dir):
     import subprocess
     import sys
