@@ -2,14 +2,14 @@
 
     python bench/selection.py [--prompts 30] [--prompt-seed 0] [--seed 100] [--candidates 4] [--two]
                               [--weights 0.02 0.05 0.1 0.3] [--name-shape] [--negative TEXT:S ...]
-                              [--clip SPEC] [--steps 25] [--clip-scale 0.2] [--views 4]
+                              [--clip SPEC] [--steps N] [--clip-scale S] [--views V] [--seed-stride N]
 
-For each prompt (bench/guidance.py's draw), the default `generate` (no flags) samples K candidates
-(seeds seed + K*i ...; --clip, --steps, --clip-scale and --views change the sampler: one
-configuration per run); each selection rule keeps one, and the oracle judges it strictly
+For each prompt (bench/guidance.py's draw), `generate` samples K candidates (prompt i: seeds seed +
+STRIDE*i + k, STRIDE = K unless --seed-stride) with the API's defaults, or the sampler that --clip,
+--steps, --clip-scale and --views set (one configuration per run); each selection rule keeps one, and the oracle judges it strictly
 (`oracle.strict_match`: exactly the named objects, every attribute right, nothing else). Rules:
 
-* ``first``: candidate 0 alone, i.e. today's default (best-of-1);
+* ``one sample``: candidate 0 alone (best-of-1), and the mean over all K candidates (one sample's rate);
 * ``clip``: the guiding CLIP's cosine with the prompt (`--best-of K`);
 * ``clip+w*end``: cosine + w * log P(the caption ends after the prompt | image) under the bundled
   captioner (`--select caption`): the captioner, a second model, says whether the image holds more
@@ -49,22 +49,27 @@ def main():
     ap.add_argument("--negative", nargs="*", default=[],
                     help='negatives for every candidate, e.g. "{prompt} and another shape:4" (the bundled default)')
     ap.add_argument("--clip", default="shapes-noised", help="the guiding CLIP (default: the bundled guide)")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--clip-scale", type=float, default=0.2)
-    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=None, help="default: the API's (25)")
+    ap.add_argument("--clip-scale", type=float, default=None, help="default: the API's (0.2)")
+    ap.add_argument("--views", type=int, default=None, help="default: the API's (4)")
     ap.add_argument("--seed-stride", type=int, default=None,
                     help="prompt i's candidates get seeds seed + STRIDE*i + k (default: --candidates; "
                          "8 gives the seeds of bench/early_selection.py --candidates 8)")
     args = ap.parse_args()
     K = args.candidates
+    stride = K if args.seed_stride is None else args.seed_stride
+    if stride < 1:
+        ap.error("--seed-stride must be >= 1")
+    sampler = {k: v for k, v in (("steps", args.steps), ("clip_scale", args.clip_scale), ("views", args.views))
+               if v is not None}
     expected, texts = draw_prompts(args.prompts, args.prompt_seed, args.name_shape, args.two)
     cap = load_captioner("shapes", device="cpu")
     rows = []                                  # per prompt: list of candidate dicts
     gen_s = cap_s = 0.0
     for i, (objs, prompt) in enumerate(zip(expected, texts)):
         t0 = time.time()
-        res = generate(prompt, n=K, seed=args.seed + (args.seed_stride or K) * i, device="cpu", negative=args.negative, clip=args.clip,
-                       steps=args.steps, clip_scale=args.clip_scale, views=args.views)
+        res = generate(prompt, n=K, seed=args.seed + stride * i, device="cpu", negative=args.negative,
+                       clip=args.clip, **sampler)
         gen_s += time.time() - t0
         cands = sorted(res.images, key=lambda g: g.seed)           # candidate k = seed + k
         t0 = time.time()
@@ -92,8 +97,8 @@ def main():
         rules[f"clip+{w:g}*text"] = (lambda w: lambda c: c["cos"] + w * c["text"])(w)
     kind = "two" if args.two else "single"
     print(f"\n# selection: {n} {kind}-object prompts (prompt seed {args.prompt_seed}, seeds {args.seed}+), "
-          f"guide {args.clip}, {args.steps} steps, step {args.clip_scale:g}, {args.views} views, K up to {K}; generation {per_image:.2f} s/image, captioner "
-          f"{per_caption:.3f} s/image ({torch.get_num_threads()} threads)\n")
+          f"guide {args.clip}, sampler {sampler or 'the API defaults'}, K up to {K}; "
+          f"generation {per_image:.2f} s/image, captioner {per_caption:.3f} s/image ({torch.get_num_threads()} threads)\n")
     print("| rule | candidates | **strict** | lenient | objects 0/1/2/3+ | s per kept image |\n|---|---|---|---|---|---|")
 
     def line(name, k, pick, captioned):

@@ -9,8 +9,8 @@ from helpers import make_sd_components, save_sd_pipeline
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # recorded with `python tests/golden_cases.py` in the commit that added this file, before the refactor;
-# PIXEL's first two cases (guided by the bundled `shapes-noised`) re-recorded at stop 14, when that
-# guide's weights were retrained (the code did not change: the third case, guided by `shapes`, did not)
+# PIXEL's first two cases (guided by the bundled `shapes-noised`) re-recorded when that guide's
+# weights were retrained (the fuller image-tower overlay) (the code did not change: the third case, guided by `shapes`, did not)
 SCORER = [0.15372, 0.40728, 0.07136, 0.16944, 12.493]
 PIXEL = [6.2165, 8, 6, 2, 138, 3, 1, 255, 5, 0.2639,
          7.0052, 0, 0, 24, 108, 0, 0, 254, 18, 0.2666,

@@ -55,9 +55,9 @@ def train():
               help="robust: noise/blur/low-res/tint augmentations (x0-estimate-like inputs); auto: robust, "
                    "none for labelled images.")
 @click.option("--noise-aware", is_flag=True, help="Also train on DDPM-noised images x_t (GLIDE-style).")
-@click.option("--noise-fraction", "noise_fraction", type=FiniteFloat(min=0, max=1), default=None,
+@click.option("--noise-fraction", "noise_fraction", type=FiniteFloat(min=0, max=1, min_open=True), default=None,
               help="With --noise-aware: the fraction of each batch noised [default: 0.5].")
-@click.option("--render-size", "render_sizes", type=click.IntRange(min=8), multiple=True,
+@click.option("--render-size", "render_sizes", type=click.IntRange(min=8, max=1024), multiple=True,
               help="--data shapes: render at this size (repeatable; each batch picks one) [default: 32, 48, 64].")
 @click.option("--train-only", "train_only", multiple=True, metavar="PREFIX",
               help="Train only parameters whose names start with PREFIX (repeatable; the rest frozen). With "
@@ -86,8 +86,8 @@ def clip(settings, data, init, model_config, augment, noise_aware, noise_fractio
       clipkit train clip --out runs/clip --steps 20000            # the bundled Shapes CLIP
       clipkit train clip --data captions.jsonl --init shapes --out runs/ft --steps 500
       clipkit train clip --init shapes --noise-aware --noise-fraction 0.75 --render-size 32 \\
-          --train-only visual. --out runs/noised --steps 3000 --batch-size 64 --lr 2e-4 --warmup 100
-                                                 # the bundled guide (an overlay of the image tower)
+          --train-only visual. --out runs/noised --steps 4000 --batch-size 64 --lr 2e-4 --warmup 100 \\
+          --time-limit 3600                      # the bundled guide's recipe (an image-tower overlay)
       accelerate launch --multi_gpu --num_processes 2 -m clipkit.cli.main train clip --out runs/clip
       clipkit train clip --data data/digits --class-names data/digits/class_names.json --init shapes \\
           --out runs/digits --wise 0.25,0.5,0.75          # FLYP fine-tuning + WiSE-FT on an ImageFolder

@@ -36,7 +36,7 @@ from clipkit.core.errors import ModelLoadError
 
 BUNDLED = "shapes"
 #: bundled model names: ``shapes`` (every component) and ``shapes-noised`` (the noise-aware guide
-#: CLIP: an overlay of the bundled CLIP whose early image layers were fine-tuned on DDPM-noised x_t)
+#: CLIP: an overlay of the bundled CLIP whose image tower was fine-tuned on DDPM-noised x_t)
 BUNDLED_NAMES = (BUNDLED, "shapes-noised")
 
 

@@ -84,6 +84,9 @@ def test_train_clip_noise_options(tmp_path, colours, monkeypatch):
         "--render-size", "32", "--train-only", "visual.")
     cfg = seen["cfg"]
     assert cfg.noise_aware and cfg.noise_fraction == 0.75 and cfg.render_sizes == (32,) and cfg.train_only == ("visual.",)
+    run("train", "clip", "--out", tmp_path / "e", "--noise-aware")       # without them: the config's defaults
+    assert seen["cfg"].noise_fraction == 0.5 and seen["cfg"].render_sizes == (32, 48, 64)
+    assert_one_line_error(run("train", "clip", "--out", tmp_path / "f", "--noise-aware", "--noise-fraction", "0"), "0")
 
 
 def test_eval_real_subprocess(colours, tiny_openclip_dir):
