@@ -2,10 +2,11 @@
 
     python bench/guidance_grid.py --out docs/guidance_grid.png [--seeds 4] [--steps 25]
 
-Each cell is marked by the oracle: a green frame when it finds an object of the prompt's colour at
-the prompt's position, red otherwise. Same seeds in both halves (the unguided sample of a seed is
-the starting point the guided one departs from). Guided = `clipkit generate`'s bundled default: the
-noise-aware `shapes-noised` CLIP guiding x_t, step 0.2, 4 views, DDIM 25.
+Each cell is judged strictly by the oracle: a green frame when the image holds exactly one object,
+of the prompt's colour at the prompt's position; red otherwise. Same seeds in both halves (the
+unguided sample of a seed is the starting point the guided one departs from). Guided = one sample
+of `clipkit generate`'s bundled default: the noise-aware `shapes-noised` CLIP guiding x_t, step 0.2,
+4 views, DDIM 25, with the profile's count guard (negative "{prompt} and another shape:4").
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def main():
 
     from clipkit.core.scorer import load_scorer
     from clipkit.guidance.pipeline import generate
-    from clipkit.shapes.oracle import read_attributes
+    from clipkit.core.registry import PROFILES
+    from clipkit.shapes.oracle import read_attributes, strict_match
     from clipkit.shapes.world import AT
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("docs/guidance_grid.png"))
@@ -36,10 +38,11 @@ def main():
         prompt = f"a {color} shape {AT[pos]}"
         row = []
         for arm, scale in (("unguided", 0.0), ("guided", 0.2)):
-            res = generate(prompt, n=args.seeds, seed=0, steps=args.steps, clip_scale=scale, clip=scorer)
+            negative = list(PROFILES["shapes"].negative) if scale else []
+            res = generate(prompt, n=args.seeds, seed=0, steps=args.steps, clip_scale=scale, clip=scorer,
+                           negative=negative)
             for im in sorted(res.images, key=lambda g: g.seed):
-                objs = read_attributes(im.image)
-                ok = any(o.color == color and o.position == pos for o in objs)
+                ok = strict_match(read_attributes(im.image), [{"color": color, "position": pos}])
                 hits[arm] += ok
                 row.append((arm, im.image, ok))
         rows.append((prompt, row))
@@ -59,7 +62,8 @@ def main():
         axes[r, 0].set_ylabel(prompt.replace(" shape", "\n"), fontsize=7)
     total = len(rows) * args.seeds
     fig.suptitle(f"bundled Shapes DDPM, DDIM {args.steps} steps: unguided {hits['unguided']}/{total} vs "
-                 f"CLIP-guided {hits['guided']}/{total} right by the oracle (green frame)", fontsize=8)
+                 f"CLIP-guided {hits['guided']}/{total} right (the oracle, strictly: one object, its colour at its "
+                 f"position; green frame)", fontsize=8)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
