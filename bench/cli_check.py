@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
 from clipkit.shapes.oracle import read_attributes, strict_match
@@ -36,8 +34,8 @@ def main():
             sys.exit(f"generate failed on {prompt!r}: {r.stderr.strip()}")
         hits = 0
         for png in sorted(out.glob("*.png")):
-            x = torch.from_numpy(np.asarray(Image.open(png).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
-            hits += strict_match(read_attributes(x), objs)
+            with Image.open(png) as im:
+                hits += strict_match(read_attributes(im), objs)        # the oracle reads PIL images
             n += 1
         ok += hits
         print(f"{prompt}: {hits}/4 strict", flush=True)

@@ -6,8 +6,9 @@
 
 For each prompt (bench/guidance.py's draw), `generate` samples K candidates (prompt i: seeds seed +
 STRIDE*i + k, STRIDE = K unless --seed-stride) with the API's defaults, or the sampler that --clip,
---steps, --clip-scale and --views set (one configuration per run); each selection rule keeps one, and the oracle judges it strictly
-(`oracle.strict_match`: exactly the named objects, every attribute right, nothing else). Rules:
+--steps, --clip-scale and --views set (one configuration per run); each selection rule keeps one,
+and the oracle judges it strictly (`oracle.strict_match`: exactly the named objects, every
+attribute right, nothing else). Rules:
 
 * ``one sample``: candidate 0 alone (best-of-1), and the mean over all K candidates (one sample's rate);
 * ``clip``: the guiding CLIP's cosine with the prompt (`--best-of K`);
@@ -98,7 +99,8 @@ def main():
     kind = "two" if args.two else "single"
     print(f"\n# selection: {n} {kind}-object prompts (prompt seed {args.prompt_seed}, seeds {args.seed}+), "
           f"guide {args.clip}, sampler {sampler or 'the API defaults'}, K up to {K}; "
-          f"generation {per_image:.2f} s/image, captioner {per_caption:.3f} s/image ({torch.get_num_threads()} threads)\n")
+          f"generation {per_image:.2f} s/image, captioner {per_caption:.3f} s/image "
+          f"({torch.get_num_threads()} threads)\n")
     print("| rule | candidates | **strict** | lenient | objects 0/1/2/3+ | s per kept image |\n|---|---|---|---|---|---|")
 
     def line(name, k, pick, captioned):

@@ -62,7 +62,7 @@ PROFILES: dict[str, Profile] = {
                       guide="shapes-noised", vocabulary="clipkit.shapes.world:vocabulary",
                       best_of=3, select="caption",       # strict 98/100 held out vs 93/100 for one sample
                       negative=("{prompt} and another shape:4",),    # the count guard: see BENCHMARKS.md
-                      init_clips=("shapes-noised", "shapes")),        # recolours where the guide alone cannot (BENCHMARKS)
+                      init_clips=("shapes-noised", "shapes")),        # recolours better than the guide alone (BENCHMARKS)
     "sd": Profile("sd", "openclip:ViT-B-32/laion2b_s34b_b79k",
                   "hf:stable-diffusion-v1-5/stable-diffusion-v1-5", None,
                   "real models from the hub (needs a network once, or a cache); "
