@@ -1,8 +1,9 @@
 """The issue-15 user check: `clipkit generate PROMPT -n 4` run as a user runs it (a real subprocess,
 no flags beyond -n, --seed and --out), on random prompts naming colour, shape and position; every
 kept PNG is judged strictly by the oracle (exactly one object; colour, shape and position right).
+``--two``: two-object prompts ("A at P1 and B at P2"), judged alike (exactly those two objects).
 
-    python bench/cli_check.py [--prompts 8] [--prompt-seed 4242] [--seed 9000] [--out /tmp/cli_check]
+    python bench/cli_check.py [--prompts 8] [--prompt-seed 4242] [--seed 9000] [--out /tmp/cli_check] [--two]
 """
 import argparse
 import subprocess
@@ -22,8 +23,9 @@ def main():
     ap.add_argument("--prompt-seed", type=int, default=4242)
     ap.add_argument("--seed", type=int, default=9000)
     ap.add_argument("--out", type=Path, default=Path("/tmp/cli_check"))
+    ap.add_argument("--two", action="store_true", help="two-object prompts")
     args = ap.parse_args()
-    expected, texts = draw_prompts(args.prompts, args.prompt_seed, True, False)
+    expected, texts = draw_prompts(args.prompts, args.prompt_seed, True, args.two)
     ok = n = 0
     for i, (objs, prompt) in enumerate(zip(expected, texts)):
         out = args.out / str(i)

@@ -3,10 +3,12 @@
     python bench/selection.py [--prompts 30] [--prompt-seed 0] [--seed 100] [--candidates 4] [--two]
                               [--weights 0.02 0.05 0.1 0.3] [--name-shape] [--negative TEXT:S ...]
                               [--clip SPEC] [--steps N] [--clip-scale S] [--views V] [--seed-stride N]
+                              [--layout grid|off]
 
 For each prompt (bench/guidance.py's draw), `generate` samples K candidates (prompt i: seeds seed +
 STRIDE*i + k, STRIDE = K unless --seed-stride) with the API's defaults, or the sampler that --clip,
---steps, --clip-scale and --views set (one configuration per run); each selection rule keeps one,
+--steps, --clip-scale, --views and --layout set (one configuration per run; ``--layout grid``, the
+bundled profile's CLI default, guides each object of a two-object prompt on its own); each selection rule keeps one,
 and the oracle judges it strictly (`oracle.strict_match`: exactly the named objects, every
 attribute right, nothing else). Rules:
 
@@ -53,6 +55,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="default: the API's (25)")
     ap.add_argument("--clip-scale", type=float, default=None, help="default: the API's (0.2)")
     ap.add_argument("--views", type=int, default=None, help="default: the API's (4)")
+    ap.add_argument("--layout", choices=["off", "grid"], default=None, help="default: the API's (off)")
     ap.add_argument("--seed-stride", type=int, default=None,
                     help="prompt i's candidates get seeds seed + STRIDE*i + k (default: --candidates; "
                          "8 gives the seeds of bench/early_selection.py --candidates 8)")
@@ -61,8 +64,8 @@ def main():
     stride = K if args.seed_stride is None else args.seed_stride
     if stride < 1:
         ap.error("--seed-stride must be >= 1")
-    sampler = {k: v for k, v in (("steps", args.steps), ("clip_scale", args.clip_scale), ("views", args.views))
-               if v is not None}
+    sampler = {k: v for k, v in (("steps", args.steps), ("clip_scale", args.clip_scale), ("views", args.views),
+                                 ("layout", args.layout)) if v is not None}
     expected, texts = draw_prompts(args.prompts, args.prompt_seed, args.name_shape, args.two)
     cap = load_captioner("shapes", device="cpu")
     rows = []                                  # per prompt: list of candidate dicts

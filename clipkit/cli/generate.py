@@ -63,6 +63,12 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
                    "classifier-free negative prompt. On its own diffusion model a profile adds its "
                    "negatives (shapes: \"{prompt} and another shape:4\", which keeps images to what the "
                    "prompt names); --negative '' drops them.")
+@click.option("--layout", type=click.Choice(["grid", "off"]), default=None,
+              help="grid: a prompt of objects joined by 'and', each naming its own cell of a 3x3 grid (\"a red "
+                   "circle at the top left and a blue square on the right\"), guides each object on its own: on "
+                   "the image with the other objects' cells erased, with the negatives applied per object. off: "
+                   "the prompt guides as one text. Default: the profile's on its own diffusion model (grid for "
+                   "shapes), else off.")
 @click.option("--scorer", "scorer_specs", multiple=True,
               metavar="SPEC[:WEIGHT]",
               help="An image scorer added to what guidance and best-of maximise (repeatable; weight default "
@@ -93,7 +99,7 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
 def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, drafts, draft_steps,
              select, captioner_spec,
              guide_target, scheduler, size, out_dir, overwrite, diffusion_spec, clip_specs, clip_weights, negatives,
-             scorer_specs,
+             layout, scorer_specs,
              image_prompts, init_image, strength, cut_schedule, tv_scale, range_scale, sat_scale, as_json):
     """Generate images for each PROMPT (quote each one) with CLIP-guided diffusion.
 
@@ -145,6 +151,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         from clipkit.guidance.pipeline import steps_for_strength
         steps = steps_for_strength(25, strength) if init_image else 25
     best_of = best_of if best_of is not None else (profile.best_of if own else 1)
+    layout = layout if layout is not None else (profile.layout if own else "off")
     # the profile's negatives (its count guard) come first, unless an empty --negative '' drops them
     keep_default = own and all(t.strip() for t in negatives)
     # (once each: giving the profile's own negative again does not double its strength)
@@ -178,7 +185,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
                           best_of=best_of, drafts=drafts, draft_steps=draft_steps, select=selector, scheduler=scheduler, size=size, guide_target=guide_target,
                           negative=list(negatives), image_prompts=[list(ip) for ip in image_prompts],
                           clip_weights=clip_weights, init_image=init_image, strength=strength,
-                          scorers=list(scorer_specs),
+                          scorers=list(scorer_specs), layout=layout,
                           cut_schedule=cut_schedule, tv_scale=tv_scale, range_scale=range_scale, sat_scale=sat_scale)
     finally:
         for b in bars:

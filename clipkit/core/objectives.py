@@ -316,6 +316,63 @@ class Weighted:
 
 
 @dataclass
+class Erased:
+    """``objective`` of the pixels with ``boxes`` erased to the background ``fill`` (a level in [0, 1]):
+    one object of a layout judged on its own (:func:`clipkit.core.layout.split_layout`), the other
+    objects' cells blanked, so a one-object objective (and its count guard, "{prompt} and another
+    shape") sees a one-object image.
+
+    ``boxes`` are (x0, y0, x1, y1) fractions of the image, widened by ``margin`` pixels (the views'
+    jitter moves objects by a few). At noise level ``abar`` (:meth:`at`, a CLIP that sees x_t) the
+    erased pixels are the background noised as x_t is, ``sqrt(abar) (2 fill - 1) + sqrt(1 - abar) z``
+    with a fixed draw z, so the CLIP sees a noisy one-object image, as it was trained on.
+    """
+    objective: Callable
+    boxes: Sequence[tuple[float, float, float, float]]
+    fill: float = 0.0
+    margin: int = 1
+    abar: float | None = None       # None: clean pixels (the x0 estimate, files)
+
+    def mask(self, h: int, w: int) -> torch.Tensor:
+        """[1, 1, h, w]: 1 where the pixels are kept, 0 in the (widened) boxes."""
+        m = torch.ones(1, 1, h, w)
+        for x0, y0, x1, y1 in self.boxes:
+            m[..., max(0, math.floor(y0 * h) - self.margin):min(h, math.ceil(y1 * h) + self.margin),
+              max(0, math.floor(x0 * w) - self.margin):min(w, math.ceil(x1 * w) + self.margin)] = 0
+        return m
+
+    def background(self, shape) -> torch.Tensor:
+        if self.abar is None:
+            return torch.full((1, *shape[1:]), float(self.fill))
+        z = torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(0))
+        x = math.sqrt(self.abar) * (2 * self.fill - 1) + math.sqrt(1 - self.abar) * z
+        return (x + 1) / 2
+
+    def erase(self, pixels: torch.Tensor) -> torch.Tensor:
+        m = self.mask(*pixels.shape[-2:]).to(pixels.device, pixels.dtype)
+        return pixels * m + self.background(pixels.shape).to(pixels.device, pixels.dtype) * (1 - m)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.objective(self.erase(pixels))
+
+    def at(self, abar: float) -> "Erased":
+        inner = self.objective.at(abar) if hasattr(self.objective, "at") else self.objective
+        return Erased(inner, self.boxes, self.fill, self.margin, None if abar >= 1 else float(abar))
+
+    def score_images(self, images) -> torch.Tensor:
+        """The objective's ``score_images`` of the images (PIL, or paths) with the boxes erased."""
+        import numpy as np
+        from PIL import Image
+        from clipkit.core.io import load_image
+        clean, out = Erased(self.objective, self.boxes, self.fill, self.margin), []
+        for im in images:
+            x = torch.from_numpy(np.asarray(load_image(im)).copy()).permute(2, 0, 1)[None].float() / 255
+            y = clean.erase(x)[0]
+            out.append(Image.fromarray((y * 255).round().byte().permute(1, 2, 0).numpy(), "RGB"))
+        return self.objective.score_images(out)
+
+
+@dataclass
 class Views:
     """The mean of ``objective`` over ``make_views(pixels) -> [K*B, 3, H, W]`` (view-major: row r is
     a view of sample r % B, so per-sample objectives tile their targets).

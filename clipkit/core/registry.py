@@ -54,6 +54,7 @@ class Profile:
     select: str = "clip"         # and its default --select (clip | caption)
     negative: tuple = ()         # and its default --negative TEXT[:STRENGTH]s ("{prompt}": each prompt part)
     init_clips: tuple = ()       # the CLIPs that guide an --init-image run on it (none: ``guide``)
+    layout: str = "off"          # `generate`'s default --layout on its diffusion model
 
 
 PROFILES: dict[str, Profile] = {
@@ -62,7 +63,8 @@ PROFILES: dict[str, Profile] = {
                       guide="shapes-noised", vocabulary="clipkit.shapes.world:vocabulary",
                       best_of=3, select="caption",       # strict 98/100 held out vs 93/100 for one sample
                       negative=("{prompt} and another shape:4",),    # the count guard: see BENCHMARKS.md
-                      init_clips=("shapes-noised", "shapes")),        # recolours better than the guide alone (BENCHMARKS)
+                      init_clips=("shapes-noised", "shapes"),         # recolours better than the guide alone (BENCHMARKS)
+                      layout="grid"),                # two-object prompts: each object guided on its own (BENCHMARKS)
     "sd": Profile("sd", "openclip:ViT-B-32/laion2b_s34b_b79k",
                   "hf:stable-diffusion-v1-5/stable-diffusion-v1-5", None,
                   "real models from the hub (needs a network once, or a cache); "

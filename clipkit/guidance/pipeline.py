@@ -69,8 +69,9 @@ WEIGHTED_NOTE = ("weighted cosine similarity between the image as saved and the 
                  "prompts, under the guiding CLIP(s) (an ensemble: weighted by --clip-weights), plus each "
                  "--scorer's score times its weight, less each "
                  "negative's hinge w * softplus(s (cos_neg - cos)) / s (w: its strength, s: CLIP's logit "
-                 "scale); guidance optimises this number, so it overstates quality: judge with another CLIP "
-                 "or the oracle")
+                 "scale); with layout grid, the mean of that over the prompt's objects, each scored on the "
+                 "image with the other objects' grid cells erased; guidance optimises this number, so it "
+                 "overstates quality: judge with another CLIP or the oracle")
 SCORE_NOTES = {"cosine": SCORE_NOTE, "weighted": WEIGHTED_NOTE}     # by score_kind
 
 
@@ -79,7 +80,7 @@ def score_kind(config: "GenerateConfig", prompt: str, n_clips: int) -> str:
     negatives, image prompts, scorers or an ensemble)."""
     parts = prompt_parts(prompt, config)
     plain = len(parts) == 1 and parts[0].weight > 0 and not (config.image_prompts or config.scorers) and n_clips == 1
-    return "cosine" if plain else "weighted"
+    return "cosine" if plain and not prompt_layout(prompt, config) else "weighted"
 
 
 #: per guide target, what GenerateConfig's None fields mean (chosen on the development prompts of
@@ -87,6 +88,10 @@ def score_kind(config: "GenerateConfig", prompt: str, n_clips: int) -> str:
 #: up; guiding x_t with a noise-aware CLIP, guide to the end with steps in proportion to the noise left
 TARGET_DEFAULTS = {"x0": {"guide_stop": 0.3, "step_schedule": "constant"},
                    "xt": {"guide_stop": 0.0, "step_schedule": "sigma"}}
+
+
+#: GenerateConfig.layout values
+LAYOUTS = ("off", "grid")
 
 
 @dataclass
@@ -128,6 +133,9 @@ class GenerateConfig:
     cut_schedule: str | None = None # "VIEWS+CUTOUTS,..." for equal parts of the trajectory (noise -> clean)
     init_image: str | None = None   # start from this image noised to `strength` of the trajectory
     strength: float = 0.5           # with init_image: 0 < S <= 1 (1: from pure noise)
+    layout: str = "off"             # "grid": a text prompt "A at P1 and B at P2 ..." whose parts each name
+                                    # their own cell of a 3x3 grid (core.layout) guides each part on the image
+                                    # with the other parts' cells erased (objectives.Erased); "off": as one text
 
     def validate(self) -> "GenerateConfig":
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -154,6 +162,8 @@ class GenerateConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise InputError(f"{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+        if self.layout not in LAYOUTS:
+            raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         s = self.strength
         if not isinstance(s, (int, float)) or isinstance(s, bool) or not (0 < s <= 1):
             raise InputError(f"strength must be a number in (0, 1], got {s!r}")
@@ -427,6 +437,9 @@ class GenerateResult:
         parts = [prompt_parts(im.prompt, self.config) for im in self.images]
         weighted = self.config.image_prompts or any(len([p for p in ps if p.weight > 0]) > 1 for ps in parts)
         label = ("weighted cosine with the prompt's parts and image prompts" if weighted else "cosine with the prompt")
+        if any(prompt_layout(im.prompt, self.config) for im in self.images):
+            label = ("mean over the prompt's objects of the cosine with each object's text, the other objects' "
+                     "grid cells erased (--layout grid)")
         if self.config.scorers:
             label += ", plus " + " + ".join(f"{w:g} x {spec}" for spec, w in self.config.scorers)
         if any(p.weight < 0 for ps in parts for p in ps):
@@ -566,6 +579,26 @@ def prompt_parts(prompt: str, config: GenerateConfig) -> list[PromptPart]:
     return parts + negative_parts(config.negative, parts)
 
 
+def has_cutouts(config: GenerateConfig) -> bool:
+    """Does guidance show the CLIP random crops (``cutouts``, or a cut schedule with some)?"""
+    schedule = parse_cut_schedule(config.cut_schedule) if config.cut_schedule else ((config.views, config.cutouts),)
+    return any(c > 0 for _, c in schedule)
+
+
+def prompt_layout(prompt: str, config: GenerateConfig) -> list | None:
+    """The placed objects (:func:`clipkit.core.layout.split_layout`) that ``config.layout="grid"`` guides one
+    by one, or None: layout off, image prompts or scorers (they judge the whole image), cutouts (a crop
+    does not show the grid's cells where they are), or a prompt that is not one text of objects each in
+    its own grid cell."""
+    if config.layout != "grid" or config.image_prompts or config.scorers or has_cutouts(config):
+        return None
+    parts = parse_weighted_prompt(prompt)
+    if len(parts) != 1 or parts[0].weight <= 0:
+        return None
+    from clipkit.core.layout import split_layout
+    return split_layout(parts[0].text)
+
+
 def check_parts(prompt: str, config: GenerateConfig) -> list[PromptPart]:
     """The parts of one prompt, or an InputError when nothing in it pulls (no positive weight)."""
     parts = prompt_parts(prompt, config)
@@ -634,6 +667,24 @@ def build_objective(parts: Sequence[PromptPart], images: Sequence[tuple[Image.Im
     for head, w in heads:                  # image scorers (aesthetic heads) on the first CLIP's embeddings
         terms.append((w, AestheticScore(scorers[0], head)))
     return Weighted(terms)
+
+
+def prompt_objective(prompt: str, parts: Sequence[PromptPart], images: Sequence[tuple[Image.Image, float]],
+                     scorers: Sequence, config: GenerateConfig, size: int | None = None,
+                     heads: Sequence[tuple] = ()) -> Weighted:
+    """The objective of one prompt: :func:`build_objective` of its ``parts``; with a layout
+    (:func:`prompt_layout`: text only), the mean over its placed objects of each one's objective (its text
+    and the negatives, ``{prompt}`` standing for that object's text) on the image with the other objects' cells
+    erased to the background (:class:`~clipkit.core.objectives.Erased`): each object is judged as the
+    one-object image the CLIP knows how to guide, and nothing else may appear outside the other cells."""
+    placed = prompt_layout(prompt, config)
+    if not placed:
+        return build_objective(parts, images, scorers, config.clip_weights, size, heads)
+    from clipkit.core.objectives import Erased
+    return Weighted([(1 / len(placed), Erased(build_objective(prompt_parts(p.text, config), [], scorers,
+                                                              config.clip_weights, size),
+                                              [q.box for q in placed if q is not p]))
+                     for p in placed])
 
 
 def conditioning_text(parts: Sequence[PromptPart]) -> tuple[str, str | None]:
@@ -805,9 +856,14 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     if out_dir is not None:
         make_out_dir(out_dir)
     kept: list[GeneratedImage] = []
+    if cfg.guided and cfg.layout == "grid" and has_cutouts(cfg):
+        from clipkit.core.layout import split_layout
+        if any(split_layout(p) for p in prompts):
+            log.warning("layout grid guides each object on the whole image, not on crops: with cutouts the "
+                        "prompt guides as one text (drop the cutouts, or pass layout off to silence this)")
     for pi, prompt in enumerate(prompts):
-        objective = build_objective(parts[pi], image_prompts, scorers, cfg.clip_weights, cfg.size or pipe.native_size,
-                                    heads)
+        objective = prompt_objective(prompt, parts[pi], image_prompts, scorers, cfg, cfg.size or pipe.native_size,
+                                     heads)
         text, negative = conditioning_text(parts[pi])
         kind = score_kind(cfg, prompt, len(scorers))
         cond = Conditioning(objective if cfg.guided else None, text, negative, init,

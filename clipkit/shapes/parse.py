@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import re
 
+from clipkit.core.layout import find_position
 from clipkit.shapes.world import COLOR_NAMES, SHAPES, SIZES, Scene
 
-_POSITION_WORDS = [("top left", "top left"), ("top right", "top right"), ("bottom left", "bottom left"),
-                   ("bottom right", "bottom right"), ("center", "center"), ("middle", "center"),
-                   ("top", "top"), ("bottom", "bottom"), ("left", "left"), ("right", "right")]
 ATTRIBUTES = ("color", "shape", "size", "position")
 
 
 def _find(words: list[str], vocab) -> str | None:
     hits = [w for w in words if w in vocab]
     return hits[0] if hits else None
-
-
-def _position(text: str) -> str | None:
-    for phrase, pos in _POSITION_WORDS:
-        if re.search(rf"\b{phrase}\b", text):
-            return pos
-    return None
 
 
 def parse_caption(caption: str) -> list[dict]:
@@ -40,7 +31,7 @@ def parse_caption(caption: str) -> list[dict]:
         if not words:
             continue
         objs.append({"color": _find(words, COLOR_NAMES), "shape": _find(words, SHAPES),
-                     "size": _find(words, SIZES), "position": _position(part)})
+                     "size": _find(words, SIZES), "position": find_position(part)})
     return objs
 
 

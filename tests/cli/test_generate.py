@@ -97,6 +97,23 @@ def test_cli_default_is_the_profiles_best_of_3_by_caption(tmp_path):
     assert res.exit_code == 2 and "STRENGTH must be > 0" in res.stderr
 
 
+def test_cli_layout_is_the_profiles_on_its_own_model(tmp_path):
+    """The bundled profile guides a prompt of placed objects object by object (--layout grid); --layout off
+    guides it as one text; both are recorded, and the score says which it is."""
+    two = "a red circle at the top left and a blue square on the right"
+    base = ["-q", "generate", two, "-n", "1", "--steps", "2", "--seed", "3", "--best-of", "1", "--json"]
+    res = run([*base, "--out", str(tmp_path / "grid")])
+    assert res.exit_code == 0, res.output
+    side = json.loads(next((tmp_path / "grid").glob("*.json")).read_text())
+    assert side["parameters"]["layout"] == "grid" and "grid cells erased" in side["score_note"]
+    res = run([*base, "--out", str(tmp_path / "off"), "--layout", "off", "--negative", ""])
+    assert res.exit_code == 0, res.output
+    side = json.loads(next((tmp_path / "off").glob("*.json")).read_text())
+    assert side["parameters"]["layout"] == "off" and side["score"] == "cosine"
+    res = run(["generate", two, "--layout", "boxes"])
+    assert res.exit_code == 2 and "--layout" in res.stderr
+
+
 def test_cli_never_overwrites_silently(tmp_path):
     out = tmp_path / "o"
     args = ["-q", "generate", PROMPT, "-n", "2", "--steps", "2", "--seed", "3", "--best-of", "1", "--out", str(out)]

@@ -225,3 +225,47 @@ def test_negatives_take_a_strength_and_a_prompt_slot():
     parts = ob.parse_weighted_prompt("a red circle | a square:2 | a blue shape:-1")
     assert ob.negative_parts(["{prompt} and another shape:4", "two shapes"], parts) == [P("two shapes", -1.0)]
     assert ob.negative_parts(["{prompt} and another shape"], []) == []
+
+
+def test_erased_blanks_the_boxes_and_keeps_the_rest(scorer, renders):
+    """Erased: the objective sees the pixels with the boxes (widened by the margin) set to the fill; the
+    gradient reaches only the pixels kept; at(abar) fills with the background noised to abar (fixed draw)."""
+    seen = []
+
+    def probe(pixels):
+        seen.append(pixels)
+        return pixels.sum(dim=(1, 2, 3))
+    e = ob.Erased(probe, [(0, 0, 1 / 3, 1 / 3)], margin=1)
+    x = renders.clone().requires_grad_(True)
+    e(x).sum().backward()
+    out = seen[-1]
+    assert (out[..., :12, :12] == 0).all()                         # 32 px: the cell is 0..10.67, +1 px
+    assert torch.equal(out[..., 12:, :], renders[..., 12:, :]) and torch.equal(out[..., :, 12:], renders[..., :, 12:])
+    assert renders[0, :, :12, :12].sum() > 0                       # the red circle at the top left was there
+    assert (x.grad[..., :12, :12] == 0).all() and (x.grad[..., 12:, 12:] == 1).all()
+    noisy = e.at(0.25)
+    assert noisy.abar == 0.25 and e.at(1.0).abar is None
+    noisy(renders)
+    bg = seen[-1][..., :12, :12]
+    z = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))[..., :12, :12]
+    assert torch.allclose(bg, (0.5 * -1 + 0.75 ** 0.5 * z + 1) / 2)    # black, noised as x_t
+    noisy(renders)
+    assert torch.equal(seen[-1], seen[-2])                         # a fixed draw
+
+
+def test_erased_scores_files_as_it_guides(scorer, renders):
+    """score_images erases the boxes in the images as read, then scores with the inner objective: the red
+    circle's score drops when its cell is erased, and equals the inner score of the erased render."""
+    from clipkit.guidance.pipeline import tensor_to_pil
+    target = ob.clip_text(scorer, ["a red circle at the top left"])
+    images = [tensor_to_pil(r) for r in renders]
+    whole = target.score_images(images)
+    erased = ob.Erased(target, [(0, 0, 1 / 3, 1 / 3)])
+    got = erased.score_images(images)
+    assert got[0] < whole[0] - 0.05
+    assert torch.allclose(got[1], whole[1], atol=1e-6)              # nothing of the blue square was erased
+    by_hand = renders[:1].clone()
+    by_hand[..., :12, :12] = 0
+    assert torch.allclose(got[0], target.score_images([tensor_to_pil(by_hand[0])])[0], atol=1e-6)
+    w = ob.Weighted([(1.0, erased)])
+    assert torch.allclose(w.score_images(images), got) and isinstance(w.at(0.3).terms[0][1], ob.Erased)
