@@ -13,7 +13,9 @@ and the oracle judges it strictly (`oracle.strict_match`: exactly the named obje
 attribute right, nothing else). Rules:
 
 * ``one sample``: candidate 0 alone (best-of-1), and the mean over all K candidates (one sample's rate);
-* ``clip``: the guiding CLIP's cosine with the prompt (`--best-of K`);
+* ``clip``: the score guidance optimises (`--best-of K`): the guiding CLIP's cosine with the prompt, less
+  the negatives' hinge; with ``--layout grid``, its mean over the objects, each on the image with the
+  other objects' cells erased;
 * ``clip+w*end``: cosine + w * log P(the caption ends after the prompt | image) under the bundled
   captioner (`--select caption`): the captioner, a second model, says whether the image holds more
   than the prompt names (it would go on: "... and a blue square").

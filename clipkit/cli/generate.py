@@ -66,9 +66,10 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
 @click.option("--layout", type=click.Choice(["grid", "off"]), default=None,
               help="grid: a prompt of objects joined by 'and', each naming its own cell of a 3x3 grid (\"a red "
                    "circle at the top left and a blue square on the right\"), guides each object on its own: on "
-                   "the image with the other objects' cells erased, with the negatives applied per object. off: "
-                   "the prompt guides as one text. Default: the profile's on its own diffusion model (grid for "
-                   "shapes), else off.")
+                   "the image with the other objects' cells erased, with the negatives applied per object (not "
+                   "with weighted parts, --image-prompt, --scorer or cutouts: then the prompt guides as one "
+                   "text). off: the prompt guides as one text. Default: the profile's on its own diffusion model "
+                   "(grid for shapes), else off.")
 @click.option("--scorer", "scorer_specs", multiple=True,
               metavar="SPEC[:WEIGHT]",
               help="An image scorer added to what guidance and best-of maximise (repeatable; weight default "
@@ -151,6 +152,15 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         from clipkit.guidance.pipeline import steps_for_strength
         steps = steps_for_strength(25, strength) if init_image else 25
     best_of = best_of if best_of is not None else (profile.best_of if own else 1)
+    if layout == "grid":                          # asked for: say where it does not apply
+        from clipkit.guidance.pipeline import GenerateConfig, why_no_layout
+        asked = GenerateConfig(layout="grid", image_prompts=list(image_prompts), scorers=list(scorer_specs),
+                               cutouts=cutouts, cut_schedule=cut_schedule)
+        for p in prompts:
+            why = why_no_layout(p, asked)
+            if why:
+                import logging
+                logging.getLogger("clipkit.cli").warning("--layout grid: %r guides as one text: %s", p, why)
     layout = layout if layout is not None else (profile.layout if own else "off")
     # the profile's negatives (its count guard) come first, unless an empty --negative '' drops them
     keep_default = own and all(t.strip() for t in negatives)

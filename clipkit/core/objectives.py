@@ -11,7 +11,10 @@ Building blocks, all small and composable:
 * :class:`Weighted` — a weighted sum of objectives; negative weights push away (negative prompts);
   an ensemble of several CLIPs is a weighted sum of their targets.
 * :class:`Views` — the mean of an objective over augmented views / cutouts of the pixels, evaluated
-  in chunks under activation checkpointing so memory does not grow with the number of cuts.
+  in chunks under activation checkpointing so memory does not grow with the number of cuts
+  (:func:`viewed` builds it for any objective).
+* :class:`Erased` — an objective of the pixels with boxes erased to the background: one object of a
+  layout ("A at the top left and B on the right") judged on its own.
 * Regularisers: :func:`tv`, :func:`range_excess`, :func:`saturation`.
 * :class:`AestheticHead` — a linear or MLP head on CLIP image embeddings in the LAION
   aesthetic-predictor layouts (``--scorer aesthetic:PATH``); its objective is the negated score.
@@ -307,6 +310,13 @@ class Weighted:
         """The terms at noise level ``abar`` (those with an ``at``; see :meth:`ClipTarget.at`)."""
         return Weighted([(w, o.at(abar) if hasattr(o, "at") else o) for w, o in self.terms])
 
+    def viewed(self, make_views: Callable, chunk: int = 8) -> Callable:
+        """The sum's mean over views (:func:`viewed`): one :class:`Views` of the whole sum, so every term
+        sees the same views, unless a term changes its input before the views (then term by term)."""
+        if any(hasattr(o, "viewed") for _, o in self.terms):
+            return Weighted([(w, viewed(o, make_views, chunk)) for w, o in self.terms])
+        return Views(self, make_views, chunk)
+
     def score_images(self, images) -> torch.Tensor:
         """The weighted sum of the terms' ``score_images`` [N] (terms without one are skipped)."""
         scored = [(w, o) for w, o in self.terms if hasattr(o, "score_images")]
@@ -322,54 +332,82 @@ class Erased:
     objects' cells blanked, so a one-object objective (and its count guard, "{prompt} and another
     shape") sees a one-object image.
 
-    ``boxes`` are (x0, y0, x1, y1) fractions of the image, widened by ``margin`` pixels (the views'
-    jitter moves objects by a few). At noise level ``abar`` (:meth:`at`, a CLIP that sees x_t) the
-    erased pixels are the background noised as x_t is, ``sqrt(abar) (2 fill - 1) + sqrt(1 - abar) z``
-    with a fixed draw z, so the CLIP sees a noisy one-object image, as it was trained on.
+    ``boxes`` are (x0, y0, x1, y1) fractions of the image; every pixel a box touches is erased, widened
+    by ``margin`` pixels. At noise level ``abar`` (:meth:`at`, a CLIP that sees x_t) the erased pixels
+    are the background noised as x_t is, ``sqrt(abar) (2 fill - 1) + sqrt(1 - abar) z`` with a fixed
+    draw z, so the CLIP sees a noisy one-object image, as it was trained on. Under views
+    (:func:`viewed`) the pixels are erased first and the views made of the result, so a view's jitter
+    moves the image and its erased cells together.
     """
     objective: Callable
     boxes: Sequence[tuple[float, float, float, float]]
     fill: float = 0.0
-    margin: int = 1
+    margin: int = 0
     abar: float | None = None       # None: clean pixels (the x0 estimate, files)
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)   # (shape, device, dtype) -> (mask, bg)
+    _at: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def mask(self, h: int, w: int) -> torch.Tensor:
-        """[1, 1, h, w]: 1 where the pixels are kept, 0 in the (widened) boxes."""
-        m = torch.ones(1, 1, h, w)
-        for x0, y0, x1, y1 in self.boxes:
-            m[..., max(0, math.floor(y0 * h) - self.margin):min(h, math.ceil(y1 * h) + self.margin),
-              max(0, math.floor(x0 * w) - self.margin):min(w, math.ceil(x1 * w) + self.margin)] = 0
-        return m
+    def rects(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        """The erased pixels of an h x w image: (top, bottom, left, right) rows and columns, end-exclusive."""
+        m = self.margin
+        return [(max(0, math.floor(y0 * h) - m), min(h, math.ceil(y1 * h) + m),
+                 max(0, math.floor(x0 * w) - m), min(w, math.ceil(x1 * w) + m)) for x0, y0, x1, y1 in self.boxes]
 
-    def background(self, shape) -> torch.Tensor:
-        if self.abar is None:
-            return torch.full((1, *shape[1:]), float(self.fill))
-        z = torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(0))
-        x = math.sqrt(self.abar) * (2 * self.fill - 1) + math.sqrt(1 - self.abar) * z
-        return (x + 1) / 2
+    def _mask_and_background(self, shape, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(shape[1:]), str(device), dtype)
+        if key not in self._masks:
+            h, w = shape[-2:]
+            m = torch.ones(1, 1, h, w)
+            for top, bottom, left, right in self.rects(h, w):
+                m[..., top:bottom, left:right] = 0
+            bg = torch.full((1, *shape[1:]), float(self.fill))
+            if self.abar is not None:
+                z = torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(0))
+                bg = (math.sqrt(self.abar) * (2 * bg - 1) + math.sqrt(1 - self.abar) * z + 1) / 2
+            self._masks[key] = (m.to(device, dtype), bg.to(device, dtype))
+        return self._masks[key]
 
     def erase(self, pixels: torch.Tensor) -> torch.Tensor:
-        m = self.mask(*pixels.shape[-2:]).to(pixels.device, pixels.dtype)
-        return pixels * m + self.background(pixels.shape).to(pixels.device, pixels.dtype) * (1 - m)
+        m, bg = self._mask_and_background(pixels.shape, pixels.device, pixels.dtype)
+        return pixels * m + bg * (1 - m)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.objective(self.erase(pixels))
 
     def at(self, abar: float) -> "Erased":
-        inner = self.objective.at(abar) if hasattr(self.objective, "at") else self.objective
-        return Erased(inner, self.boxes, self.fill, self.margin, None if abar >= 1 else float(abar))
+        key = None if abar >= 1 else round(float(abar), 6)
+        if key not in self._at:
+            inner = self.objective.at(abar) if hasattr(self.objective, "at") else self.objective
+            self._at[key] = Erased(inner, self.boxes, self.fill, self.margin, key)
+        return self._at[key]
+
+    def viewed(self, make_views: Callable, chunk: int = 8) -> "Erased":
+        """Erase, then the objective's mean over views of the erased pixels (:func:`viewed`)."""
+        return Erased(viewed(self.objective, make_views, chunk), self.boxes, self.fill, self.margin, self.abar,
+                      self._masks)
 
     def score_images(self, images) -> torch.Tensor:
         """The objective's ``score_images`` of the images (PIL, or paths) with the boxes erased."""
-        import numpy as np
-        from PIL import Image
+        from PIL import ImageDraw
         from clipkit.core.io import load_image
-        clean, out = Erased(self.objective, self.boxes, self.fill, self.margin), []
+        level = round(255 * self.fill)
+        out = []
         for im in images:
-            x = torch.from_numpy(np.asarray(load_image(im)).copy()).permute(2, 0, 1)[None].float() / 255
-            y = clean.erase(x)[0]
-            out.append(Image.fromarray((y * 255).round().byte().permute(1, 2, 0).numpy(), "RGB"))
+            im = load_image(im).copy()
+            draw = ImageDraw.Draw(im)
+            for top, bottom, left, right in self.rects(im.height, im.width):
+                if bottom > top and right > left:
+                    draw.rectangle([left, top, right - 1, bottom - 1], fill=(level,) * 3)
+            out.append(im)
         return self.objective.score_images(out)
+
+
+def viewed(objective: Callable, make_views: Callable[[torch.Tensor], torch.Tensor], chunk: int = 8) -> Callable:
+    """``objective`` averaged over ``make_views`` of its input (:class:`Views`). An objective that changes
+    its input first (:class:`Erased`) does so before the views are made, and a :class:`Weighted` sum
+    holding one is viewed term by term (the mean over views is linear), each term drawing its own views."""
+    own = getattr(objective, "viewed", None)
+    return own(make_views, chunk) if own is not None else Views(objective, make_views, chunk)
 
 
 @dataclass

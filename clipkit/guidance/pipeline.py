@@ -585,18 +585,30 @@ def has_cutouts(config: GenerateConfig) -> bool:
     return any(c > 0 for _, c in schedule)
 
 
-def prompt_layout(prompt: str, config: GenerateConfig) -> list | None:
-    """The placed objects (:func:`clipkit.core.layout.split_layout`) that ``config.layout="grid"`` guides one
-    by one, or None: layout off, image prompts or scorers (they judge the whole image), cutouts (a crop
-    does not show the grid's cells where they are), or a prompt that is not one text of objects each in
-    its own grid cell."""
-    if config.layout != "grid" or config.image_prompts or config.scorers or has_cutouts(config):
-        return None
+def why_no_layout(prompt: str, config: GenerateConfig) -> str | None:
+    """Why ``layout="grid"`` would guide ``prompt`` as one text rather than object by object (None: it
+    would not)."""
+    from clipkit.core.layout import split_layout
+    if config.image_prompts or config.scorers:
+        return "image prompts and scorers judge the whole image"
+    if has_cutouts(config):
+        return "a crop (cutouts) does not show the grid's cells where they are"
     parts = parse_weighted_prompt(prompt)
     if len(parts) != 1 or parts[0].weight <= 0:
+        return "a prompt of weighted parts guides as written"
+    if split_layout(parts[0].text) is None:
+        return ("it is not two or more objects joined by 'and', each naming its own cell of the 3x3 grid "
+                "(e.g. 'a red circle at the top left and a blue square on the right')")
+    return None
+
+
+def prompt_layout(prompt: str, config: GenerateConfig) -> list | None:
+    """The placed objects (:func:`clipkit.core.layout.split_layout`) that ``config.layout="grid"`` guides one
+    by one, or None: layout off, or a prompt it does not apply to (:func:`why_no_layout`)."""
+    if config.layout != "grid" or why_no_layout(prompt, config):
         return None
     from clipkit.core.layout import split_layout
-    return split_layout(parts[0].text)
+    return split_layout(parse_weighted_prompt(prompt)[0].text)
 
 
 def check_parts(prompt: str, config: GenerateConfig) -> list[PromptPart]:
@@ -856,16 +868,12 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     if out_dir is not None:
         make_out_dir(out_dir)
     kept: list[GeneratedImage] = []
-    if cfg.guided and cfg.layout == "grid" and has_cutouts(cfg):
-        from clipkit.core.layout import split_layout
-        if any(split_layout(p) for p in prompts):
-            log.warning("layout grid guides each object on the whole image, not on crops: with cutouts the "
-                        "prompt guides as one text (drop the cutouts, or pass layout off to silence this)")
     for pi, prompt in enumerate(prompts):
         objective = prompt_objective(prompt, parts[pi], image_prompts, scorers, cfg, cfg.size or pipe.native_size,
                                      heads)
         text, negative = conditioning_text(parts[pi])
         kind = score_kind(cfg, prompt, len(scorers))
+        placed = prompt_layout(prompt, cfg)
         cond = Conditioning(objective if cfg.guided else None, text, negative, init,
                             cfg.strength if init is not None else 1.0)
         def rank(images, objective=objective, prompt=prompt):
@@ -888,6 +896,8 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
                            "parameters": parameters(cfg, n, seed),
                            "device": str(scorer.device), "precision": precision,
                            "size": list(img.image.size)}
+                if placed:                                  # what --layout grid guided, object by object
+                    sidecar["layout"] = [asdict(p) for p in placed]
                 if select is not None and (img.selection_score is not None or cfg.drafts > 1):
                     # the selector chose among the candidates, or among the drafts only (-n = candidates)
                     sidecar.update(selection=select.name, selection_score=img.selection_score,

@@ -274,12 +274,12 @@ class GuidedDenoiser:
     # ---- the loss the methods differentiate
     def views_loss(self, pixels: torch.Tensor, t, objective: Callable | None = None) -> torch.Tensor:
         """scale x the objective's mean over this step's views of ``pixels`` [B,3,H,W] -> [B]."""
-        from clipkit.core.objectives import Views
+        from clipkit.core.objectives import viewed
         objective = objective or self.objective
         views, cutouts = self.cfg.cuts_at(self.frac(t))
         vcfg = dataclasses.replace(self.cfg, views=views, cutouts=cutouts)
         chunk = self.cfg.view_chunk or (views + cutouts)
-        return Views(objective, lambda p: make_views(p, vcfg, self.generator), chunk)(pixels) * self.cfg.scale
+        return viewed(objective, lambda p: make_views(p, vcfg, self.generator), chunk)(pixels) * self.cfg.scale
 
     def regularisers(self, x0: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor | float:
         """tv / range / saturation of the x0 estimate's pixels (unclamped; ``pixels``: already decoded), [B] or 0."""

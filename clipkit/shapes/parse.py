@@ -1,15 +1,16 @@
 """Read a Shapes caption back into objects (colour, shape, size, position) — the captioning judge.
 
 Parsing is by vocabulary, not by a learned model: the caption is split into object phrases at
-" and " (after dropping a "two shapes:" lead-in), and each phrase's colour, shape, size and
-position words are looked up (longest position phrase first; "middle" = center). A missing word
-leaves that attribute ``None``.
+" and " (after dropping a "two shapes:" lead-in; :func:`clipkit.core.layout.split_objects`), and each
+phrase's colour, shape and size words are looked up, its position read as a cell of the 3x3 grid
+(:func:`clipkit.core.layout.find_position`; "middle" = center). A missing word leaves that
+attribute ``None``.
 """
 from __future__ import annotations
 
 import re
 
-from clipkit.core.layout import find_position
+from clipkit.core.layout import find_position, split_objects
 from clipkit.shapes.world import COLOR_NAMES, SHAPES, SIZES, Scene
 
 ATTRIBUTES = ("color", "shape", "size", "position")
@@ -23,10 +24,8 @@ def _find(words: list[str], vocab) -> str | None:
 def parse_caption(caption: str) -> list[dict]:
     """``"a large red circle at the top left and a blue square on the right"`` ->
     ``[{color: red, shape: circle, size: large, position: top left}, {...}]``."""
-    text = caption.lower().strip().rstrip(".")
-    text = re.sub(r"^two shapes:\s*", "", text)
     objs = []
-    for part in re.split(r"\band\b", text):
+    for part in split_objects(caption.lower()):
         words = re.findall(r"[a-z]+", part)
         if not words:
             continue

@@ -102,14 +102,19 @@ def test_cli_layout_is_the_profiles_on_its_own_model(tmp_path):
     guides it as one text; both are recorded, and the score says which it is."""
     two = "a red circle at the top left and a blue square on the right"
     base = ["-q", "generate", two, "-n", "1", "--steps", "2", "--seed", "3", "--best-of", "1", "--json"]
-    res = run([*base, "--out", str(tmp_path / "grid")])
+    res = run([*base, "--out", str(tmp_path / "grid"), "--negative", ""])       # no count guard: only the layout
     assert res.exit_code == 0, res.output
     side = json.loads(next((tmp_path / "grid").glob("*.json")).read_text())
-    assert side["parameters"]["layout"] == "grid" and "grid cells erased" in side["score_note"]
+    assert side["parameters"]["layout"] == "grid" and side["score"] == "weighted"
+    assert [o["position"] for o in side["layout"]] == ["top left", "right"]
     res = run([*base, "--out", str(tmp_path / "off"), "--layout", "off", "--negative", ""])
     assert res.exit_code == 0, res.output
     side = json.loads(next((tmp_path / "off").glob("*.json")).read_text())
-    assert side["parameters"]["layout"] == "off" and side["score"] == "cosine"
+    assert side["parameters"]["layout"] == "off" and side["score"] == "cosine" and "layout" not in side
+    # asked for where it does not apply: said, and the prompt guides as one text
+    res = run(["generate", "a red circle on the left", "-n", "1", "--steps", "2", "--seed", "3", "--best-of",
+               "1", "--layout", "grid", "--out", str(tmp_path / "one")])
+    assert res.exit_code == 0 and "--layout grid: 'a red circle on the left' guides as one text" in res.stderr
     res = run(["generate", two, "--layout", "boxes"])
     assert res.exit_code == 2 and "--layout" in res.stderr
 

@@ -228,29 +228,50 @@ def test_negatives_take_a_strength_and_a_prompt_slot():
 
 
 def test_erased_blanks_the_boxes_and_keeps_the_rest(scorer, renders):
-    """Erased: the objective sees the pixels with the boxes (widened by the margin) set to the fill; the
+    """Erased: the objective sees the pixels with every pixel a box touches (+ margin) set to the fill; the
     gradient reaches only the pixels kept; at(abar) fills with the background noised to abar (fixed draw)."""
     seen = []
 
     def probe(pixels):
         seen.append(pixels)
         return pixels.sum(dim=(1, 2, 3))
-    e = ob.Erased(probe, [(0, 0, 1 / 3, 1 / 3)], margin=1)
+    e = ob.Erased(probe, [(0, 0, 1 / 3, 1 / 3)])
     x = renders.clone().requires_grad_(True)
     e(x).sum().backward()
     out = seen[-1]
-    assert (out[..., :12, :12] == 0).all()                         # 32 px: the cell is 0..10.67, +1 px
-    assert torch.equal(out[..., 12:, :], renders[..., 12:, :]) and torch.equal(out[..., :, 12:], renders[..., :, 12:])
-    assert renders[0, :, :12, :12].sum() > 0                       # the red circle at the top left was there
-    assert (x.grad[..., :12, :12] == 0).all() and (x.grad[..., 12:, 12:] == 1).all()
+    assert (out[..., :11, :11] == 0).all()                         # 32 px: the cell is 0..10.67
+    assert torch.equal(out[..., 11:, :], renders[..., 11:, :]) and torch.equal(out[..., :, 11:], renders[..., :, 11:])
+    assert renders[0, :, :11, :11].sum() > 0                       # the red circle at the top left was there
+    assert (x.grad[..., :11, :11] == 0).all() and (x.grad[..., 11:, 11:] == 1).all()
+    assert ob.Erased(probe, [(0, 0, 1 / 3, 1 / 3)], margin=2).rects(32, 32) == [(0, 13, 0, 13)]
     noisy = e.at(0.25)
-    assert noisy.abar == 0.25 and e.at(1.0).abar is None
+    assert noisy.abar == 0.25 and e.at(1.0).abar is None and e.at(0.25) is noisy
     noisy(renders)
-    bg = seen[-1][..., :12, :12]
-    z = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))[..., :12, :12]
+    bg = seen[-1][..., :11, :11]
+    z = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))[..., :11, :11]
     assert torch.allclose(bg, (0.5 * -1 + 0.75 ** 0.5 * z + 1) / 2)    # black, noised as x_t
     noisy(renders)
     assert torch.equal(seen[-1], seen[-2])                         # a fixed draw
+
+
+def test_erased_erases_before_the_views(renders):
+    """Under views the pixels are erased first and the views made of the result, so a view's shift moves
+    the image and its erased cell together; a Weighted sum holding an Erased term is viewed term by term,
+    one without keeps one Views of the whole sum (every term the same views)."""
+    seen = []
+
+    def probe(pixels):
+        seen.append(pixels)
+        return pixels.sum(dim=(1, 2, 3))
+    shift = lambda p: torch.cat([p, p.roll(3, dims=-1)])      # noqa: E731  two views: as is, shifted right
+    e = ob.Erased(probe, [(0, 0, 1 / 3, 1 / 3)])
+    ob.viewed(e, shift)(renders)
+    erased = e.erase(renders)
+    assert torch.equal(seen[-1], torch.cat([erased, erased.roll(3, dims=-1)]))
+    w = ob.viewed(ob.Weighted([(1.0, e), (0.5, ob.tv)]), shift)
+    assert isinstance(w, ob.Weighted) and isinstance(w.terms[0][1], ob.Erased) and isinstance(w.terms[1][1], ob.Views)
+    assert isinstance(ob.viewed(ob.Weighted([(1.0, ob.tv)]), shift), ob.Views)
+    assert isinstance(ob.viewed(ob.tv, shift), ob.Views)
 
 
 def test_erased_scores_files_as_it_guides(scorer, renders):
@@ -265,7 +286,7 @@ def test_erased_scores_files_as_it_guides(scorer, renders):
     assert got[0] < whole[0] - 0.05
     assert torch.allclose(got[1], whole[1], atol=1e-6)              # nothing of the blue square was erased
     by_hand = renders[:1].clone()
-    by_hand[..., :12, :12] = 0
+    by_hand[..., :11, :11] = 0
     assert torch.allclose(got[0], target.score_images([tensor_to_pil(by_hand[0])])[0], atol=1e-6)
     w = ob.Weighted([(1.0, erased)])
     assert torch.allclose(w.score_images(images), got) and isinstance(w.at(0.3).terms[0][1], ob.Erased)

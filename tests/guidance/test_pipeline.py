@@ -401,12 +401,12 @@ def test_aesthetic_scorer_joins_the_objective_and_the_ranking(shapes_pipe, score
 TWO = "a red circle at the top left and a blue square on the right"
 
 
-def test_layout_grid_guides_each_placed_object_on_its_own(shapes_pipe, scorer, tmp_path, caplog):
+def test_layout_grid_guides_each_placed_object_on_its_own(shapes_pipe, scorer, tmp_path):
     """layout="grid": a prompt of placed objects becomes the mean of one objective per object (its text and
     the negatives, {prompt} = that object) on the image with the other objects' cells erased; anything
     else (layout off, one object, image prompts) keeps the one objective of the whole prompt."""
     from clipkit.core.objectives import ClipTarget, Erased
-    from clipkit.guidance.pipeline import check_parts, prompt_layout, prompt_objective, score_kind
+    from clipkit.guidance.pipeline import check_parts, prompt_layout, prompt_objective, score_kind, why_no_layout
     cfg = GenerateConfig(layout="grid", negative=["{prompt} and another shape:4"]).validate()
     obj = prompt_objective(TWO, check_parts(TWO, cfg), [], [scorer], cfg, 32)
     assert [w for w, _ in obj.terms] == [0.5, 0.5] and all(isinstance(e, Erased) for _, e in obj.terms)
@@ -418,7 +418,8 @@ def test_layout_grid_guides_each_placed_object_on_its_own(shapes_pipe, scorer, t
         scorer.text_embeddings(["a red circle at the top left"]).float(), dim=-1), atol=1e-6)
     assert torch.allclose(inner.negatives, torch.nn.functional.normalize(scorer.text_embeddings(
         ["a red circle at the top left and another shape"]).float(), dim=-1), atol=1e-6)
-    assert score_kind(cfg, TWO, 1) == "weighted" and score_kind(GenerateConfig().validate(), TWO, 1) == "cosine"
+    plain_grid = GenerateConfig(layout="grid").validate()                     # no negatives: only the layout
+    assert score_kind(plain_grid, TWO, 1) == "weighted" and score_kind(GenerateConfig().validate(), TWO, 1) == "cosine"
     # an image holding both objects scores higher than one with the red circle alone (erased the right cell)
     red_only = _png(tmp_path, "red.png", "red", "top left", "circle")
     from clipkit.shapes.render import render_scenes, to_pil
@@ -437,27 +438,32 @@ def test_layout_grid_guides_each_placed_object_on_its_own(shapes_pipe, scorer, t
         assert prompt_layout(single, cfg) is None
     with pytest.raises(InputError, match="layout must be one of off, grid"):
         GenerateConfig(layout="boxes").validate()
-    # through generate: recorded in the sidecar; the score label says what the score is
+    # through generate: what was placed is in the sidecar; the score label says what the score is
     res = generate(TWO, n=1, clip=scorer, diffusion=shapes_pipe, steps=2, seed=3, layout="grid",
                    out_dir=tmp_path / "out")
     side = json.loads(Path(res.images[0].sidecar).read_text())
     assert side["parameters"]["layout"] == "grid" and side["score"] == "weighted"
-    assert "grid cells erased" in res.score_label() and "grid cells erased" in side["score_note"]
-    # with cutouts it guides as one text, and says so
-    res = generate(TWO, n=1, clip=scorer, diffusion=shapes_pipe, steps=2, seed=3, layout="grid", cutouts=1)
-    assert res.images[0].score == "cosine" and "with cutouts the prompt guides as one text" in caplog.text
+    assert side["layout"] == [{"text": "a red circle at the top left", "position": "top left"},
+                              {"text": "a blue square on the right", "position": "right"}]
+    assert "grid cells erased" in res.score_label()
+    # where it does not apply (cutouts here) it guides as one text: nothing placed, the plain cosine
+    res = generate(TWO, n=1, clip=scorer, diffusion=shapes_pipe, steps=2, seed=3, layout="grid", cutouts=1,
+                   out_dir=tmp_path / "cut")
+    assert res.images[0].score == "cosine" and "layout" not in json.loads(Path(res.images[0].sidecar).read_text())
+    assert "cutouts" in why_no_layout(TWO, GenerateConfig(layout="grid", cut_schedule="4+0,2+2").validate())
+    assert why_no_layout(TWO, plain_grid) is None and "3x3 grid" in why_no_layout("a red circle", plain_grid)
 
 
 def test_layout_grid_draws_both_objects_where_one_text_does_not(shapes_pipe):
-    """The behaviour behind the default (BENCHMARKS.md, stop 15: 78/100 strict single samples object by
-    object vs 4/30 as one text): on the bundled models and the first seeds, the oracle finds exactly the
-    two objects asked for, each right, in the layout's images, and not in one text's."""
+    """The behaviour behind the default (BENCHMARKS.md, stop 15: 74/100 strict single samples object by
+    object vs 4/30 as one text): on the bundled models and the first four seeds, the oracle finds exactly
+    the two objects asked for, each right, in most of the layout's images and in almost none of one text's."""
     from clipkit.shapes.oracle import read_attributes, strict_match
     want = [{"color": "red", "shape": "circle", "position": "top left"},
             {"color": "blue", "shape": "square", "position": "right"}]
     right = {}
     for layout in ("grid", "off"):
-        res = generate(TWO, n=2, seed=0, diffusion=shapes_pipe, layout=layout,
+        res = generate(TWO, n=4, seed=0, diffusion=shapes_pipe, layout=layout,
                        negative=["{prompt} and another shape:4"])
         right[layout] = sum(strict_match(read_attributes(g.image), want) for g in res.images)
-    assert right == {"grid": 2, "off": 0}
+    assert right["grid"] >= 3 and right["off"] <= 1, right
