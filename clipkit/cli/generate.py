@@ -152,16 +152,18 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         from clipkit.guidance.pipeline import steps_for_strength
         steps = steps_for_strength(25, strength) if init_image else 25
     best_of = best_of if best_of is not None else (profile.best_of if own else 1)
-    if layout == "grid":                          # asked for: say where it does not apply
+    explicit_layout = layout is not None
+    layout = layout if explicit_layout else (profile.layout if own else "off")
+    if layout == "grid":          # say where it does not apply: asked for, or a prompt of placed objects
+        from clipkit.core.layout import split_layout
         from clipkit.guidance.pipeline import GenerateConfig, why_no_layout
         asked = GenerateConfig(layout="grid", image_prompts=list(image_prompts), scorers=list(scorer_specs),
                                cutouts=cutouts, cut_schedule=cut_schedule)
         for p in prompts:
             why = why_no_layout(p, asked)
-            if why:
+            if why and (explicit_layout or split_layout(p)):
                 import logging
                 logging.getLogger("clipkit.cli").warning("--layout grid: %r guides as one text: %s", p, why)
-    layout = layout if layout is not None else (profile.layout if own else "off")
     # the profile's negatives (its count guard) come first, unless an empty --negative '' drops them
     keep_default = own and all(t.strip() for t in negatives)
     # (once each: giving the profile's own negative again does not double its strength)

@@ -20,8 +20,10 @@ _AT = {rc: pos for pos, rc in CELLS.items()}
 _ROW = {"top": 0, "upper": 0, "bottom": 2, "lower": 2}
 _COLUMN = {"left": 0, "right": 2}
 _CENTER = {"center", "centre", "middle"}
-#: words that relate one object to another ("to the left of", "above"): no absolute position
-_RELATION = re.compile(r"\b(of|above|below|under|over|beside|between|behind|near)\b", re.I)
+#: words that relate one object to another ("to the left of", "above"): no absolute position ("the top
+#: left of the image" is one)
+_RELATION = re.compile(r"\b(?:(?:left|right|top|bottom|front|side) of(?!\s+the\s+(?:image|picture|canvas|frame|"
+                       r"scene))|above|below|beneath|beside|between|behind|next to|under)\b", re.I)
 _AND = re.compile(r"\s*\band\b\s*", re.I)
 _LEAD_IN = re.compile(r"^[^:]*:\s*")
 

@@ -310,12 +310,15 @@ class Weighted:
         """The terms at noise level ``abar`` (those with an ``at``; see :meth:`ClipTarget.at`)."""
         return Weighted([(w, o.at(abar) if hasattr(o, "at") else o) for w, o in self.terms])
 
+    @property
+    def views_own_input(self) -> bool:
+        """Does a term change its input before the views (:func:`viewed`)?"""
+        return any(getattr(o, "views_own_input", False) for _, o in self.terms)
+
     def viewed(self, make_views: Callable, chunk: int = 8) -> Callable:
-        """The sum's mean over views (:func:`viewed`): one :class:`Views` of the whole sum, so every term
-        sees the same views, unless a term changes its input before the views (then term by term)."""
-        if any(hasattr(o, "viewed") for _, o in self.terms):
-            return Weighted([(w, viewed(o, make_views, chunk)) for w, o in self.terms])
-        return Views(self, make_views, chunk)
+        """The sum's mean over views term by term (:func:`viewed` calls this only when a term changes its
+        input before the views; otherwise one :class:`Views` of the whole sum: every term the same views)."""
+        return Weighted([(w, viewed(o, make_views, chunk)) for w, o in self.terms])
 
     def score_images(self, images) -> torch.Tensor:
         """The weighted sum of the terms' ``score_images`` [N] (terms without one are skipped)."""
@@ -346,6 +349,7 @@ class Erased:
     abar: float | None = None       # None: clean pixels (the x0 estimate, files)
     _masks: dict = field(default_factory=dict, repr=False, compare=False)   # (shape, device, dtype) -> (mask, bg)
     _at: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    views_own_input = True          # erased before the views are made (:func:`viewed`)
 
     def rects(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         """The erased pixels of an h x w image: (top, bottom, left, right) rows and columns, end-exclusive."""
@@ -375,7 +379,8 @@ class Erased:
         return self.objective(self.erase(pixels))
 
     def at(self, abar: float) -> "Erased":
-        key = None if abar >= 1 else round(float(abar), 6)
+        key = round(float(abar), 6)
+        key = None if key >= 1 else key
         if key not in self._at:
             inner = self.objective.at(abar) if hasattr(self.objective, "at") else self.objective
             self._at[key] = Erased(inner, self.boxes, self.fill, self.margin, key)
@@ -406,8 +411,9 @@ def viewed(objective: Callable, make_views: Callable[[torch.Tensor], torch.Tenso
     """``objective`` averaged over ``make_views`` of its input (:class:`Views`). An objective that changes
     its input first (:class:`Erased`) does so before the views are made, and a :class:`Weighted` sum
     holding one is viewed term by term (the mean over views is linear), each term drawing its own views."""
-    own = getattr(objective, "viewed", None)
-    return own(make_views, chunk) if own is not None else Views(objective, make_views, chunk)
+    if getattr(objective, "views_own_input", False):
+        return objective.viewed(make_views, chunk)
+    return Views(objective, make_views, chunk)
 
 
 @dataclass

@@ -896,7 +896,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
                            "parameters": parameters(cfg, n, seed),
                            "device": str(scorer.device), "precision": precision,
                            "size": list(img.image.size)}
-                if placed:                                  # what --layout grid guided, object by object
+                if placed:                  # the objects --layout grid scored (and guided) one by one
                     sidecar["layout"] = [asdict(p) for p in placed]
                 if select is not None and (img.selection_score is not None or cfg.drafts > 1):
                     # the selector chose among the candidates, or among the drafts only (-n = candidates)

@@ -115,6 +115,13 @@ def test_cli_layout_is_the_profiles_on_its_own_model(tmp_path):
     res = run(["generate", "a red circle on the left", "-n", "1", "--steps", "2", "--seed", "3", "--best-of",
                "1", "--layout", "grid", "--out", str(tmp_path / "one")])
     assert res.exit_code == 0 and "--layout grid: 'a red circle on the left' guides as one text" in res.stderr
+    # the profile's grid on a prompt of placed objects that cutouts keep whole: said too
+    res = run(["generate", two, "-n", "1", "--steps", "2", "--seed", "3", "--best-of", "1", "--cutouts", "1",
+               "--out", str(tmp_path / "cut")])
+    assert res.exit_code == 0 and "guides as one text: a crop (cutouts)" in res.stderr
+    res = run(["generate", "a red circle on the left", "-n", "1", "--steps", "2", "--seed", "3", "--best-of", "1",
+               "--out", str(tmp_path / "plain")])
+    assert res.exit_code == 0 and "--layout grid" not in res.stderr       # nothing to place: nothing said
     res = run(["generate", two, "--layout", "boxes"])
     assert res.exit_code == 2 and "--layout" in res.stderr
 

@@ -46,4 +46,7 @@ def test_split_layout():
     assert split_layout("a red circle on the left and a blue square") is None          # one without a position
     assert split_layout("a red circle on the left and a blue square on the left") is None   # one cell
     assert split_layout("a red circle to the left of a blue square and a green one at the top") is None  # a relation
+    assert split_layout("a red circle above a blue square and a green one on the right") is None
+    assert [p.position for p in split_layout("a red circle at the top left of the image and a blue square on the "
+                                             "right side of the canvas")] == ["top left", "right"]
     assert split_layout("a sandwich") is None and split_layout("") is None

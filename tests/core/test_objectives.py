@@ -271,6 +271,10 @@ def test_erased_erases_before_the_views(renders):
     w = ob.viewed(ob.Weighted([(1.0, e), (0.5, ob.tv)]), shift)
     assert isinstance(w, ob.Weighted) and isinstance(w.terms[0][1], ob.Erased) and isinstance(w.terms[1][1], ob.Views)
     assert isinstance(ob.viewed(ob.Weighted([(1.0, ob.tv)]), shift), ob.Views)
+    nested = ob.Weighted([(1.0, ob.Weighted([(1.0, ob.tv)])), (0.5, ob.tv)])    # no Erased anywhere: one Views
+    assert isinstance(ob.viewed(nested, shift), ob.Views)
+    deep = ob.viewed(ob.Weighted([(1.0, ob.Weighted([(1.0, e)])), (0.5, ob.tv)]), shift)
+    assert isinstance(deep.terms[0][1].terms[0][1], ob.Erased) and isinstance(deep.terms[1][1], ob.Views)
     assert isinstance(ob.viewed(ob.tv, shift), ob.Views)
 
 
