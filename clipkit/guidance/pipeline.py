@@ -77,7 +77,7 @@ SCORE_NOTES = {"cosine": SCORE_NOTE, "weighted": WEIGHTED_NOTE}     # by score_k
 
 def score_kind(config: "GenerateConfig", prompt: str, n_clips: int) -> str:
     """"cosine" when a prompt's score is its plain cosine under one CLIP, else "weighted" (weights,
-    negatives, image prompts, scorers or an ensemble)."""
+    negatives, image prompts, scorers, a layout or an ensemble)."""
     parts = prompt_parts(prompt, config)
     plain = len(parts) == 1 and parts[0].weight > 0 and not (config.image_prompts or config.scorers) and n_clips == 1
     return "cosine" if plain and not prompt_layout(prompt, config) else "weighted"
