@@ -585,30 +585,33 @@ def has_cutouts(config: GenerateConfig) -> bool:
     return any(c > 0 for _, c in schedule)
 
 
+def _layout(prompt: str, config: GenerateConfig) -> tuple[list | None, str | None]:
+    """(the placed objects a grid layout guides one by one, None) or (None, why it guides as one text)."""
+    from clipkit.core.layout import split_layout
+    if config.image_prompts or config.scorers:
+        return None, "image prompts and scorers judge the whole image"
+    if has_cutouts(config):
+        return None, "a crop (cutouts) does not show the grid's cells where they are"
+    parts = parse_weighted_prompt(prompt)
+    if len(parts) != 1 or parts[0].weight <= 0:
+        return None, "a prompt of weighted parts guides as written"
+    placed = split_layout(parts[0].text)
+    if placed is None:
+        return None, ("it is not two or more objects joined by 'and', each naming its own cell of the 3x3 grid "
+                      "(e.g. 'a red circle at the top left and a blue square on the right')")
+    return placed, None
+
+
 def why_no_layout(prompt: str, config: GenerateConfig) -> str | None:
     """Why ``layout="grid"`` would guide ``prompt`` as one text rather than object by object (None: it
     would not)."""
-    from clipkit.core.layout import split_layout
-    if config.image_prompts or config.scorers:
-        return "image prompts and scorers judge the whole image"
-    if has_cutouts(config):
-        return "a crop (cutouts) does not show the grid's cells where they are"
-    parts = parse_weighted_prompt(prompt)
-    if len(parts) != 1 or parts[0].weight <= 0:
-        return "a prompt of weighted parts guides as written"
-    if split_layout(parts[0].text) is None:
-        return ("it is not two or more objects joined by 'and', each naming its own cell of the 3x3 grid "
-                "(e.g. 'a red circle at the top left and a blue square on the right')")
-    return None
+    return _layout(prompt, config)[1]
 
 
 def prompt_layout(prompt: str, config: GenerateConfig) -> list | None:
     """The placed objects (:func:`clipkit.core.layout.split_layout`) that ``config.layout="grid"`` guides one
     by one, or None: layout off, or a prompt it does not apply to (:func:`why_no_layout`)."""
-    if config.layout != "grid" or why_no_layout(prompt, config):
-        return None
-    from clipkit.core.layout import split_layout
-    return split_layout(parse_weighted_prompt(prompt)[0].text)
+    return _layout(prompt, config)[0] if config.layout == "grid" else None
 
 
 def check_parts(prompt: str, config: GenerateConfig) -> list[PromptPart]:
