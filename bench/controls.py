@@ -33,7 +33,9 @@ import torch
 from PIL import Image
 
 from clipkit.core.scorer import load_scorer
-from clipkit.guidance.pipeline import generate, load_diffusion, steps_for_strength
+from clipkit.guidance.config import steps_for_strength
+from clipkit.guidance.diffusion import load_diffusion
+from clipkit.guidance.pipeline import generate
 from clipkit.shapes.oracle import matches, read_attributes, strict_match
 from clipkit.shapes.render import render_scenes
 from clipkit.shapes.world import COLOR_NAMES, POSITIONS, SHAPES, Scene, ShapeObject

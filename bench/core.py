@@ -41,7 +41,7 @@ def encode_throughput(n, batch):
 
     from clipkit.core.backends import OpenClipBackend
     from clipkit.core.preprocess import normalize
-    from clipkit.core.registry import openclip_preprocess
+    from clipkit.core.clip_loading import openclip_preprocess
     from clipkit.core.scorer import ClipScorer
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None)

@@ -26,10 +26,14 @@ from collections import Counter
 import torch
 
 from clipkit.core.scorer import load_scorer
-from clipkit.guidance.pipeline import (GenerateConfig, MAX_SEED, build_objective, check_parts, load_diffusion,
-                                      tensor_to_pil)
+from clipkit.guidance.backends import tensor_to_pil
+from clipkit.guidance.config import GenerateConfig, MAX_SEED
+from clipkit.guidance.diffusion import load_diffusion
+from clipkit.guidance.prompting import build_objective, check_parts
 from clipkit.guidance.schedulers import make_scheduler
-from clipkit.guidance.wrapper import GuidedDenoiser, abar_at, sample, split_output
+from clipkit.guidance.parametrisation import abar_at, split_output
+from clipkit.guidance.sampling import sample
+from clipkit.guidance.wrapper import GuidedDenoiser
 from clipkit.shapes.oracle import read_attributes, strict_match
 
 from guidance import draw_prompts          # bench/ is the script's folder: on sys.path

@@ -31,7 +31,8 @@ import torch
 from clipkit.core.objectives import ClipTarget
 from clipkit.core.registry import bundled_path
 from clipkit.core.scorer import load_scorer
-from clipkit.guidance.wrapper import GuidanceConfig, GuidedDenoiser, sample
+from clipkit.guidance.sampling import sample
+from clipkit.guidance.wrapper import GuidanceConfig, GuidedDenoiser
 from collections import Counter
 
 from clipkit.shapes.oracle import matches, read_attributes, strict_match

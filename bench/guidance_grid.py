@@ -24,7 +24,7 @@ def main():
 
     from clipkit.core.scorer import load_scorer
     from clipkit.guidance.pipeline import generate
-    from clipkit.core.registry import PROFILES
+    from clipkit.shapes.profile import SHAPES
     from clipkit.shapes.oracle import read_attributes, strict_match
     from clipkit.shapes.world import AT
     ap = argparse.ArgumentParser()
@@ -38,7 +38,7 @@ def main():
         prompt = f"a {color} shape {AT[pos]}"
         row = []
         for arm, scale in (("unguided", 0.0), ("guided", 0.2)):
-            negative = list(PROFILES["shapes"].negative) if scale else []
+            negative = list(SHAPES.negative) if scale else []
             res = generate(prompt, n=args.seeds, seed=0, steps=args.steps, clip_scale=scale, clip=scorer,
                            negative=negative)
             for im in sorted(res.images, key=lambda g: g.seed):

@@ -15,7 +15,7 @@ _LAZY = {
     "ClipScorer": "clipkit.core.scorer",
     "classify": "clipkit.core.prompts",
     "evaluate": "clipkit.core.evaluate",
-    "list_models": "clipkit.core.registry",
+    "list_models": "clipkit.core.profiles",
     "load_captioner": "clipkit.captioning.captioner",
     "Captioner": "clipkit.captioning.captioner",
     "caption": "clipkit.captioning.captioner",
@@ -24,8 +24,8 @@ _LAZY = {
     "ModelLoadError": "clipkit.core.errors",
     "ImageLoadError": "clipkit.core.errors",
     "InputError": "clipkit.core.errors",
-    "generate": "clipkit.guidance.pipeline",
-    "rerank": "clipkit.rerank.rank",
+    "generate": "clipkit.api",
+    "rerank": "clipkit.rerank",          # the subpackage itself, callable: see clipkit/rerank/__init__.py
     "rank_texts": "clipkit.rerank.rank",
 }
 
@@ -36,6 +36,8 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'clipkit' has no attribute {name!r}")
+    if module == f"{__name__}.{name}":       # a callable subpackage: once imported, Python binds
+        return importlib.import_module(module)  # clipkit.<name> to it anyway, so it is the public object
     return getattr(importlib.import_module(module), name)
 
 

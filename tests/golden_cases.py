@@ -39,7 +39,8 @@ def pixel_slice() -> list[float]:
 
 def latent_slice(sd_dir, clip_dir) -> list[float]:
     from clipkit.core.scorer import load_scorer
-    from clipkit.guidance.pipeline import generate, load_diffusion
+    from clipkit.guidance.diffusion import load_diffusion
+    from clipkit.guidance.pipeline import generate
     pipe = load_diffusion(str(sd_dir), device="cpu")
     scorer = load_scorer(str(clip_dir), device="cpu")
     r = generate("a red circle", n=1, seed=2, steps=3, cfg_scale=3.0, clip_scale=200.0, clip=scorer,

@@ -153,14 +153,20 @@ def json_option(f):
                         help="Print one JSON document on stdout and nothing else there.")(f)
 
 
+def profile_of(settings):
+    """The profile ``--profile`` names (or the default), with the bundled one registered."""
+    import clipkit.shapes.profile  # noqa: F401  (registers the bundled `shapes` profile)
+    from clipkit.core.profiles import get_profile
+    return get_profile(settings.profile)
+
+
 def resolve_spec(settings, component: str, override: str | None) -> str:
     """The model spec for a component: --COMPONENT, else --profile, else the default (with a notice)."""
-    from clipkit.core.registry import DEFAULT_PROFILE, PROFILES
     if override:
         return override
     if settings.profile is None and not settings.quiet:
         click.echo(NOTICE, err=True)
-    profile = PROFILES[settings.profile or DEFAULT_PROFILE]
+    profile = profile_of(settings)
     spec = getattr(profile, component) or (profile.clip if component == "guide" else None)
     if spec is None:
         raise click.UsageError(f"profile {settings.profile!r} has no default {component}: "

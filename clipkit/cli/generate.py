@@ -129,61 +129,14 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     """
     import dataclasses
 
+    from clipkit.api import generate as do_generate
     from clipkit.cli.common import resolve_spec
-    from clipkit.guidance.pipeline import generate as do_generate
-    if not prompts:
-        if not image_prompts:
-            raise click.UsageError("give a PROMPT, or --image-prompt PATH to guide by an image alone")
-        prompts = ("",)
-    clip = [resolve_spec(settings, "guide", c) for c in clip_specs] or resolve_spec(settings, "guide", None)
-    # one notice at most: the first lookup printed it if the default profile was implicit
-    diffusion = resolve_spec(dataclasses.replace(settings, quiet=True), "diffusion", diffusion_spec)
-    from clipkit.core.registry import DEFAULT_PROFILE, PROFILES
-    profile = PROFILES[settings.profile or DEFAULT_PROFILE]
-    own = diffusion == profile.diffusion          # the profile's defaults hold for its own diffusion model
-    if init_image and own and not clip_specs and profile.init_clips:
-        clip = list(profile.init_clips)
-    n_clips = len(clip) if isinstance(clip, list) else 1
-    if clip_weights is not None and len(clip_weights) != n_clips:
-        raise click.BadParameter(f"{len(clip_weights)} weights for {n_clips} CLIP(s) (" +
-                                 ", ".join(clip if isinstance(clip, list) else [clip]) + "): give one per CLIP",
-                                 param_hint="--clip-weights")
-    if steps is None:                             # 25 steps run, with or without an init image
-        from clipkit.guidance.pipeline import steps_for_strength
-        steps = steps_for_strength(25, strength) if init_image else 25
-    best_of = best_of if best_of is not None else (profile.best_of if own else 1)
-    explicit_layout = layout is not None
-    layout = layout if explicit_layout else (profile.layout if own else "off")
-    if layout == "grid":          # say where it does not apply: asked for, or a prompt of placed objects
-        from clipkit.core.layout import split_layout
-        from clipkit.guidance.pipeline import GenerateConfig, why_no_layout
-        asked = GenerateConfig(layout="grid", image_prompts=list(image_prompts), scorers=list(scorer_specs),
-                               cutouts=cutouts, cut_schedule=cut_schedule)
-        for p in prompts:
-            why = why_no_layout(p, asked)
-            if why and (explicit_layout or split_layout(p)):
-                import logging
-                logging.getLogger("clipkit.cli").warning("--layout grid: %r guides as one text: %s", p, why)
-    # the profile's negatives (its count guard) come first, unless an empty --negative '' drops them
-    keep_default = own and all(t.strip() for t in negatives)
-    # (once each: giving the profile's own negative again does not double its strength)
-    negatives = list(dict.fromkeys([*(profile.negative if keep_default else ()), *(t for t in negatives if t.strip())]))
-    if not any(p.strip() for p in prompts) and any("{prompt}" in t and t not in profile.negative for t in negatives):
-        import logging
-        logging.getLogger("clipkit.cli").warning("a {prompt} negative needs a text prompt: with image prompts "
-                                                 "only it is left out")
-    explicit_select = select is not None
-    if select is None:
-        # the captioner judges an image against a text: with image prompts alone there is none
-        select = profile.select if own and any(prompts) else "clip"
-    selector = None
-    if explicit_select and select != "clip" and best_of == 1 and drafts == 1:
-        import logging
-        logging.getLogger("clipkit.cli").warning("--select %s chooses among --best-of candidates; with "
-                                                 "--best-of 1 there is nothing to choose", select)
-    if select == "caption" and (best_of > 1 or drafts > 1):
-        cap_spec = resolve_spec(dataclasses.replace(settings, quiet=True), "captioner", captioner_spec)
-        selector = _LazyCaptionSelector(cap_spec, settings.device)
+    if not prompts and not image_prompts:
+        raise click.UsageError("give a PROMPT, or --image-prompt PATH to guide by an image alone")
+    # the notice once, when the default profile is implicit; the profile's defaults are the library's
+    diffusion = resolve_spec(settings, "diffusion", diffusion_spec)
+    captioner = resolve_spec(dataclasses.replace(settings, quiet=True), "captioner", captioner_spec) \
+        if select == "caption" or captioner_spec else None
     bars = []
 
     def on_step(done: int, total: int):
@@ -191,13 +144,14 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
             bars.append(progress(None, "generating", disable=settings.quiet or as_json, total=total))
         bars[0].update(1)
     try:
-        res = do_generate(list(prompts), n, seed=seed, diffusion=diffusion, clip=clip, device=settings.device,
+        res = do_generate(list(prompts), n, seed=seed, profile=settings.profile, diffusion=diffusion,
+                          clip=list(clip_specs) or None, select=select, captioner=captioner, device=settings.device,
                           precision=settings.precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step,
                           steps=steps, clip_scale=clip_scale, cfg_scale=cfg_scale, cutouts=cutouts,
-                          best_of=best_of, drafts=drafts, draft_steps=draft_steps, select=selector, scheduler=scheduler, size=size, guide_target=guide_target,
-                          negative=list(negatives), image_prompts=[list(ip) for ip in image_prompts],
-                          clip_weights=clip_weights, init_image=init_image, strength=strength,
-                          scorers=list(scorer_specs), layout=layout,
+                          best_of=best_of, drafts=drafts, draft_steps=draft_steps, scheduler=scheduler, size=size,
+                          guide_target=guide_target, negative=list(negatives),
+                          image_prompts=[list(ip) for ip in image_prompts], clip_weights=clip_weights,
+                          init_image=init_image, strength=strength, scorers=list(scorer_specs), layout=layout,
                           cut_schedule=cut_schedule, tv_scale=tv_scale, range_scale=range_scale, sat_scale=sat_scale)
     finally:
         for b in bars:
@@ -209,24 +163,3 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
                f"per prompt, {res.wall_s:.1f} s); score = {res.score_label()}")
     click.echo(fmt_table(["image", "score", "seed", "prompt"],
                          [[im.path, f"{im.clip_score:.4f}", im.seed, im.prompt] for im in res.images]))
-
-
-class _LazyCaptionSelector:
-    """``CaptionEndSelector`` whose captioner loads at the first call, so every input is validated
-    (inside ``generate``) before any model loads."""
-    name = "caption"
-
-    def __init__(self, spec: str, device):
-        self.spec, self.device, self._sel = spec, device, None
-
-    @property
-    def weight(self) -> float:
-        from clipkit.captioning.captioner import CaptionEndSelector
-        return CaptionEndSelector.weight
-
-    def __call__(self, images, prompt, clip_scores):
-        if self._sel is None:
-            from clipkit.captioning.captioner import CaptionEndSelector, load_captioner
-            self._sel = CaptionEndSelector(load_captioner(self.spec, device=self.device))
-        return self._sel(images, prompt, clip_scores)
-

@@ -21,10 +21,12 @@ def models(as_json):
     """
     from dataclasses import asdict
 
-    from clipkit.core.registry import PROFILES, list_models
+    import clipkit.shapes.profile  # noqa: F401  (registers the bundled `shapes` profile)
+    from clipkit.core.profiles import PROFILES, list_models
     entries = list_models()
-    if as_json:
-        emit_json({"profiles": {p.name: {k: v for k, v in asdict(p).items() if k != "vocabulary"}   # a code hook
+    if as_json:       # the vocabulary (a word set) and the layouts (functions) are not settings
+        emit_json({"profiles": {p.name: {**{k: v for k, v in asdict(p).items() if k not in ("vocabulary", "layouts")},
+                                         "layouts": sorted(p.layouts)}
                                 for p in PROFILES.values()},
                    "models": [asdict(e) for e in entries]})
         return

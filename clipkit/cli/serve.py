@@ -32,14 +32,14 @@ def serve(settings, index_path, host, port, captioner, max_upload, clip_spec):
 
     from clipkit.captioning.captioner import load_captioner
     from clipkit.cli.index import index_scorer
-    from clipkit.core.registry import DEFAULT_PROFILE, PROFILES
+    from clipkit.cli.common import profile_of
     from clipkit.search.server import LOCAL_HOSTS, ServeConfig, create_app, make_server
     from clipkit.search.store import IndexReader
     log = logging.getLogger("clipkit.cli")
     reader = IndexReader(index_path)
     scorer = None if reader.model == "vectors" and not clip_spec else index_scorer(settings, reader, clip_spec)
     if captioner is None:
-        captioner = getattr(PROFILES[settings.profile or DEFAULT_PROFILE], "captioner", None)
+        captioner = profile_of(settings).captioner
     elif captioner.lower() == "none":
         captioner = None
     if host not in LOCAL_HOSTS:

@@ -57,6 +57,9 @@ def train():
 @click.option("--noise-aware", is_flag=True, help="Also train on DDPM-noised images x_t (GLIDE-style).")
 @click.option("--noise-fraction", "noise_fraction", type=FiniteFloat(min=0, max=1, min_open=True), default=None,
               help="With --noise-aware: the fraction of each batch noised [default: 0.5].")
+@click.option("--noise-schedule", "noise_schedule", default=None, metavar="SPEC",
+              help="With --noise-aware: the diffusion model (shapes, hf:ORG/NAME, a diffusers pipeline directory) "
+                   "whose scheduler config gives the x_t noise schedule [default: shapes].")
 @click.option("--render-size", "render_sizes", type=click.IntRange(min=8, max=1024), multiple=True,
               help="--data shapes: render at this size (repeatable; each batch picks one) [default: 32, 48, 64].")
 @click.option("--train-only", "train_only", multiple=True, metavar="PREFIX",
@@ -77,8 +80,8 @@ def train():
                    "a labelled folder or list (zero-shot top-1), 'none'; auto: shapes for a Shapes CLIP.")
 @_common
 @click.pass_obj
-def clip(settings, data, init, model_config, augment, noise_aware, noise_fraction, render_sizes, train_only, warmup,
-         class_names, templates, wise, reference, as_json, **kw):
+def clip(settings, data, init, model_config, augment, noise_aware, noise_fraction, noise_schedule, render_sizes,
+         train_only, warmup, class_names, templates, wise, reference, as_json, **kw):
     """Contrastive CLIP training (symmetric cross-entropy, learned temperature).
 
     \b
@@ -115,15 +118,18 @@ def clip(settings, data, init, model_config, augment, noise_aware, noise_fractio
                                "(an ImageFolder or a path,label list)")
     if noise_fraction is not None and not noise_aware:
         raise click.UsageError("--noise-fraction is the share of x_t images: it needs --noise-aware")
+    if noise_schedule is not None and not noise_aware:
+        raise click.UsageError("--noise-schedule is the schedule of the x_t images: it needs --noise-aware")
     if render_sizes and data != "shapes":
         raise click.UsageError("--render-size sets the size of Shapes renders: it needs --data shapes")
     if wise and not init:
         raise click.UsageError("--wise interpolates between --init SPEC and the fine-tuned model: give --init")
     ref_name, ref_fn = reference_task(reference, init) if wise else (None, None)
     cfg = _config(TrainClipConfig, data=data, init=init, model_cfg=model_cfg, augment=augment,
-                  noise_aware=noise_aware, noise_fraction=noise_fraction, render_sizes=tuple(render_sizes) or None,
-                  train_only=tuple(train_only) or None, warmup=warmup, class_names=class_names,
-                  templates=templates, wise=tuple(wise) if wise else None, reference=ref_name, **kw)
+                  noise_aware=noise_aware, noise_fraction=noise_fraction, noise_schedule=noise_schedule,
+                  render_sizes=tuple(render_sizes) or None, train_only=tuple(train_only) or None, warmup=warmup,
+                  class_names=class_names, templates=templates, wise=tuple(wise) if wise else None,
+                  reference=ref_name, **kw)
     res = train_clip(cfg, progress=not (settings.quiet or as_json), reference=ref_fn)
     _report(res, as_json)
 

@@ -51,6 +51,13 @@ def _is_input(out: Path, inputs: Iterable) -> bool:
     return False
 
 
+def check_not_input(path, inputs: Iterable, what: str = "output") -> None:
+    """An output that is one of the inputs (or, through a link, is one; or an image inside an input
+    folder) is refused always, ``--overwrite`` or not: an InputError naming it."""
+    if _is_input(Path(path), inputs):
+        raise InputError(f"{what} {path} is one of the inputs: choose another file name")
+
+
 def check_output_file(path, *, overwrite: bool = False, inputs: Iterable = (), what: str = "output") -> Path:
     """Validate an output file before any work: -> the path. Raises :class:`InputError` (one line)."""
     p = Path(path)
@@ -59,8 +66,7 @@ def check_output_file(path, *, overwrite: bool = False, inputs: Iterable = (), w
     parent = _real_parent(p)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {what} {p}: folder {p.parent} is not writable")
-    if _is_input(p, inputs):
-        raise InputError(f"{what} {p} is one of the inputs: choose another file name")
+    check_not_input(p, inputs, what)
     if os.path.lexists(p):
         if os.path.isdir(p) and not os.path.islink(p):
             raise InputError(f"{what} {p} is a folder: give a file name")

@@ -29,9 +29,10 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from clipkit.core import hub
+from clipkit.core.clip_loading import create_openclip, load_hf_clip
 from clipkit.core.errors import ModelLoadError
 
 BUNDLED = "shapes"
@@ -40,37 +41,6 @@ BUNDLED = "shapes"
 BUNDLED_NAMES = (BUNDLED, "shapes-noised")
 
 
-@dataclass(frozen=True)
-class Profile:
-    """The model choices that go together."""
-    name: str
-    clip: str
-    diffusion: str | None
-    captioner: str | None
-    description: str
-    guide: str | None = None     # the CLIP that steers `generate` (None: ``clip``)
-    vocabulary: str | None = None  # "module:function" -> the words its models know (None: any); see known_words
-    best_of: int = 1             # `generate`'s default --best-of on this profile's diffusion model
-    select: str = "clip"         # and its default --select (clip | caption)
-    negative: tuple = ()         # and its default --negative TEXT[:STRENGTH]s ("{prompt}": each prompt part)
-    init_clips: tuple = ()       # the CLIPs that guide an --init-image run on it (none: ``guide``)
-    layout: str = "off"          # `generate`'s default --layout on its diffusion model
-
-
-PROFILES: dict[str, Profile] = {
-    "shapes": Profile("shapes", "shapes", "shapes", "shapes",
-                      "bundled, offline demo models; they know only the Shapes world",
-                      guide="shapes-noised", vocabulary="clipkit.shapes.world:vocabulary",
-                      best_of=3, select="caption",       # strict 98/100 held out vs 93/100 for one sample
-                      negative=("{prompt} and another shape:4",),    # the count guard: see BENCHMARKS.md
-                      init_clips=("shapes-noised", "shapes"),         # recolours better than the guide alone (BENCHMARKS)
-                      layout="grid"),                # two-object prompts: each object guided on its own (BENCHMARKS)
-    "sd": Profile("sd", "openclip:ViT-B-32/laion2b_s34b_b79k",
-                  "hf:stable-diffusion-v1-5/stable-diffusion-v1-5", None,
-                  "real models from the hub (needs a network once, or a cache); "
-                  "point --captioner at a ClipCap checkpoint"),
-}
-DEFAULT_PROFILE = "shapes"
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +318,7 @@ class OpenClipSource(Source):
             kwargs = {"force_quick_gelu": True}
         else:
             kwargs = {}
-        return _create_openclip(s, arch, tag, kwargs, hub.OFFLINE_FIX)
+        return create_openclip(s, arch, tag, kwargs, hub.OFFLINE_FIX)
 
     def model_cfg(self, s):
         import open_clip
@@ -417,7 +387,7 @@ class LocalOpenClipSource(_OpenClipDirSource):
         if not any(any(Path(s.target).glob(g)) for g in ("*.safetensors", "*.bin", "*.pth")):
             raise ModelLoadError(s.raw, "no weights file (*.safetensors, *.bin, *.pth) in the directory",
                                  "save the weights beside open_clip_config.json")
-        return _create_openclip(s, f"local-dir:{s.target}", None, {}, "check the directory's config and weights")
+        return create_openclip(s, f"local-dir:{s.target}", None, {}, "check the directory's config and weights")
 
 
 
@@ -431,7 +401,7 @@ class LocalTransformersSource(_LocalDirSource):
     marker, components = "config.json", frozenset({"clip", "decoder"})
 
     def load_clip(self, s):
-        return _load_hf_clip(s)
+        return load_hf_clip(s)
 
     def wrong_kind(self, spec, component):
         if component == "diffusion":
@@ -499,7 +469,7 @@ class HfSource(Source):
         return ok, "in the hub cache" if ok else "not cached (needs a download)"
 
     def load_clip(self, s):
-        return _load_hf_clip(s)
+        return load_hf_clip(s)
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?")
@@ -516,10 +486,40 @@ class HubNameSource(HfSource):
         return ModelSpec(spec, self, spec, component=component)
 
 
-#: every spec source, in the order :func:`parse_spec` tries them
-SOURCES: tuple[Source, ...] = (BundledSource(), AestheticSource(), OpenClipSource(), HfSource(), OverlaySource(),
-                               LocalOpenClipSource(), LocalDiffusersSource(), LocalTransformersSource(),
-                               ClipCapDirSource(), CheckpointFileSource(), HubNameSource())
+#: every spec source, in the order :func:`parse_spec` tries them (:func:`register_source` adds one)
+SOURCES: list[Source] = [BundledSource(), AestheticSource(), OpenClipSource(), HfSource(), OverlaySource(),
+                         LocalOpenClipSource(), LocalDiffusersSource(), LocalTransformersSource(),
+                         ClipCapDirSource(), CheckpointFileSource(), HubNameSource()]
+
+
+def register_source(source: Source, first: bool = True) -> Source:
+    """Add a way of writing specs (a :class:`Source` subclass instance: ``parse``, ``components``,
+    ``load_clip`` or ``resolve``); ``first``: tried before the built-in ones (so ``myhub:NAME`` can
+    take a prefix nobody else parses), else last. Returns it, so it can be used as a decorator's value."""
+    if not isinstance(source, Source):
+        raise TypeError(f"register_source takes a Source, got {type(source).__name__}")
+    SOURCES.insert(0, source) if first else SOURCES.append(source)
+    return source
+
+
+#: diffusers ``model_index.json`` ``_class_name`` -> loader ``fn(source, spec, local_only, device, dtype)``
+#: returning a diffusion backend; the guidance plugin registers its pixel and latent loaders
+#: (:mod:`clipkit.guidance.diffusion`), a user registers more with :func:`register_diffusion_loader`
+DIFFUSION_LOADERS: dict[str, Callable] = {}
+
+
+def register_diffusion_loader(class_name: str, loader: Callable) -> Callable:
+    """Load diffusers pipelines whose ``model_index.json`` names ``class_name`` with ``loader``."""
+    DIFFUSION_LOADERS[class_name] = loader
+    return loader
+
+
+def diffusion_loader(class_name: str, spec: str) -> Callable:
+    """The loader registered for a pipeline class, or a one-line ModelLoadError naming the supported ones."""
+    if class_name not in DIFFUSION_LOADERS:
+        raise ModelLoadError(spec, f"unsupported diffusion pipeline {class_name!r}",
+                             f"supported: {', '.join(sorted(DIFFUSION_LOADERS))}")
+    return DIFFUSION_LOADERS[class_name]
 
 
 def assets_dir() -> Path:
@@ -594,194 +594,7 @@ def is_noise_aware(spec: str) -> bool:
     return bool(clip_training_info(spec).get("noise_aware"))
 
 
-# --------------------------------------------------------------------------------------------
-# CLIP loading
-# --------------------------------------------------------------------------------------------
-
-def openclip_preprocess(model, spec: str = "open_clip model"):
-    """open_clip's inference transform (``image_transform``) as a PreprocessConfig: PIL resize of the
-    shortest side (or squash), torchvision CenterCrop rounding; ModelLoadError for what we cannot match."""
-    import open_clip
-
-    from clipkit.core.preprocess import PreprocessConfig
-    cfg = open_clip.get_model_preprocess_cfg(model)
-    size = cfg.get("size", 224)
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2 or int(size[0]) != int(size[1]):
-            raise ModelLoadError(spec, f"non-square open_clip image size {tuple(size)} is not supported",
-                                 "use a square image_size")
-        size = int(size[0])
-    interpolation = cfg.get("interpolation") or "bicubic"
-    if interpolation == "random":       # open_clip's inference transform uses bicubic for 'random'
-        interpolation = "bicubic"
-    try:
-        return PreprocessConfig.from_dict({
-            "image_size": size, "mean": cfg.get("mean"), "std": cfg.get("std"),
-            "interpolation": interpolation, "resize_mode": cfg.get("resize_mode") or "shortest"})
-    except ValueError as e:
-        raise ModelLoadError(spec, f"open_clip preprocess_cfg: {hub.one_line(e)}",
-                             "use resize_mode 'shortest' or 'squash' and bicubic/bilinear interpolation") from e
-
-
-def _create_openclip(s: ModelSpec, name: str, pretrained: str | None, kwargs: dict, fix: str):
-    import open_clip
-
-    from clipkit.core.backends import OpenClipBackend
-    hub.short_timeouts()
-    try:
-        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
-        tokenizer = open_clip.get_tokenizer(name)
-    except Exception as e:  # download/cache/format failures all end here
-        raise ModelLoadError(s.raw, hub.one_line(e), fix) from e
-    return OpenClipBackend(model, tokenizer, openclip_preprocess(model, s.raw), s.raw)
-
-
-#: where transformers keeps a CLIPProcessor's image settings, in the order it reads them:
-#: ``processor_config.json`` (transformers 5 ``CLIPProcessor.save_pretrained``; settings nested under
-#: ``image_processor``), then ``preprocessor_config.json`` (``CLIPImageProcessor.save_pretrained``, older saves)
-HF_PROCESSOR_FILES = (("processor_config.json", "image_processor"), ("preprocessor_config.json", None))
-
-
-def _hf_processor_dict(r: Resolved) -> tuple[dict, str] | None:
-    """The image processor settings transformers would use for this directory or hub repo, and the
-    file they came from; None when there are none."""
-    for name, key in HF_PROCESSOR_FILES:
-        try:
-            f = r.file(name)
-        except Exception:
-            continue
-        if not f.is_file():
-            continue
-        try:
-            d = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{name} is not valid JSON ({hub.one_line(e)})") from e
-        if key is not None:
-            d = d.get(key) if isinstance(d, dict) else None
-            if d is None:
-                continue        # a processor_config.json without image settings: transformers reads on
-        if not isinstance(d, dict):
-            raise ValueError(f"{name}: image processor settings are not a JSON object")
-        return d, name
-    return None
-
-
-def _hf_resize_backend() -> str:
-    """transformers 5 loads the torchvision-backed CLIPImageProcessor by default. Older versions
-    defaulted to the PIL/numpy processor; only transformers 5 is conformance-tested."""
-    import transformers
-    return "torchvision" if int(transformers.__version__.split(".")[0]) >= 5 else "pil"
-
-
-def _hf_preprocess(r: Resolved, model):
-    """The preprocessing ``CLIPProcessor.from_pretrained`` would apply, exactly; ModelLoadError for
-    settings we cannot reproduce or that do not fit the model."""
-    import logging
-
-    from clipkit.core.preprocess import from_hf_image_processor
-    size = int(model.config.vision_config.image_size)
-    fix = "use a CLIPImageProcessor with shortest_edge or height/width resizing and a centre crop of the model's size"
-    try:
-        found = _hf_processor_dict(r)
-        if found is None:
-            logging.getLogger(__name__).warning(
-                "%s: no processor_config.json or preprocessor_config.json; using CLIPImageProcessor's defaults "
-                "(bicubic, OpenAI mean/std) at the model's %d px", r.raw, size)
-            d, source = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}, "defaults"
-        else:
-            d, source = found
-        cfg = from_hf_image_processor(d, resize_backend=_hf_resize_backend())
-    except ValueError as e:
-        raise ModelLoadError(r.raw, hub.one_line(e), fix) from e
-    if cfg.output_hw != (size, size):
-        h, w = cfg.output_hw
-        raise ModelLoadError(r.raw, f"{source} gives {h}x{w} pixels but the vision model takes {size}x{size}", fix)
-    return cfg
-
-
-def _load_hf_clip(s: ModelSpec):
-    """A transformers ``CLIPModel`` + tokenizer from a directory or a hub repo."""
-    from transformers import AutoTokenizer, CLIPModel
-    from transformers.utils import logging as hf_logging
-
-    from clipkit.core.backends import HFClipBackend
-    hf_logging.disable_progress_bar()
-    hub.short_timeouts()
-    r = s.resolve()
-    try:
-        model = CLIPModel.from_pretrained(r.location, local_files_only=r.local_only)
-        tokenizer = AutoTokenizer.from_pretrained(r.location, local_files_only=r.local_only)
-    except Exception as e:
-        raise ModelLoadError(s.raw, hub.one_line(e),
-                             r.fix("the directory must hold a transformers CLIPModel and its tokenizer")) from e
-    return HFClipBackend(model, tokenizer, _hf_preprocess(r, model), s.raw)
-
-
 def load_clip(spec: str | ModelSpec = BUNDLED):
     """Resolve and load a CLIP model -> a :class:`~clipkit.core.backends.ClipBackend` (CPU, fp32)."""
     s = parse_spec(spec) if isinstance(spec, str) else spec
     return s.load_clip()
-
-
-# --------------------------------------------------------------------------------------------
-# Listing
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class ModelEntry:
-    spec: str
-    component: str      # clip | guide (the CLIP that steers generate) | diffusion | captioner
-    profile: str | None
-    available: bool     # loadable right now without a network
-    note: str = ""
-
-
-def is_available(spec: str, component: str = "clip") -> tuple[bool, str]:
-    """Whether ``spec`` can be loaded offline right now, and a short note why (not)."""
-    try:
-        s = parse_spec(spec, component)
-    except ModelLoadError as e:
-        return False, e.reason
-    return s.available()
-
-
-def list_sources() -> list[dict]:
-    """Every spec source: its name, how its specs are written, and the model kinds it gives."""
-    return [{"kind": src.kind, "syntax": src.syntax, "components": sorted(src.components)} for src in SOURCES]
-
-
-#: the components a profile names, in the order `clipkit models` lists them, and a note on each
-PROFILE_COMPONENTS = {"clip": "", "guide": "; guides `generate`", "diffusion": "", "captioner": ""}
-
-
-def list_models() -> list[ModelEntry]:
-    """Every profile's models (each through the one registry, as its kind), with whether each is
-    available offline."""
-    out = []
-    for prof in PROFILES.values():
-        for comp, note_extra in PROFILE_COMPONENTS.items():
-            spec = getattr(prof, comp)
-            if spec is None:
-                if comp != "guide":         # no guide: the profile's clip guides
-                    out.append(ModelEntry("-", comp, prof.name, False, "user supplies --" + comp))
-                continue
-            ok, note = is_available(spec, comp)
-            out.append(ModelEntry(spec, comp, prof.name, ok, note + note_extra))
-    return out
-
-
-def resolve_hook(ref: str):
-    """``"package.module:name"`` -> that object, imported on first use (a hook names a package that
-    core must not import statically, e.g. the Shapes world)."""
-    import importlib
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def known_words(spec: str) -> set[str] | None:
-    """The words that the models of a profile using ``spec`` know (its ``vocabulary`` hook), or None
-    when no such profile declares a vocabulary (real models: any word)."""
-    for prof in PROFILES.values():
-        if prof.vocabulary and spec in (prof.clip, prof.guide, prof.diffusion, prof.captioner):
-            return set(resolve_hook(prof.vocabulary)())
-    return None

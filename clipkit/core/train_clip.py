@@ -19,13 +19,15 @@ negatives: with few classes, a batch holds many. The validation split is evaluat
 (top-1 and cross-entropy of the class logits) every ``eval_every`` steps, and ``wise`` alphas
 export WiSE-FT interpolations of the initial and fine-tuned weights (:mod:`clipkit.core.wise`).
 
-Runs through ``accelerate`` (``accelerate launch`` for several processes; each process contrasts
-its own batch). Checkpoints (core.training: accelerate save_state, never unpickled with code) are resumable; a CSV log and a PNG of the curves
-are written as training goes.
+Runs through ``accelerate`` (``accelerate launch`` for several processes; each contrasts its pairs
+against those of every process: the loss is that of the global batch, as in one process).
+Checkpoints (core.training: accelerate save_state, never unpickled with code) are resumable; a CSV
+log and a PNG of the curves are written as training goes.
 
 Robust training (``augment="robust"``) shows the CLIP images like the x0 estimates that guidance
 will feed it (noise, blur, low resolution, tinted backgrounds, low contrast); ``noise_aware=True``
-additionally trains on DDPM-noised images x_t (GLIDE-style).
+additionally trains on DDPM-noised images x_t (GLIDE-style), with the forward schedule of the
+diffusion model ``noise_schedule`` names (its own scheduler config; default: the bundled Shapes DDPM).
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ class TrainClipConfig:
     augment: str = "auto"                # "robust" | "none" | "auto" (robust, but none for labelled data)
     noise_aware: bool = False            # also train on DDPM-noised x_t (GLIDE-style)
     noise_fraction: float = 0.5          # fraction of each batch noised when noise_aware
+    noise_schedule: str = "shapes"       # diffusion model spec whose scheduler config gives the x_t schedule
     train_only: tuple | None = None      # parameter-name prefixes to train, the rest frozen; with
                                          # `init`, the export is an overlay (these weights + the base spec)
     render_sizes: tuple = (32, 48, 64)   # Shapes renders are drawn at one of these sizes per batch
@@ -243,11 +246,28 @@ def augment_robust(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                        beta_end: float = 0.02) -> torch.Tensor:
-    """The linear DDPM schedule (diffusers' DDPMScheduler defaults), the bundled diffusion model's own."""
-    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0).float()
+def ddpm_alphas_cumprod(spec: str = "shapes") -> torch.Tensor:
+    """abar_t of a diffusion model's forward process, from its own scheduler: ``DDPMScheduler.from_config``
+    of the model's ``scheduler/scheduler_config.json`` (num_train_timesteps, betas, beta_schedule,
+    zero-SNR rescaling), so x_t is noised as that model was trained and as guidance on x_t feeds the
+    CLIP. ``spec``: a diffusion model spec (``shapes``, the bundled DDPM: linear, 1000 steps; a diffusers
+    pipeline directory; ``hf:ORG/NAME``); a ModelLoadError when it has no usable scheduler config."""
+    import inspect
+
+    from diffusers import DDPMScheduler
+
+    from clipkit.core.errors import ModelLoadError
+    from clipkit.core.hub import one_line
+    from clipkit.core.registry import parse_spec
+    r = parse_spec(spec, "diffusion").resolve()
+    try:
+        config = json.loads(r.file("scheduler/scheduler_config.json").read_text(encoding="utf-8"))
+        params = inspect.signature(DDPMScheduler.__init__).parameters    # the schedule's keys, of any scheduler
+        sched = DDPMScheduler.from_config({k: v for k, v in config.items() if k in params})
+    except Exception as e:
+        raise ModelLoadError(r.raw, f"no usable scheduler config for the noise schedule ({one_line(e)})",
+                             r.fix("check its scheduler/scheduler_config.json")) from e
+    return sched.alphas_cumprod.float().clone()
 
 
 def noise_images(x: torch.Tensor, gen: torch.Generator, fraction: float, alphas_cumprod: torch.Tensor):
@@ -316,11 +336,22 @@ def _param_groups(model, weight_decay):
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
-              classes: torch.Tensor | None = None):
+              classes: torch.Tensor | None = None, gather: bool = True):
     """Symmetric cross-entropy over the N x N cosine logits. img, txt normalised [N, D].
 
     ``classes`` [N]: pairs of the same class are all positives, the target of each row (and
-    column) spread uniformly over them (UniCL); with distinct classes this is the CLIP loss."""
+    column) spread uniformly over them (UniCL); with distinct classes this is the CLIP loss.
+
+    Several processes (torch.distributed initialised, e.g. ``accelerate launch``) with ``gather``:
+    every process must call it (a collective). The features (with gradients) and classes of all
+    processes are concatenated in process order (:func:`clipkit.core.dist.gather_cat`) and each
+    process returns the loss and accuracies of that global batch, so that the gradients averaged over
+    the processes, as DDP does, are those of one process on the concatenated batch. One process: the
+    local batch, unchanged."""
+    if gather:
+        from clipkit.core.dist import gather_cat
+        img, txt = gather_cat(img), gather_cat(txt)
+        classes = gather_cat(classes, grad=False) if classes is not None else None
     logits = logit_scale.exp() * img @ txt.T
     labels = torch.arange(len(img), device=img.device)
     if classes is None:
@@ -490,6 +521,7 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None,
         if kind != "labelled" or not cfg.init:
             raise InputError("--wise interpolates the --init model and the fine-tuned one, measured on "
                              "labelled data: it needs --init SPEC and --data an ImageFolder or path,label list")
+    abar = ddpm_alphas_cumprod(cfg.noise_schedule) if cfg.noise_aware else None   # the model's x_t schedule
     acc = accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     out = Path(cfg.out_dir)
@@ -522,7 +554,6 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None,
                                 batch_size=max(64, cfg.batch_size), shuffle=False, collate_fn=_collate,
                                 num_workers=cfg.num_workers)
     prompt_ids = flyp.prompt_ids.to(acc.device) if flyp else None
-    abar = ddpm_alphas_cumprod() if cfg.noise_aware else None
     unwrapped = acc.unwrap_model(model)
 
     def step_fn(batch) -> StepOutput:

@@ -3,7 +3,7 @@
 Components: ``UNet2DConditionModel`` + ``AutoencoderKL`` + transformers ``CLIPTextModel`` + tokenizer + a
 diffusers scheduler. The denoiser handed to :func:`clipkit.guidance.wrapper.sample` is the CFG
 combination ``eps_u + s (eps_c - eps_u)`` of one batched UNet pass (Ho & Salimans 2022, eq. 6); CLIP
-guidance wraps it with the same :class:`~clipkit.guidance.wrapper.GuidedDenoiser` as pixel models,
+guidance wraps it with the same :func:`~clipkit.guidance.wrapper.guided_step` as pixel models,
 whose ``decode`` is the VAE decoder: the objective sees the decoded x0 estimate. Per guided step
 (FIELD_NOTES B, "Memory"):
 
@@ -20,7 +20,7 @@ v-prediction is handled, the unconditional batch matches the prompt batch, and C
 dtype whatever the pipeline's.
 
 :class:`LatentDiffusion` (loaded by :func:`load_latent`, registered for ``StableDiffusionPipeline`` in
-:data:`clipkit.guidance.pipeline.LOADERS`) is the backend of ``clipkit generate --diffusion <SD pipeline>``.
+:mod:`clipkit.guidance.diffusion`) is the backend of ``clipkit generate --diffusion <SD pipeline>``.
 """
 from __future__ import annotations
 
@@ -38,7 +38,10 @@ from PIL import Image
 
 from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.guidance.schedulers import count_timesteps, make_scheduler
-from clipkit.guidance.wrapper import GuidanceConfig, GuidanceStats, GuidedDenoiser, iter_sample, sample
+from clipkit.core.objectives import ClipTarget
+from clipkit.guidance.backends import tensor_to_pil
+from clipkit.guidance.sampling import denoise_step, iter_sample, sample
+from clipkit.guidance.wrapper import GuidanceConfig, GuidanceStats, guided_step
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +274,10 @@ def _check_size(comps: LatentComponents, height: int | None, width: int | None) 
 
 def _sampler(components: LatentComponents, prompts: list[str], negs: list[str] | None, n_per_prompt: int,
              cfg_scale: float, guidance: GuidanceConfig | None, scorer, objective: Callable | None, view_batch: int,
-             generator: torch.Generator, init: torch.Tensor | None, h: int, w: int):
-    """(denoiser, after_step hook, init latents or None, the GuidedDenoiser or None) for a latent batch of
-    ``len(prompts) * n_per_prompt``: CFG over the text encoder, wrapped by guidance when asked."""
+             generator: torch.Generator, init: torch.Tensor | None, h: int, w: int, on_stats=None):
+    """(step, init latents or None) for a latent batch of ``len(prompts) * n_per_prompt``: the step of the
+    CFG denoiser over the text encoder (a denoiser wrapper of its own), or its guided step when asked;
+    ``on_stats`` receives the guidance statistics."""
     sched, dev = components.scheduler, components.device
     N = len(prompts) * n_per_prompt
     per_image = [p for p in prompts for _ in range(n_per_prompt)]             # prompt-major
@@ -285,17 +289,16 @@ def _sampler(components: LatentComponents, prompts: list[str], negs: list[str] |
     model = make_cfg_model(components.unet, cond, uncond, cfg_scale)
 
     # CLIP guidance wraps the CFG denoiser
-    guide = None
+    step = denoise_step(model, sched, generator)
     if guidance is not None and guidance.scale > 0:
-        from clipkit.core.objectives import ClipTarget
         if objective is None:
             objective = ClipTarget(scorer, scorer.text_embeddings(per_image)[:, None, :])   # [N,1,D]
         if view_batch:
             guidance = dataclasses.replace(guidance, view_chunk=view_batch)
         view_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generator,
                                                                      device=generator.device)))
-        guide = GuidedDenoiser(model, sched, objective, guidance, decode=lambda z: (components.decode(z) + 1) / 2,
-                               generator=view_gen)
+        step = guided_step(model, sched, objective, guidance, decode=lambda z: (components.decode(z) + 1) / 2,
+                           generator=view_gen, noise_generator=generator, on_stats=on_stats)
     z_init = None
     if init is not None:
         if tuple(init.shape) != (N, 3, h, w):
@@ -305,7 +308,7 @@ def _sampler(components: LatentComponents, prompts: list[str], negs: list[str] |
             post = components.vae.encode((init * 2 - 1).to(dev, vae_dtype)).latent_dist
             z_init = (post.mean.float() - components.shift_factor) * components.scaling_factor
 
-    return (guide or model), (guide.after_step if guide is not None else None), z_init, guide
+    return step, z_init
 
 
 def generate_latent(components: LatentComponents, prompts: str | Sequence[str], n_per_prompt: int = 1,
@@ -363,18 +366,18 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
     if noise is None:                                                         # before any other draw
         noise = torch.randn(shape, generator=generator, device=generator.device)
 
-    denoiser, after_step, z_init, guide = _sampler(components, prompts, negs, n_per_prompt, cfg_scale, guidance,
-                                                   scorer, objective, view_batch, generator, init, h, w)
+    history: list[GuidanceStats] = []
+    step, z_init = _sampler(components, prompts, negs, n_per_prompt, cfg_scale, guidance, scorer, objective,
+                            view_batch, generator, init, h, w, on_stats=history.append)
 
     # 4. sample in latent space, decode once
     amp = _AUTOCAST[precision]
     ac = torch.autocast(dev.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with ac:
-        z = sample(denoiser, sched, shape, steps, generator, device=dev, callback=callback, noise=noise,
-                   after_step=after_step, init=z_init, strength=strength)
+        z = sample(step, sched, shape, steps, generator, device=dev, callback=callback, noise=noise,
+                   init=z_init, strength=strength)
         with torch.no_grad():
             pix = ((components.decode(z) + 1) / 2).clamp(0, 1).float().cpu()
-    from clipkit.guidance.pipeline import tensor_to_pil
     images = [tensor_to_pil(p) for p in pix]
 
     # 5. final scores: the saved (8-bit) images through the scorer's PIL path, fp32
@@ -388,8 +391,7 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
         scheduler=type(sched).__name__, prediction_type=sched.config.get("prediction_type", "epsilon"),
         precision=precision, view_batch=view_batch, clip_spec=getattr(scorer, "spec", None),
         guidance=guidance.to_dict() if guidance is not None else None)
-    return LatentResult(images, per_image, z.float().cpu(), pix, scores, config,
-                        list(guide.history) if guide is not None else [])
+    return LatentResult(images, per_image, z.float().cpu(), pix, scores, config, history)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +399,7 @@ def generate_latent(components: LatentComponents, prompts: str | Sequence[str], 
 # --------------------------------------------------------------------------------------------
 
 class LatentDiffusion:
-    """A Stable Diffusion pipeline as a :class:`~clipkit.guidance.pipeline.DiffusionBackend`:
+    """A Stable Diffusion pipeline as a :class:`~clipkit.guidance.backends.DiffusionBackend`:
     classifier-free guidance (``cfg_scale``) plus CLIP guidance on the decoded x0 estimate.
 
     Every image is sampled alone (a batch of one, every random draw from a generator seeded with its
@@ -444,11 +446,10 @@ class LatentDiffusion:
         shape = (1, int(comps.unet.config.in_channels), size // comps.vae_scale_factor, size // comps.vae_scale_factor)
         noise = torch.randn(shape, generator=generator, device=generator.device)      # before any other draw
         negs = None if cond.negative is None else [cond.negative]
-        denoiser, after_step, z_init, _ = _sampler(comps, [cond.text], negs, 1, self.cfg_scale(config), guidance,
-                                                   None, cond.objective, self.view_batch, generator, cond.init,
-                                                   size, size)
-        return iter_sample(denoiser, comps.scheduler, shape, config.steps, generator, device=comps.device,
-                           noise=noise, after_step=after_step, init=z_init, strength=cond.strength)
+        step, z_init = _sampler(comps, [cond.text], negs, 1, self.cfg_scale(config), guidance, None, cond.objective,
+                                self.view_batch, generator, cond.init, size, size)
+        return iter_sample(step, comps.scheduler, shape, config.steps, generator, device=comps.device,
+                           noise=noise, init=z_init, strength=cond.strength)
 
     def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> pixels [B, 3, H, W] in [0, 1] (VAE decode), fp32 on the CPU."""
@@ -458,5 +459,5 @@ class LatentDiffusion:
 
 def load_latent(source: str, spec: str, local_only: bool, device="cpu",
                 dtype: torch.dtype = torch.float32) -> LatentDiffusion:
-    """Loader registered in :data:`clipkit.guidance.pipeline.LOADERS` for ``StableDiffusionPipeline``."""
+    """The registry's loader for ``StableDiffusionPipeline`` (:mod:`clipkit.guidance.diffusion`)."""
     return LatentDiffusion(load_components(source, spec, local_only, device, dtype), spec)

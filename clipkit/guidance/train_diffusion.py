@@ -18,9 +18,12 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 
 from clipkit.core.errors import InputError
+from clipkit.guidance.sampling import denoise_step, sample
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +74,15 @@ class DiffusionTrainResult:
 
 def sample_ddim(unet, scheduler_config: dict, n: int, steps: int, generator: torch.Generator,
                 device, batch_size: int = 256) -> torch.Tensor:
-    """Unguided DDIM (eta=0) samples in [0, 1], [n, 3, H, W]."""
-    from diffusers import DDIMScheduler
+    """Unguided DDIM (eta=0) samples in [0, 1], [n, 3, H, W], by the one sampling loop
+    (:func:`clipkit.guidance.sampling.sample`), ``batch_size`` at a time."""
     sched = DDIMScheduler.from_config(scheduler_config)
-    sched.set_timesteps(steps)
     size = unet.config.sample_size
+    step = denoise_step(lambda x, t: unet(x, t).sample, sched)
     out = []
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        x = torch.randn(b, 3, size, size, generator=generator, device=generator.device).to(device)
-        for t in sched.timesteps:
-            with torch.no_grad():
-                eps = unet(x, t).sample
-            x = sched.step(eps, t, x).prev_sample
+        x = sample(step, sched, (b, 3, size, size), steps, generator, device=device)
         out.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
     return torch.cat(out)
 
@@ -122,8 +121,6 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True,
     """DDPM training (see the module docstring) on the images of ``data``, a recipe's factory
     (:func:`clipkit.shapes.recipes.shapes_diffusion_data`; ``clipkit train diffusion`` wires it)."""
     from accelerate.utils import set_seed
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-    from diffusers.training_utils import EMAModel
 
     from clipkit.core.dist import accelerator
     from clipkit.core.training import LoopSettings, RngStates, StepOutput, export_dtype, train_loop

@@ -22,11 +22,14 @@ grow with the number of cuts), adds the regularisers (tv, range, saturation on t
 turns its gradient into a step. How the gradient is taken is a *method*, one module each in
 :mod:`clipkit.guidance.methods` (x0 estimate, through the network, noise-aware x_t).
 
-A :class:`GuidedDenoiser` is a denoiser with the model's own signature (k-diffusion's
-``make_cond_model_fn``): with ``apply="output"`` it is all there is. ``apply="sample"`` (the default,
-stronger) moves the x0 estimate but keeps the model's eps, which no single model output can express;
-the sampler's documented ``after_step`` hook (:func:`sample`) applies that shift after the scheduler
-step, and samplers otherwise know nothing of guidance.
+A :class:`GuidedDenoiser` is a pure closure over (model, scheduler, objective, config): nothing it
+computes is kept from one call to the next (statistics leave through ``on_stats``). It is a denoiser
+with the model's own signature (k-diffusion's ``make_cond_model_fn``) when the correction can be
+expressed as a model output (``apply="output"``). ``apply="sample"`` (the default, stronger) moves the
+x0 estimate but keeps the model's eps, which no single model output can express: :func:`guided_step`
+makes a *step* ``(x, t) -> StepOutput`` that applies it to the scheduler's new sample, so a plain
+diffusers loop (``for t in scheduler.timesteps: x = step(x, t).prev_sample``) samples with guidance
+and the samplers (:mod:`clipkit.guidance.sampling`) know nothing of it.
 
 Two targets for the CLIP loss (``GuidanceConfig.target``):
 
@@ -39,18 +42,19 @@ Two targets for the CLIP loss (``GuidanceConfig.target``):
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from clipkit.core.errors import InputError
 from clipkit.core.losses import get_loss
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from clipkit.core.objectives import range_excess, saturation, tv, viewed
+from clipkit.guidance.methods import method_for
+from clipkit.guidance.parametrisation import abar_at, check_scheduler, join_output, x0_estimate
+from clipkit.guidance.sampling import Step, StepOutput, denoise_step, step_kwargs
 
 
 @dataclass
@@ -139,56 +143,6 @@ def parse_cut_schedule(text: str) -> tuple:
     return tuple(parts)
 
 
-def check_scheduler(scheduler) -> torch.Tensor:
-    """alphas_cumprod of a scheduler, or a clear error for one we cannot guide."""
-    abar = getattr(scheduler, "alphas_cumprod", None)
-    if abar is None:
-        raise InputError(f"{type(scheduler).__name__} has no alphas_cumprod table: CLIP guidance needs a "
-                         "DDPM-family scheduler (DDIM, DDPM, Euler, Euler ancestral, LMS, DPM-Solver++, PNDM)")
-    pt = scheduler.config.get("prediction_type", "epsilon")
-    if pt not in PREDICTION_TYPES:
-        raise InputError(f"unsupported prediction_type {pt!r} ({', '.join(PREDICTION_TYPES)})")
-    return torch.as_tensor(abar, dtype=torch.float64)
-
-
-def abar_at(abar: torch.Tensor, t, batch: int, device) -> torch.Tensor:
-    """abar_t for (possibly fractional) timesteps, linear in t between table entries -> [B,1,1,1] fp32."""
-    t = torch.as_tensor(t, dtype=torch.float64).flatten().cpu()
-    t = t.expand(batch) if t.numel() == 1 else t
-    t = t.clamp(0, len(abar) - 1)
-    lo = t.floor().long()
-    hi = (lo + 1).clamp(max=len(abar) - 1)
-    w = t - lo
-    a = abar[lo] * (1 - w) + abar[hi] * w
-    return a.float().view(-1, 1, 1, 1).to(device)
-
-
-def split_output(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction_type: str):
-    """Model output -> (eps, x0) for a VP input x with abar a."""
-    sa, s1 = a.sqrt(), (1 - a).sqrt()
-    if prediction_type == "epsilon":
-        eps = out
-        x0 = (x - s1 * eps) / sa
-    elif prediction_type == "sample":
-        x0 = out
-        eps = (x - sa * x0) / s1
-    else:  # v_prediction: v = sa*eps - s1*x0
-        x0 = sa * x - s1 * out
-        eps = s1 * x + sa * out
-    return eps, x0
-
-
-def join_output(eps: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """(eps, x) -> model output in its own parametrisation."""
-    sa, s1 = a.sqrt(), (1 - a).sqrt()
-    if prediction_type == "epsilon":
-        return eps
-    x0 = (x - s1 * eps) / sa
-    if prediction_type == "sample":
-        return x0
-    return sa * eps - s1 * x0
-
-
 def make_views(img: torch.Tensor, cfg: GuidanceConfig, generator: torch.Generator | None) -> torch.Tensor:
     """[B,3,H,W] in [0,1] -> [K*B,3,H,W]: K = views (+ cutouts) augmented copies, view-major (row r is
     a view of sample r % B, the layout :class:`~clipkit.core.objectives.Views` takes).
@@ -234,9 +188,24 @@ def clamp_st(pixels: torch.Tensor) -> torch.Tensor:
     return pixels + (pixels.clamp(0, 1) - pixels).detach()
 
 
+@dataclass
+class Correction:
+    """What guidance makes of one network call at (x, t): the model's own output there, its eps, the
+    x0-space shift ``delta`` guidance asks for (x0' = x0 + delta) and abar_t [B,1,1,1]."""
+    out: torch.Tensor
+    eps: torch.Tensor
+    delta: torch.Tensor
+    a: torch.Tensor
+
+
 class GuidedDenoiser:
-    """Wraps ``model(x, t) -> output`` (e.g. ``lambda x, t: unet(x, t).sample``) with guidance by an
-    objective; the result is again a denoiser ``(x, t) -> output``.
+    """Guidance by an objective around ``model(x, t) -> output`` (e.g. ``lambda x, t: unet(x, t).sample``):
+    a pure closure, nothing kept between calls.
+
+    * ``correction(x, t)``: the :class:`Correction` at (x, t), None where guidance is off (the scale is 0
+      or t/T is outside [stop, start]);
+    * calling it: the denoiser ``(x, t) -> output`` with the eps-consistent correction of the output
+      (``apply="output"``). ``apply="sample"`` cannot be a model output: use :func:`guided_step`.
 
     Args:
         model: the denoiser; takes the VP input the scheduler hands the network.
@@ -247,11 +216,12 @@ class GuidedDenoiser:
         cfg: step size, views/cutouts, regularisers, method.
         decode: model-space x0 -> pixels in [0, 1]; default ``(x0 + 1) / 2`` (pixel models).
         generator: the views' randomness.
+        on_stats: called with a :class:`GuidanceStats` after every guided call (logs, plots, tests).
     """
 
     def __init__(self, model: Callable, scheduler, objective: Callable, cfg: GuidanceConfig,
-                 decode: Callable | None = None, generator: torch.Generator | None = None):
-        from clipkit.guidance.methods import method_for
+                 decode: Callable | None = None, generator: torch.Generator | None = None,
+                 on_stats: Callable[[GuidanceStats], None] | None = None):
         self.model, self.objective, self.cfg = model, objective, cfg.validate()
         if cfg.target == "xt" and decode is not None:
             raise InputError("target='xt' feeds the CLIP the pixel-space x_t (a noise-aware CLIP); a latent "
@@ -262,8 +232,7 @@ class GuidedDenoiser:
         self.T = len(self.abar)
         self.decode = decode or (lambda x0: (x0 + 1) / 2)
         self.generator = generator
-        self.history: list[GuidanceStats] = []
-        self.pending_shift: torch.Tensor | None = None   # apply="sample": this step's x0 shift, for after_step
+        self.on_stats = on_stats
 
     def frac(self, t) -> float:
         return float(torch.as_tensor(t).flatten()[0]) / max(1, self.T - 1)
@@ -274,7 +243,6 @@ class GuidedDenoiser:
     # ---- the loss the methods differentiate
     def views_loss(self, pixels: torch.Tensor, t, objective: Callable | None = None) -> torch.Tensor:
         """scale x the objective's mean over this step's views of ``pixels`` [B,3,H,W] -> [B]."""
-        from clipkit.core.objectives import viewed
         objective = objective or self.objective
         views, cutouts = self.cfg.cuts_at(self.frac(t))
         vcfg = dataclasses.replace(self.cfg, views=views, cutouts=cutouts)
@@ -283,7 +251,6 @@ class GuidedDenoiser:
 
     def regularisers(self, x0: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor | float:
         """tv / range / saturation of the x0 estimate's pixels (unclamped; ``pixels``: already decoded), [B] or 0."""
-        from clipkit.core.objectives import range_excess, saturation, tv
         cfg, loss = self.cfg, 0.0
         if cfg.tv_scale or cfg.range_scale or cfg.sat_scale:
             pix = self.decode(x0).float() if pixels is None else pixels
@@ -311,137 +278,91 @@ class GuidedDenoiser:
             objective = objective.at(float(abar_at(self.abar, t, 1, "cpu").flatten()[0]))
         return self.views_loss((xt.float() + 1) / 2, t, objective) + self.regularisers(x0)
 
-    # ---- the denoiser
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        a = abar_at(self.abar, t, x.shape[0], x.device)
+    # ---- the correction, and the denoiser
+    def correction(self, x: torch.Tensor, t) -> Correction | None:
+        """The method's gradient at (x, t) made a bounded x0-space step (module docstring); None where
+        guidance is off."""
         if not self.active(t):
-            with torch.no_grad():
-                return self.model(x, t)
+            return None
+        a = abar_at(self.abar, t, x.shape[0], x.device)
         with torch.enable_grad():
             out, eps, grad, loss = self.method(self, x, t, a)
         grad = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
         rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
         if self.cfg.grad_rms_max is not None and self.cfg.x0_step is None:
             grad = grad * (self.cfg.grad_rms_max / rms.clamp(min=self.cfg.grad_rms_max))
-        self.history.append(GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.detach().mean()),
-                                          float(rms.mean())))
+        if self.on_stats is not None:
+            self.on_stats(GuidanceStats(float(torch.as_tensor(t).flatten()[0]), float(loss.detach().mean()),
+                                        float(rms.mean())))
         if self.cfg.x0_step is not None:
             # normalised step in x0 space: x0' = x0 - step * grad / rms(grad)
             step = self.cfg.x0_step * ((1 - a).sqrt() if self.cfg.step_schedule == "sigma" else 1.0)
             delta = -step * grad / rms.clamp(min=1e-12)
         else:
             delta = -(1 - a) / a.sqrt() * grad                                       # x0' = x0 + sigma^2 g (VE form)
-        out = out.detach()
+        return Correction(out.detach(), eps.detach(), delta.detach(), a)
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         if self.cfg.apply == "sample":
-            self.pending_shift = delta.detach()
-            return out
-        eps_new = eps.detach() - a.sqrt() / (1 - a).sqrt() * delta                  # same x0', eps consistent
-        return join_output(eps_new, x.float(), a, self.prediction_type).to(out.dtype)
-
-    def after_step(self, i: int, scheduler, timesteps: Sequence, x: torch.Tensor) -> torch.Tensor:
-        """The sampler's hook after step ``i``: apply this step's x0 shift (``apply="sample"``) to the
-        scheduler's new sample; a no-op otherwise."""
-        if self.pending_shift is None:
-            return x
-        shift, self.pending_shift = self.pending_shift, None
-        return x + _sample_space(self.abar, scheduler, timesteps, i, x) * shift.to(x.dtype)
+            raise InputError("apply='sample' moves the scheduler's sample, which no model output can express: "
+                             "sample with guided_step(...) (or use apply='output' for a guided denoiser)")
+        c = self.correction(x, t)
+        if c is None:
+            with torch.no_grad():
+                return self.model(x, t)
+        eps_new = c.eps - c.a.sqrt() / (1 - c.a).sqrt() * c.delta                  # same x0', eps consistent
+        return join_output(eps_new, x.float(), c.a, self.prediction_type).to(c.out.dtype)
 
 
-def _sample_space(abar: torch.Tensor, scheduler, timesteps, i: int, x: torch.Tensor) -> torch.Tensor:
-    """Factor mapping an x0-space shift into the scheduler's sample space after step i.
+def sample_space(scheduler, t, x: torch.Tensor) -> torch.Tensor:
+    """Factor mapping an x0-space shift into the scheduler's sample space after the step at ``t``.
 
     The next network input is VP: x_vp = sqrt(abar_next) x0 + ...; the scheduler's sample relates to it by
     its own ``scale_model_input`` (1 for DDIM/DDPM/PNDM/DPM-Solver, sqrt(abar) for Euler/LMS), so a
     shift d of x0 is sqrt(abar_next) * d / input_scale in the sample. After the last step the sample is x0.
+    The next timestep is the one after ``t`` in ``scheduler.timesteps``.
     """
+    timesteps = scheduler.timesteps
+    hits = (timesteps == torch.as_tensor(t, dtype=timesteps.dtype, device=timesteps.device)).nonzero()
+    if not len(hits):
+        raise InputError(f"timestep {t!r} is not in the scheduler's timesteps: call set_timesteps first")
+    i = int(hits[0])
     if i + 1 >= len(timesteps):
         return torch.ones((), device=x.device)
     t_next = timesteps[i + 1]
-    a_next = abar_at(abar, t_next, 1, x.device).flatten()[0]
+    a_next = abar_at(check_scheduler(scheduler), t_next, 1, x.device).flatten()[0]
     scale = scheduler.scale_model_input(torch.ones(1, device=x.device, dtype=torch.float32), t_next).flatten()[0]
     return a_next.sqrt() / scale
 
 
-def sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generator: torch.Generator,
-           device="cpu", callback=None, noise: torch.Tensor | None = None,
-           after_step: Callable | None = None, init: torch.Tensor | None = None,
-           strength: float = 1.0) -> torch.Tensor:
-    """Run any diffusers scheduler with any denoiser ``model(x, t)``; returns the final x (model space).
+def guided_step(model: Callable, scheduler, objective: Callable, cfg: GuidanceConfig,
+                decode: Callable | None = None, generator: torch.Generator | None = None,
+                noise_generator: torch.Generator | None = None,
+                on_stats: Callable[[GuidanceStats], None] | None = None) -> Step:
+    """A guided step ``(x, t) -> StepOutput`` for any loop over ``scheduler.timesteps``
+    (:mod:`clipkit.guidance.sampling`); the arguments are :class:`GuidedDenoiser`'s, plus
+    ``noise_generator`` for a stochastic scheduler's own noise (DDPM, Euler ancestral).
 
-    ``model(x, t)`` gets the scheduler's scaled input; noise comes only from ``generator``.
-    ``noise``: the initial unit-variance noise of ``shape`` (default: drawn from ``generator``).
-    ``after_step(i, scheduler, timesteps, x) -> x``: a hook on the new sample after step ``i`` (a
-    guidance method that acts there, e.g. :meth:`GuidedDenoiser.after_step`); None: plain sampling.
-    ``init`` (model space, ``shape``) with ``strength`` S in (0, 1]: run only the last
-    ``max(1, int(steps * S))`` timesteps, starting from ``init`` noised to the first of them with the
-    scheduler's own ``add_noise``, as diffusers' img2img pipelines do.
-    ``callback(i, t, x)`` after every step. :func:`iter_sample` is the same loop, one step at a time.
+    ``apply="output"``: the plain step of the guided denoiser. ``apply="sample"``: the scheduler steps
+    with the model's own output, then the new sample moves by the x0 shift mapped into sample space
+    (:func:`sample_space`). A pure closure: nothing is kept between calls.
     """
-    x = None
-    for state in iter_sample(model, scheduler, shape, steps, generator, device, noise, after_step, init, strength):
-        x = state.x
-        if callback is not None:
-            callback(state.i, state.t, x)
-    return x
+    guide = GuidedDenoiser(model, scheduler, objective, cfg, decode=decode, generator=generator, on_stats=on_stats)
+    if cfg.apply == "output":
+        return denoise_step(guide, scheduler, noise_generator)
+    extra = step_kwargs(scheduler, noise_generator)
 
-
-@dataclass
-class SampleState:
-    """The sampler after step ``i`` of ``n``: the new sample and the x0 estimate of the step's input
-    (model space, from the model's output: what a draft is judged by)."""
-    i: int
-    n: int
-    t: object
-    x: torch.Tensor
-    x0: torch.Tensor
-
-
-def iter_sample(model: Callable, scheduler, shape: Sequence[int], steps: int, generator: torch.Generator,
-                device="cpu", noise: torch.Tensor | None = None, after_step: Callable | None = None,
-                init: torch.Tensor | None = None, strength: float = 1.0) -> Iterator[SampleState]:
-    """:func:`sample`'s loop as a generator: yields a :class:`SampleState` after every step, so a
-    caller can stop a trajectory part-way, judge it, and go on with it later (drafts)."""
-    if steps < 1:
-        raise InputError(f"steps must be >= 1, got {steps}")
-    if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-        raise InputError(f"strength must be in (0, 1], got {strength!r}")
-    scheduler.set_timesteps(steps, device=device)
-    if noise is not None:
-        if tuple(noise.shape) != tuple(shape):
-            raise InputError(f"initial noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
-        x = noise.float().to(device)
-    else:
-        x = torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
-    timesteps = list(scheduler.timesteps)
-    if init is None:
-        x = x * scheduler.init_noise_sigma
-    else:
-        if tuple(init.shape) != tuple(shape):
-            raise InputError(f"init has shape {tuple(init.shape)}, expected {tuple(shape)}")
-        order = getattr(scheduler, "order", 1)
-        if len(timesteps) != steps * order:     # e.g. PNDM's warm-up: the timesteps are not steps x order
-            raise InputError(f"{type(scheduler).__name__} runs {len(timesteps)} timesteps for {steps} steps: an "
-                             "init image cannot start part-way through them; use another scheduler (DDIM)")
-        keep = max(1, min(steps, int(steps * strength)))
-        skip = (steps - keep) * order
-        timesteps = timesteps[skip:]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(skip)
-        x = scheduler.add_noise(init.float().to(device), x, torch.as_tensor([timesteps[0]]))
-    abar = getattr(scheduler, "alphas_cumprod", None)
-    pt = scheduler.config.get("prediction_type", "epsilon")
-    # the scheduler's parameters, not its local variables (co_varnames would list both)
-    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    for i, t in enumerate(timesteps):
+    def step(x: torch.Tensor, t) -> StepOutput:
         x_in = scheduler.scale_model_input(x, t)
-        with torch.no_grad():
-            out = model(x_in, t).detach()
-        x0 = None
-        if abar is not None and pt in PREDICTION_TYPES:
-            a = abar_at(torch.as_tensor(abar, dtype=torch.float64), t, x_in.shape[0], x_in.device)
-            x0 = split_output(out.float(), x_in.float(), a, pt)[1]
-        x = scheduler.step(out, t, x, **extra).prev_sample
-        if after_step is not None:
-            x = after_step(i, scheduler, timesteps, x)
-        x = x.detach()
-        yield SampleState(i, len(timesteps), t, x, x0)
+        c = guide.correction(x_in, t)
+        if c is None:
+            with torch.no_grad():
+                out = model(x_in, t).detach()
+        else:
+            out = c.out
+        x0 = x0_estimate(scheduler, out, x_in, t)
+        prev = scheduler.step(out, t, x, **extra).prev_sample
+        if c is not None:
+            prev = prev + sample_space(scheduler, t, prev) * c.delta.to(prev.dtype)
+        return StepOutput(prev.detach(), x0)
+    return step

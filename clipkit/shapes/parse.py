@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from clipkit.core.layout import find_position, split_objects
+from clipkit.shapes.layout import find_position, split_objects
 from clipkit.shapes.world import COLOR_NAMES, SHAPES, SIZES, Scene
 
 ATTRIBUTES = ("color", "shape", "size", "position")

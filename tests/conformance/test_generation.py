@@ -41,7 +41,9 @@ from PIL import Image
 
 from clipkit.cli.main import cli
 from clipkit.guidance.latent import generate_latent, load_latent_pipeline
-from clipkit.guidance.pipeline import generate, load_diffusion, slugify
+from clipkit.guidance.diffusion import load_diffusion
+from clipkit.guidance.pipeline import generate
+from clipkit.guidance.results import slugify
 from helpers import make_sd_components, save_sd_pipeline, sd_scheduler_config   # tests/ is on sys.path
 
 TOL = 1                 # in 1/255 units (uint8 levels)

@@ -18,3 +18,10 @@ def test_partial_state_outside_a_launcher_is_one_main_process():
     assert state.num_processes == 1 and state.process_index == 0 and state.is_main_process
     with state.split_between_processes(list(range(5))) as mine:
         assert mine == [0, 1, 2, 3, 4]
+
+
+def test_one_process_gathers_nothing():
+    """Without a process group, gather_cat is the tensor itself: clip_loss in one process is unchanged."""
+    t = torch.randn(3, 4, requires_grad=True)
+    assert dist.world_size() == 1
+    assert dist.gather_cat(t) is t and dist.gather_cat(t, grad=False) is t

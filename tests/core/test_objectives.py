@@ -281,7 +281,7 @@ def test_erased_erases_before_the_views(renders):
 def test_erased_scores_files_as_it_guides(scorer, renders):
     """score_images erases the boxes in the images as read, then scores with the inner objective: the red
     circle's score drops when its cell is erased, and equals the inner score of the erased render."""
-    from clipkit.guidance.pipeline import tensor_to_pil
+    from clipkit.guidance.backends import tensor_to_pil
     target = ob.clip_text(scorer, ["a red circle at the top left"])
     images = [tensor_to_pil(r) for r in renders]
     whole = target.score_images(images)

@@ -3,7 +3,8 @@ import time
 import pytest
 
 from clipkit.core.errors import ModelLoadError
-from clipkit.core.registry import is_available, list_models, load_clip, parse_spec
+from clipkit.core.profiles import is_available, list_models
+from clipkit.core.registry import load_clip, parse_spec
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -211,7 +212,7 @@ def test_training_info_and_model_cfg_come_from_the_source(tiny_openclip_dir, tin
 
 
 def test_listing_covers_every_kind_from_the_profile_table():
-    from clipkit.core.registry import PROFILES, list_sources
+    from clipkit.core.profiles import PROFILES, list_sources
     rows = list_models()
     assert {(e.profile, e.component) for e in rows} >= {(p, c) for p in PROFILES
                                                           for c in ("clip", "diffusion", "captioner")}

@@ -76,7 +76,7 @@ def test_train_only_exports_an_overlay_of_the_base(tmp_path):
     text tower gives the same text embeddings, the fine-tuned image layers different image embeddings."""
     from safetensors import safe_open
 
-    from clipkit.core.registry import is_noise_aware
+    from clipkit.core.registry import clip_training_info, is_noise_aware
     from clipkit.core.scorer import load_scorer
     base = train_clip(TrainClipConfig(out_dir=str(tmp_path / "base"), model_cfg=TINY, steps=2, batch_size=8,
                                       render_sizes=(24,), eval_every=100), progress=False).model_dir
@@ -97,6 +97,7 @@ def test_train_only_exports_an_overlay_of_the_base(tmp_path):
     assert torch.equal(bsd["visual.proj"], osd["visual.proj"])
     assert not torch.equal(bsd["visual.conv1.weight"], osd["visual.conv1.weight"])
     assert is_noise_aware(res.model_dir) and not is_noise_aware(base)
+    assert clip_training_info(res.model_dir)["noise_schedule"] == "shapes"     # the x_t schedule's source
 
 
 def test_overlay_that_does_not_fit_its_base_is_a_clear_error(tmp_path):
@@ -194,3 +195,62 @@ def test_labelled_training_errors(tmp_path, tiny_init):
                                    batch_size=2, wise=(1.5,)), progress=False)
 
 
+# ---------------------------------------------------------------------------------------------
+# The noise-aware schedule: the diffusion model's own scheduler
+# ---------------------------------------------------------------------------------------------
+
+def _diffusers_dir(path, scheduler_config: dict | None):
+    path.mkdir()
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    if scheduler_config is not None:
+        (path / "scheduler").mkdir()
+        (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config))
+    return str(path)
+
+
+def test_noise_schedule_is_the_diffusion_models_own(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from clipkit.core.errors import ModelLoadError
+    from clipkit.core.train_clip import ddpm_alphas_cumprod
+    assert TrainClipConfig().noise_schedule == "shapes"
+    bundled = ddpm_alphas_cumprod()                # the bundled Shapes DDPM: linear, 1000 steps
+    assert torch.equal(bundled, ddpm_alphas_cumprod("shapes"))
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)    # the schedule hard-coded before
+    assert bundled.shape == (1000,) and torch.allclose(bundled, torch.cumprod(1 - betas, 0).float(), rtol=0, atol=1e-6)
+    # another model's scheduler (any scheduler class: its schedule keys are read) -> its schedule
+    other = _diffusers_dir(tmp_path / "cos", {"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
+                                              "num_train_timesteps": 500, "set_alpha_to_one": False})
+    cos = ddpm_alphas_cumprod(other)
+    assert cos.shape == (500,) and not torch.allclose(cos, bundled[:500], atol=1e-3)
+    assert torch.equal(cos, DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2").alphas_cumprod)
+    with pytest.raises(ModelLoadError, match="scheduler"):
+        ddpm_alphas_cumprod(_diffusers_dir(tmp_path / "none", None))
+    with pytest.raises(ModelLoadError):
+        ddpm_alphas_cumprod("no-such-model")
+
+
+def test_noise_schedule_errors_before_training_and_in_the_cli(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from clipkit.cli.main import cli
+    from clipkit.core.errors import ModelLoadError
+    from helpers import assert_one_line_error
+    bad = _diffusers_dir(tmp_path / "bad", None)
+    with pytest.raises(ModelLoadError, match="scheduler"):
+        train_clip(TrainClipConfig(out_dir=str(tmp_path / "x"), model_cfg=TINY, steps=1, batch_size=4,
+                                   noise_aware=True, noise_schedule=bad), progress=False)
+    assert not (tmp_path / "x").exists()
+    run = lambda *a: CliRunner().invoke(cli, ["-q", "train", "clip", *map(str, a)])   # noqa: E731
+    assert "--noise-schedule" in run("--help").output
+    assert_one_line_error(run("--out", tmp_path / "a", "--noise-schedule", "shapes"), "--noise-aware")
+    seen = {}
+
+    def fake(cfg, progress=True, reference=None):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+    monkeypatch.setattr("clipkit.shapes.recipes.train_clip", fake)
+    run("--out", tmp_path / "b", "--noise-aware", "--noise-schedule", bad)
+    assert seen["cfg"].noise_schedule == bad
+    run("--out", tmp_path / "c", "--noise-aware")
+    assert seen["cfg"].noise_schedule == "shapes"

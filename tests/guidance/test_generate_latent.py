@@ -11,7 +11,10 @@ from click.testing import CliRunner
 from clipkit.cli.main import cli
 from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.guidance.latent import DEFAULT_CFG_SCALE, LatentDiffusion, generate_latent
-from clipkit.guidance.pipeline import DiffusionBackend, generate, load_diffusion, slugify
+from clipkit.guidance.backends import DiffusionBackend
+from clipkit.guidance.diffusion import load_diffusion
+from clipkit.guidance.pipeline import generate
+from clipkit.guidance.results import slugify
 from clipkit.guidance.schedulers import SCHEDULER_NAMES
 from helpers import assert_seed_fixes_the_image, make_sd_components, save_sd_pipeline   # tests/ is on sys.path (conftest.py)
 
@@ -191,7 +194,7 @@ def test_cli_bad_input_exit_2_nothing_written(sd_dir, tiny_openclip_dir, tmp_pat
 
 
 def test_latent_refuses_the_xt_target(tmp_path):
-    from clipkit.guidance.pipeline import GenerateConfig
+    from clipkit.guidance.config import GenerateConfig
     check = LatentDiffusion.check
     with pytest.raises(InputError, match="guide-target"):
         check(type("Fake", (), {"native_size": 32, "components": None, "spec": "x"})(),

@@ -9,7 +9,9 @@ from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.core.losses import spherical_dist
 from clipkit.guidance.latent import encode_prompts, generate_latent, load_latent_pipeline, make_cfg_model
 from clipkit.guidance.schedulers import SCHEDULER_NAMES, make_scheduler
-from clipkit.guidance.wrapper import GuidanceConfig, GuidedDenoiser, abar_at, make_views, sample
+from clipkit.guidance.parametrisation import abar_at
+from clipkit.guidance.sampling import denoise_step, sample
+from clipkit.guidance.wrapper import GuidanceConfig, GuidedDenoiser, make_views
 from helpers import make_sd_components, save_sd_pipeline   # tests/ is on sys.path (conftest.py)
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -72,8 +74,9 @@ def test_cfg_combination_and_scale_one_is_the_conditional_model(comps):
     # the generate path at cfg_scale 1 is the plain conditional sampler
     r = generate_latent(comps, PROMPTS, 1, steps=4, cfg_scale=1.0, seed=3)
     sched = make_scheduler("ddim", comps.scheduler.config, latent=True)
-    ref = sample(lambda x, t: comps.unet(x, t, encoder_hidden_states=cond).sample, sched, (2, 4, 8, 8), 4,
-                 torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    ref = sample(denoise_step(lambda x, t: comps.unet(x, t, encoder_hidden_states=cond).sample, sched, g), sched,
+                 (2, 4, 8, 8), 4, g)
     assert torch.allclose(r.latents, ref, atol=1e-5)
 
 
@@ -106,7 +109,7 @@ def test_v_prediction_x0_is_the_schedulers_x0(tok_dir, scorer):
     guide = GuidedDenoiser(model, sched, ClipTarget(scorer, scorer.text_embeddings(PROMPTS)[:, None]), guided_cfg(),
                            decode=lambda z: (spy(z) + 1) / 2, generator=torch.Generator().manual_seed(0))
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    out = guide(x, t)
+    out = guide.correction(x, t).out
     ref = sched.step(out, t, x).pred_original_sample
     assert torch.allclose(seen[0], ref, atol=1e-4)
 

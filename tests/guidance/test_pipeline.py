@@ -7,12 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from click.testing import CliRunner
 
 from clipkit.cli.main import cli
 from clipkit.core.errors import InputError, ModelLoadError
-from clipkit.guidance.pipeline import (SCHEDULERS, GenerateConfig, PixelDiffusion, generate, load_diffusion,
-                                       slugify, unknown_words)
+from clipkit.guidance.backends import PixelDiffusion
+from clipkit.guidance.config import GenerateConfig
+from clipkit.guidance.diffusion import load_diffusion
+from clipkit.guidance.pipeline import generate
+from clipkit.guidance.prompting import unknown_words
+from clipkit.guidance.results import slugify
+from clipkit.guidance.schedulers import SCHEDULERS
+from clipkit.shapes.profile import SHAPES
 from helpers import assert_seed_fixes_the_image   # tests/ is on sys.path (conftest.py)
 
 PROMPT = "a red circle at the top left"
@@ -142,8 +149,9 @@ def test_api_rejects_bad_input(shapes_pipe, scorer):
 
 
 def test_unknown_words_and_slugs():
-    assert unknown_words("A red DOG on the beach, red dog!") == ["dog", "beach"]
-    assert unknown_words("a small cyan triangle in the center") == []
+    vocab = SHAPES.vocabulary
+    assert unknown_words("A red DOG on the beach, red dog!", vocab) == ["dog", "beach"]
+    assert unknown_words("a small cyan triangle in the center", vocab) == []
     assert slugify("  A Red circle, top-left!  ") == "a-red-circle-top-left"
     assert slugify("!!!") == "prompt" and len(slugify("x " * 100)) <= 60
 
@@ -207,7 +215,7 @@ def test_drafts_keep_the_best_preview_and_a_kept_seed_regenerates_alone(shapes_p
 
 def test_weighted_negative_and_image_prompts_build_one_objective(shapes_pipe, scorer, tmp_path):
     from clipkit.core.objectives import ClipTarget, Weighted
-    from clipkit.guidance.pipeline import build_objective, check_parts, read_image
+    from clipkit.guidance.prompting import build_objective, check_parts, read_image
     cfg = GenerateConfig(negative=["a red shape"], image_prompts=[[str(_png(tmp_path)), 0.5]]).validate()
     parts = check_parts("a red circle:2 | a square:-1", cfg)
     assert [(p.text, p.weight) for p in parts] == [("a red circle", 2.0), ("a square", -1.0), ("a red shape", -1.0)]
@@ -266,7 +274,7 @@ def test_generate_with_every_control_and_ensembles(shapes_pipe, scorer, tmp_path
     im = res.images[0].image
     one = [generate("a red circle", n=1, clip=c, **kw) for c in (noised, scorer)]
     assert all(len(r.images) == 1 for r in one)
-    from clipkit.guidance.pipeline import build_objective, check_parts
+    from clipkit.guidance.prompting import build_objective, check_parts
     parts = check_parts("a red circle", GenerateConfig())
     s_n = float(build_objective(parts, [], [noised]).score_images([im])[0])
     s_c = float(build_objective(parts, [], [scorer]).score_images([im])[0])
@@ -327,18 +335,18 @@ def test_img2img_refuses_a_scheduler_with_warm_up_steps():
     """PNDM's Runge-Kutta warm-up makes its timesteps more than steps x order: starting part-way
     through them (diffusers' img2img slicing) would misalign; refused with a one-line error."""
     from diffusers import PNDMScheduler
-    from clipkit.guidance.wrapper import sample
+    from clipkit.guidance.sampling import denoise_step, sample
     with pytest.raises(InputError, match="pndm"):
         GenerateConfig(init_image="x.png", scheduler="pndm").validate()
     sched = PNDMScheduler(num_train_timesteps=1000)
     x = torch.zeros(1, 3, 8, 8)
     with pytest.raises(InputError, match="part-way"):
-        sample(lambda x, t: torch.zeros_like(x), sched, x.shape, 6, torch.Generator().manual_seed(0),
+        sample(denoise_step(lambda x, t: torch.zeros_like(x), sched), sched, x.shape, 6, torch.Generator().manual_seed(0),
                init=x, strength=0.5)
 
 
 def test_steps_for_strength_runs_exactly_that_many():
-    from clipkit.guidance.pipeline import steps_for_strength
+    from clipkit.guidance.config import steps_for_strength
     for strength in (0.05, 0.3, 0.35, 0.4, 0.5, 0.55, 0.65, 0.75, 0.8, 0.85, 0.95, 1.0):
         k = steps_for_strength(25, strength)
         assert int(k * strength) >= 25 > int((k - 1) * strength), strength
@@ -347,7 +355,7 @@ def test_steps_for_strength_runs_exactly_that_many():
 def test_templated_negatives_guide_clip_only_and_label_the_score(scorer):
     """A {prompt} negative is a CLIP term, never a text-conditioned model's CFG negative (it would
     cancel the prompt); the score is "cosine" only for one plain positive part and one CLIP."""
-    from clipkit.guidance.pipeline import conditioning_text, prompt_parts, score_kind
+    from clipkit.guidance.prompting import conditioning_text, prompt_parts, score_kind
     cfg = GenerateConfig(negative=["{prompt} and another shape:4", "blurry"]).validate()
     parts = prompt_parts("a castle", cfg)
     assert [p.text for p in parts] == ["a castle", "a castle and another shape", "blurry"]
@@ -360,7 +368,7 @@ def test_templated_negatives_guide_clip_only_and_label_the_score(scorer):
 
 def test_score_label_says_what_the_score_holds():
     from PIL import Image
-    from clipkit.guidance.pipeline import GeneratedImage, GenerateResult
+    from clipkit.guidance.results import GenerateResult, GeneratedImage
     im = lambda p, kind: GeneratedImage(p, 0, Image.new("RGB", (2, 2)), 0.3, 1, score=kind)  # noqa: E731
     guard = GenerateConfig(negative=["{prompt} and another shape:4"]).validate()
     r = GenerateResult([im("a red circle", "weighted")], guard, {"clip": "shapes-noised"}, 1, 0, 3)
@@ -406,7 +414,7 @@ def test_layout_grid_guides_each_placed_object_on_its_own(shapes_pipe, scorer, t
     the negatives, {prompt} = that object) on the image with the other objects' cells erased; anything
     else (layout off, one object, image prompts) keeps the one objective of the whole prompt."""
     from clipkit.core.objectives import ClipTarget, Erased
-    from clipkit.guidance.pipeline import check_parts, prompt_layout, prompt_objective, score_kind, why_no_layout
+    from clipkit.guidance.prompting import check_parts, prompt_layout, prompt_objective, score_kind, why_no_layout
     cfg = GenerateConfig(layout="grid", negative=["{prompt} and another shape:4"]).validate()
     obj = prompt_objective(TWO, check_parts(TWO, cfg), [], [scorer], cfg, 32)
     assert [w for w, _ in obj.terms] == [0.5, 0.5] and all(isinstance(e, Erased) for _, e in obj.terms)
@@ -436,7 +444,7 @@ def test_layout_grid_guides_each_placed_object_on_its_own(shapes_pipe, scorer, t
     for single in ("a red circle at the top left", "a red circle on the left:1 | a blue square on the right:1",
                    "a red circle on the left and a blue square on the left"):
         assert prompt_layout(single, cfg) is None
-    with pytest.raises(InputError, match="layout must be one of off, grid"):
+    with pytest.raises(InputError, match="layout .boxes. is not offered by any profile: choose off or grid"):
         GenerateConfig(layout="boxes").validate()
     # through generate: what was placed is in the sidecar; the score label says what the score is
     res = generate(TWO, n=1, clip=scorer, diffusion=shapes_pipe, steps=2, seed=3, layout="grid",

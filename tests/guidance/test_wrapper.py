@@ -9,8 +9,9 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler, UNet2DModel)
 
 from clipkit.core.errors import InputError
-from clipkit.guidance.wrapper import (GuidanceConfig, GuidedDenoiser, abar_at, check_scheduler, join_output,
-                                      make_views, sample, split_output)
+from clipkit.guidance.parametrisation import abar_at, check_scheduler, join_output, split_output
+from clipkit.guidance.sampling import denoise_step, sample
+from clipkit.guidance.wrapper import GuidanceConfig, GuidedDenoiser, guided_step, make_views
 
 SCHEDULERS = {
     "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
@@ -57,7 +58,8 @@ def test_unsupported_scheduler_fails_at_start():
     with pytest.raises(InputError):
         GuidanceConfig(scale=-1).validate()
     with pytest.raises(InputError):
-        sample(lambda x, t: x, DDIMScheduler(), (1, 3, 8, 8), 0, torch.Generator().manual_seed(0))
+        sample(denoise_step(lambda x, t: x, DDIMScheduler()), DDIMScheduler(), (1, 3, 8, 8), 0,
+               torch.Generator().manual_seed(0))
 
 
 S2 = 0.25   # variance of the Gaussian "data" whose exact denoiser the tests use
@@ -91,11 +93,14 @@ def _guided_gain(name, apply, scorer, target):
     sched = SCHEDULERS[name](num_train_timesteps=1000)
     model = gaussian_denoiser(sched)
     tg = scorer.text_embeddings(["a red circle", "a blue square"])[:, None, :]
-    base = sample(model, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    base = sample(denoise_step(model, sched, g), sched, (2, 3, 16, 16), 8, g)
     cfg = GuidanceConfig(target=target, scale=30.0, views=1, grad_rms_max=None, apply=apply)
-    guide = GuidedDenoiser(model, sched, ClipTarget(scorer, tg), cfg, generator=torch.Generator().manual_seed(1))
-    guided = sample(guide, sched, (2, 3, 16, 16), 8, torch.Generator().manual_seed(0), after_step=guide.after_step)
-    assert torch.isfinite(guided).all() and len(guide.history) >= 8
+    g, stats = torch.Generator().manual_seed(0), []
+    step = guided_step(model, sched, ClipTarget(scorer, tg), cfg, generator=torch.Generator().manual_seed(1),
+                       noise_generator=g, on_stats=stats.append)
+    guided = sample(step, sched, (2, 3, 16, 16), 8, g)
+    assert torch.isfinite(guided).all() and len(stats) >= 8
 
     def sim(x):
         e = scorer.embed_pixels(((x + 1) / 2).clamp(0, 1)).detach()
@@ -116,9 +121,10 @@ def test_every_scheduler_runs_with_a_unet(name, unet, tiny_scorer_oc):
     sched = SCHEDULERS[name](num_train_timesteps=1000)
     model = lambda x, t: unet(x, t).sample  # noqa: E731
     tg = tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None, :]
-    guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), GuidanceConfig(scale=100.0, views=2, x0_step=0.1),
-                           generator=torch.Generator().manual_seed(1))
-    x = sample(guide, sched, (2, 3, 16, 16), 6, torch.Generator().manual_seed(0), after_step=guide.after_step)
+    g = torch.Generator().manual_seed(0)
+    step = guided_step(model, sched, ClipTarget(tiny_scorer_oc, tg), GuidanceConfig(scale=100.0, views=2, x0_step=0.1),
+                       generator=torch.Generator().manual_seed(1), noise_generator=g)
+    x = sample(step, sched, (2, 3, 16, 16), 6, g)
     assert torch.isfinite(x).all() and x.shape == (2, 3, 16, 16)
 
 
@@ -129,8 +135,8 @@ def test_same_seed_same_output_and_batch_views(unet, tiny_scorer_oc):
     runs = []
     for _ in range(2):
         cfg = GuidanceConfig(scale=500.0, views=3, cutouts=2, grad_mode="unet")
-        guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg, generator=torch.Generator().manual_seed(3))
-        runs.append(sample(guide, sched, (3, 3, 16, 16), 4, torch.Generator().manual_seed(0), after_step=guide.after_step))
+        step = guided_step(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg, generator=torch.Generator().manual_seed(3))
+        runs.append(sample(step, sched, (3, 3, 16, 16), 4, torch.Generator().manual_seed(0)))
     assert torch.equal(runs[0], runs[1])
     v = make_views(torch.rand(3, 3, 16, 16), GuidanceConfig(views=3, cutouts=2), torch.Generator().manual_seed(0))
     assert v.shape == (15, 3, 16, 16)
@@ -154,17 +160,18 @@ def test_xt_gradient_is_the_clip_gradient_on_xt(tiny_scorer_oc):
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     cfg = GuidanceConfig(target="xt", scale=10.0, views=1, grad_rms_max=None, apply="sample")
     guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg)
-    out = guide(x, 500)
-    assert torch.allclose(out, model(x, 500))                      # apply="sample": output untouched
+    c = guide.correction(x, 500)
+    assert torch.allclose(c.out, model(x, 500))                    # the model's own output, untouched
+    with pytest.raises(InputError, match="guided_step"):           # apply="sample" is no model output
+        guide(x, 500)
     a = abar_at(guide.abar, 500, 2, "cpu")
     lg = tiny_scorer_oc.loss_and_grad((x + 1) / 2, tg)             # unclamped, as train_clip feeds it
     expected = -(1 - a) / a.sqrt() * (10.0 * 0.5 * lg.grad)
-    assert guide.pending_shift.abs().max() > 0
-    assert torch.allclose(guide.pending_shift, expected, rtol=1e-4, atol=1e-7)
+    assert c.delta.abs().max() > 0
+    assert torch.allclose(c.delta, expected, rtol=1e-4, atol=1e-7)
     # the x0 target takes a different gradient (through the x0 estimate): the modes really differ
     g0 = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), GuidanceConfig(scale=10.0, views=1, grad_rms_max=None))
-    g0(x, 500)
-    assert not torch.allclose(g0.pending_shift, expected, rtol=1e-2)
+    assert not torch.allclose(g0.correction(x, 500).delta, expected, rtol=1e-2)
 
 
 def test_sigma_step_schedule_scales_the_normalised_step_by_the_noise_left(tiny_scorer_oc):
@@ -178,8 +185,7 @@ def test_sigma_step_schedule_scales_the_normalised_step_by_the_noise_left(tiny_s
         for t in (900, 50):
             cfg = GuidanceConfig(target="xt", scale=1.0, x0_step=0.2, views=1, apply="sample", step_schedule=schedule)
             guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg)
-            guide(x, t)
-            shifts[schedule, t] = guide.pending_shift
+            shifts[schedule, t] = guide.correction(x, t).delta
     for t in (900, 50):
         a = float(abar_at(GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), GuidanceConfig()).abar, t, 1, "cpu"))
         rms = lambda d: float(d.pow(2).mean().sqrt())  # noqa: E731
@@ -202,12 +208,14 @@ def test_xt_never_backprops_through_the_model(apply, tiny_scorer_oc):
         return inner(x.detach(), t).detach()
     tg = tiny_scorer_oc.text_embeddings(["a red circle"])[:, None, :]
     cfg = GuidanceConfig(target="xt", scale=1.0, x0_step=0.1, views=2, apply=apply, tv_scale=0.1, range_scale=1.0)
-    guide = GuidedDenoiser(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg, generator=torch.Generator().manual_seed(1))
-    x = sample(guide, sched, (1, 3, 16, 16), 6, torch.Generator().manual_seed(0), after_step=guide.after_step)
+    g, stats = torch.Generator().manual_seed(0), []
+    step = guided_step(model, sched, ClipTarget(tiny_scorer_oc, tg), cfg, generator=torch.Generator().manual_seed(1),
+                       noise_generator=g, on_stats=stats.append)
+    x = sample(step, sched, (1, 3, 16, 16), 6, g)
     assert torch.isfinite(x).all()
-    assert len(calls) == 6 and len(guide.history) == 6             # one network call per step, no second pass
+    assert len(calls) == 6 and len(stats) == 6                     # one network call per step, no second pass
     assert not any(grad_on or req for grad_on, req in calls)       # never called with grad, never on a graph leaf
-    assert all(h.grad_rms > 0 for h in guide.history)
+    assert all(h.grad_rms > 0 for h in stats)
 
 
 @pytest.mark.parametrize("apply", ["sample", "output"])
@@ -227,3 +235,49 @@ def test_xt_rejects_what_it_cannot_mean(tiny_scorer_oc):
     with pytest.raises(InputError, match="latent"):
         GuidedDenoiser(gaussian_denoiser(sched), sched, ClipTarget(tiny_scorer_oc, tg), GuidanceConfig(target="xt"),
                        decode=lambda z: z)
+
+
+# --------------------------------------------------------------------------------------------
+# guidance is a pure step: a plain diffusers loop samples with it
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("apply", ["sample", "output"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "dpmpp"])
+def test_a_plain_diffusers_loop_samples_with_guidance_exactly_as_clipkit(name, apply, unet, tiny_scorer_oc):
+    """guided_step in a loop written only against diffusers' scheduler API (set_timesteps, init_noise_sigma,
+    timesteps) gives clipkit's sampler's output bit for bit, and that output is guided."""
+    model = lambda x, t: unet(x, t).sample  # noqa: E731
+    target = ClipTarget(tiny_scorer_oc, tiny_scorer_oc.text_embeddings(["a red circle", "a blue square"])[:, None])
+    cfg = GuidanceConfig(scale=1.0, x0_step=0.2, views=2, apply=apply)
+    shape = (2, 3, 16, 16)
+
+    def guided(sched, g):
+        return guided_step(model, sched, target, cfg, generator=torch.Generator().manual_seed(1), noise_generator=g)
+
+    sched, g = SCHEDULERS[name](num_train_timesteps=1000), torch.Generator().manual_seed(0)
+    ours = sample(guided(sched, g), sched, shape, 6, g)
+
+    sched, g = SCHEDULERS[name](num_train_timesteps=1000), torch.Generator().manual_seed(0)
+    step = guided(sched, g)
+    sched.set_timesteps(6)
+    x = torch.randn(shape, generator=g) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = step(x, t).prev_sample
+    assert torch.equal(x, ours)
+
+    sched, g = SCHEDULERS[name](num_train_timesteps=1000), torch.Generator().manual_seed(0)
+    plain = sample(denoise_step(model, sched, g), sched, shape, 6, g)
+    assert (ours - plain).abs().max() > 0.05                       # guidance is in it, not in a hook
+
+
+def test_the_guide_keeps_nothing_between_calls(unet, tiny_scorer_oc):
+    """The same call twice gives the same correction (views drawn from a fresh generator each time);
+    the guide object holds no tensors after a call."""
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    model = lambda x, t: unet(x, t).sample  # noqa: E731
+    target = ClipTarget(tiny_scorer_oc, tiny_scorer_oc.text_embeddings(["a red circle"])[:, None])
+    guide = GuidedDenoiser(model, sched, target, GuidanceConfig(scale=1.0, x0_step=0.2, views=1))
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    a, b = guide.correction(x, 500), guide.correction(x, 500)
+    assert torch.equal(a.delta, b.delta) and a.delta.abs().max() > 0
+    assert not [k for k, v in vars(guide).items() if isinstance(v, torch.Tensor) and k != "abar"]

@@ -2,7 +2,8 @@
 
 Each method is a module with one function ``gradient(guide, x, t, a) -> (out, eps, grad, loss)``:
 the model output at (x, t), its eps, d(loss)/d(x_t) [B, C, H, W] and the loss [B]. ``guide`` is the
-:class:`~clipkit.guidance.wrapper.GuidedDenoiser` (its model, prediction type and losses). The
+:class:`~clipkit.guidance.wrapper.GuidedDenoiser` (its model, prediction type and losses; the
+methods never import the wrapper). The
 wrapper turns the gradient into a step; these modules only differentiate.
 
 * :mod:`.x0` — the objective on the x0 estimate, d/dx0 with the network output held fixed (cheap; any CLIP).

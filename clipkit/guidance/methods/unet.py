@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from clipkit.guidance.parametrisation import split_output
+
 
 def gradient(guide, x: torch.Tensor, t, a: torch.Tensor):
-    from clipkit.guidance.wrapper import split_output
     xg = x.detach().requires_grad_(True)
     out = guide.model(xg, t)
     eps, x0 = split_output(out.float(), xg.float(), a, guide.prediction_type)

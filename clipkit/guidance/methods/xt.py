@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from clipkit.guidance.parametrisation import split_output
+
 
 def gradient(guide, x: torch.Tensor, t, a: torch.Tensor):
-    from clipkit.guidance.wrapper import split_output
     with torch.no_grad():
         out = guide.model(x, t)
     eps, _ = split_output(out.float(), x.float(), a, guide.prediction_type)

@@ -1,7 +1,7 @@
 """core/layout.py: position phrases on a 3x3 grid, and prompts split into placed objects."""
 import pytest
 
-from clipkit.core.layout import CELLS, Placed, cell_box, find_position, split_layout, split_objects
+from clipkit.shapes.layout import CELLS, Placed, cell_box, find_position, split_layout, split_objects
 
 
 @pytest.mark.parametrize("text,pos", [
