@@ -9,7 +9,9 @@ Arms (each measured in its own subprocess, so peak RSS is per arm):
   latent : a tiny random Stable-Diffusion-style pipeline (UNet2DConditionModel + AutoencoderKL +
            CLIPTextModel, 32x32 images, built from configs in tests/helpers.py): CFG only, CFG + CLIP
            guidance (x0 mode, gradient through the VAE decoder), CFG + CLIP through the UNet as well.
-Each arm samples N images per prompt once to warm up, then times the same run again.
+Both kinds run through the one generate path (``clipkit.guidance.pipeline.generate``): every image
+sampled alone (its own seed), then scored by the CLIP. Each arm samples N images once to warm up,
+then times the same run again.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ def run_arm(arm: str, steps: int, n: int) -> dict:
     import torch
 
     from clipkit.core.scorer import load_scorer
-    from clipkit.guidance.wrapper import GuidanceConfig
     kind, mode = arm.split("/")
     if kind == "pixel":
         from clipkit.guidance.pipeline import generate
@@ -44,16 +45,19 @@ def run_arm(arm: str, steps: int, n: int) -> dict:
         sys.path.insert(0, str(ROOT / "tests"))
         from helpers import make_openclip_dir, make_sd_components
 
-        from clipkit.guidance.latent import generate_latent
+        from clipkit.guidance.latent import LatentDiffusion
+        from clipkit.guidance.pipeline import generate
         tmp = Path(tempfile.mkdtemp())
-        comps = make_sd_components(tmp / "tok")
+        pipe = LatentDiffusion(make_sd_components(tmp / "tok"))
         scorer = load_scorer(str(make_openclip_dir(tmp / "clip")), device="cpu")
-        guide = None if mode == "cfg" else GuidanceConfig(scale=1.0, x0_step=0.5, views=4, apply="sample",
-                                                          grad_mode="unet" if mode.endswith("unet") else "x0")
+        # every step guided, normalised x0 steps of RMS 0.5, 4 views, applied to the sample
+        guide = dict(clip_scale=0.0) if mode == "cfg" else \
+            dict(clip_scale=0.5, views=4, guide_stop=0.0, apply="sample",
+                 grad_mode="unet" if mode.endswith("unet") else "x0")
 
         def once():
-            generate_latent(comps, ["a red circle", "a blue square"], n_per_prompt=n // 2, steps=steps,
-                            cfg_scale=7.5, guidance=guide, scorer=scorer, seed=0, score=False)
+            generate(["a red circle", "a blue square"], n=n // 2, seed=0, steps=steps, cfg_scale=7.5,
+                     diffusion=pipe, clip=scorer, **guide)
     once()
     t = time.perf_counter()
     once()

@@ -8,6 +8,8 @@ config: no download), x0 mode through the VAE decoder, 4 views + C cutouts per s
 its own process: "working MB" is the peak RSS of the sampling run minus the RSS just before it (the
 models are loaded by then), so it is what guidance itself needs. Arms: C cutouts with the default
 chunk of 8 views per CLIP forward, and C cutouts in one chunk (no checkpointing) for comparison.
+Sampling goes through the one generate path (``clipkit.guidance.pipeline.generate`` with a
+``LatentDiffusion`` backend), which also scores the image once at the end.
 """
 from __future__ import annotations
 
@@ -39,19 +41,19 @@ def run_arm(cutouts: int, chunk: int, steps: int) -> dict:
 
     from clipkit.core.artifacts import build_openclip, save_openclip_dir
     from clipkit.core.scorer import load_scorer
-    from clipkit.guidance.latent import generate_latent
-    from clipkit.guidance.wrapper import GuidanceConfig
+    from clipkit.guidance.latent import LatentDiffusion
+    from clipkit.guidance.pipeline import generate
     tmp = Path(tempfile.mkdtemp())
     comps = make_sd_components(tmp / "tok")
     cfg = open_clip.get_model_config("ViT-B-32")
     torch.manual_seed(0)
     clip_dir = save_openclip_dir(build_openclip(cfg), cfg, {**TINY_PREPROCESS, "size": 224}, tmp / "clip")
     scorer = load_scorer(str(clip_dir), device="cpu")
-    guide = GuidanceConfig(scale=1.0, x0_step=0.5, views=4, cutouts=cutouts, apply="sample", view_chunk=chunk)
+    pipe = LatentDiffusion(comps, view_batch=chunk or 4 + cutouts)     # chunk 0: all views in one forward
     base = rss_mb()
     t = time.perf_counter()
-    generate_latent(comps, ["a red circle"], n_per_prompt=1, steps=steps, cfg_scale=7.5, guidance=guide,
-                    scorer=scorer, seed=0, score=False)
+    generate("a red circle", n=1, seed=0, steps=steps, cfg_scale=7.5, clip_scale=0.5, views=4, cutouts=cutouts,
+             guide_stop=0.0, apply="sample", diffusion=pipe, clip=scorer)
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"cutouts": cutouts, "chunk": chunk, "views": 4 + cutouts, "s_per_step": wall / steps,

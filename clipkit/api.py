@@ -43,7 +43,9 @@ class LazyCaptionSelector:
 def generate(prompts: str | Sequence[str] = (), n: int = 4, *, seed: int | None = None, profile: str | None = None,
              diffusion=None, clip=None, select: str | None = None, captioner: str | None = None,
              device="auto", precision: str = "fp32", out_dir=None, overwrite: bool = False,
-             on_step: Callable[[int, int], None] | None = None, **options) -> GenerateResult:
+             on_step: Callable[[int, int], None] | None = None, on_preview: Callable | None = None,
+             preview_every: int = 5, on_image: Callable | None = None, cancel: Callable[[], bool] | None = None,
+             **options) -> GenerateResult:
     """Generate ``n`` images per prompt, as ``clipkit generate`` does (same defaults, same images).
 
     Args:
@@ -57,6 +59,8 @@ def generate(prompts: str | Sequence[str] = (), n: int = 4, *, seed: int | None 
         select: ``"clip"`` or ``"caption"`` (None: the profile's); ``captioner`` for the latter.
         out_dir: write ``<slug>-<seed>.png`` + ``.json`` there (never replacing files without ``overwrite``).
         on_step: ``on_step(done, total)`` after every denoising step.
+        on_preview / preview_every / on_image / cancel: live previews, each kept image as it is ready,
+            and cancellation within one step (:func:`clipkit.guidance.pipeline.generate`).
         options: :class:`~clipkit.guidance.config.GenerateConfig` fields (``steps``, ``clip_scale``,
             ``best_of``, ``negative``, ``image_prompts``, ``init_image``, ``strength``, ``layout``, ...).
     Returns:
@@ -72,4 +76,5 @@ def generate(prompts: str | Sequence[str] = (), n: int = 4, *, seed: int | None 
         selector = LazyCaptionSelector(spec, device)
     return generate_with(setup.prompts, n, seed=seed, diffusion=setup.diffusion, clip=setup.clip, device=device,
                          precision=precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step, select=selector,
+                         on_preview=on_preview, preview_every=preview_every, on_image=on_image, cancel=cancel,
                          **setup.options)

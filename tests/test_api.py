@@ -2,6 +2,8 @@
 after its modules are imported: a subpackage must not shadow a lazy name, as ``clipkit.rerank``
 once did), and ``import clipkit`` stays free of torch."""
 import importlib
+import json
+import pathlib
 import importlib.util
 import subprocess
 import sys
@@ -89,3 +91,45 @@ def test_import_clipkit_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------
+# clipkit.generate: the CLI's defaults, the CLI's bytes
+# --------------------------------------------------------------------------------------------
+
+def test_generate_with_defaults_writes_the_clis_bytes(tmp_path):
+    """``clipkit.generate`` applies the profile's defaults itself (best-of 3 by the captioner, the layout
+    grid, the count guard): its PNGs equal ``clipkit generate``'s byte for byte."""
+    from click.testing import CliRunner
+
+    from clipkit.cli.main import cli
+    prompt = "a red circle at the top left"
+    res = CliRunner().invoke(cli, ["-q", "generate", prompt, "-n", "1", "--seed", "3", "--steps", "8",
+                                   "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    api = clipkit.generate(prompt, n=1, seed=3, steps=8, out_dir=tmp_path / "api")
+    cli_pngs = sorted((tmp_path / "cli").glob("*.png"))
+    assert [p.name for p in cli_pngs] == [pathlib.Path(im.path).name for im in api.images]
+    for p, im in zip(cli_pngs, api.images):
+        assert p.read_bytes() == pathlib.Path(im.path).read_bytes()
+    side = json.loads(pathlib.Path(api.images[0].sidecar).read_text())
+    params = side["parameters"]
+    assert (params["best_of"], params["layout"], side["selection"]) == (3, "grid", "caption")
+    assert params["negative"] == ["{prompt} and another shape:4"] and side["models"]["clip"] == "shapes-noised"
+
+
+def test_generate_reports_previews_each_image_and_cancels_within_a_step():
+    previews, images, steps = [], [], []
+    res = clipkit.generate("a blue square", n=1, seed=0, steps=6, best_of=1, on_preview=previews.append,
+                           preview_every=2, on_image=images.append, on_step=lambda d, t: steps.append((d, t)))
+    assert steps == [(i, 6) for i in range(1, 7)]
+    assert [p.step for p in previews] == [2, 4, 6] and all(p.image.size == (32, 32) for p in previews)
+    assert previews[-1].image.tobytes() == res.images[0].image.tobytes()       # the last preview is the image
+    assert images == res.images
+    done = []
+
+    def on_step(d, t):
+        done.append(d)
+    with pytest.raises(clipkit.ClipkitError, match="cancelled after 2 of"):
+        clipkit.generate("a blue square", n=1, seed=0, steps=6, on_step=on_step, cancel=lambda: len(done) >= 2)
+    assert done == [1, 2]                                          # stopped at the step it was asked

@@ -134,10 +134,11 @@ def _cache_key(clip: str, keys: list[str]) -> str:
 
 
 def embed_images(scorer, keys: list[str], load, cache: Path | None, batch_size: int = 256) -> torch.Tensor:
-    """Raw CLIP features of every image, once; cached in ``cache`` (safetensors) keyed by the spec
-    and the image list. ``load(keys) -> images`` renders or reads one batch."""
+    """Raw CLIP features of every image, once; cached in ``cache`` (safetensors) keyed by the model's
+    weights (:func:`clipkit.core.cache.model_key`) and the image list. ``load(keys) -> images`` renders or reads one batch."""
     from safetensors.torch import load_file, save_file
-    tag = _cache_key(scorer.spec, keys)
+    from clipkit.core.cache import model_key
+    tag = _cache_key(model_key(scorer) if hasattr(scorer, "weights_digest") else scorer.spec, keys)
     if cache is not None and cache.is_file():
         blob = load_file(str(cache))
         if (cache.with_suffix(".json").is_file()

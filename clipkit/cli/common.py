@@ -212,14 +212,37 @@ def load_images_tolerant(paths, quiet: bool = False) -> LoadedImages:
     return out
 
 
+def show_progress(quiet: bool = False) -> bool:
+    """Whether to draw progress bars: not with -q/--json, and only on a terminal (a redirected
+    stderr gets no bars)."""
+    return not quiet and sys.stderr.isatty()
+
+
 def progress(iterable, desc: str, disable: bool = False, total: int | None = None):
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=disable or not sys.stderr.isatty(),
+    return tqdm(iterable, desc=desc, total=total, disable=not show_progress(disable),
                 file=sys.stderr, leave=False)
 
 
+def _finite(obj):
+    """``obj`` with every NaN or infinite float replaced by None (JSON's null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+    """Print one JSON document: always valid JSON (a non-finite number is written as null, never as
+    the bare ``NaN``/``Infinity`` tokens Python's json would write)."""
+    try:
+        text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    click.echo(text)
 
 
 def fmt_table(header: list[str], rows: list[list], widths: list[int] | None = None) -> str:

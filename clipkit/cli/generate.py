@@ -49,6 +49,9 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
 @click.option("--out", "out_dir", type=click.Path(readable=False), default="generated", show_default=True,
               help="Output directory for <slug>-<seed>.png and <slug>-<seed>.json.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, exit 2).")
+@click.option("--caption", "caption_images", is_flag=True,
+              help="Also caption each kept image with the profile's captioner (or --captioner) and print what it "
+                   "sees (a judge independent of the guiding CLIP).")
 @click.option("--diffusion", "diffusion_spec", type=ModelSpecType("diffusion"), default=None, metavar="SPEC",
               help="Diffusion model: shapes, hf:ORG/NAME or a diffusers pipeline directory (overrides --profile).")
 @click.option("--clip", "clip_specs", type=ModelSpecType("clip"), multiple=True, metavar="SPEC",
@@ -101,7 +104,8 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
              select, captioner_spec,
              guide_target, scheduler, size, out_dir, overwrite, diffusion_spec, clip_specs, clip_weights, negatives,
              layout, scorer_specs,
-             image_prompts, init_image, strength, cut_schedule, tv_scale, range_scale, sat_scale, as_json):
+             image_prompts, init_image, strength, cut_schedule, tv_scale, range_scale, sat_scale, caption_images,
+             as_json):
     """Generate images for each PROMPT (quote each one) with CLIP-guided diffusion.
 
     Writes OUT/<slug>-<seed>.png and a JSON sidecar with every parameter, the model specs, the seed
@@ -117,6 +121,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     \b
     Examples:
       clipkit generate "a red circle at the top left"
+      clipkit generate "a red circle at the top left" -n 2 --seed 0 --caption
       clipkit generate "a shape at the top left" --negative "a red shape"
       clipkit generate "a red circle" --negative "{prompt} and another shape:4" --negative "a blue shape:2"
       clipkit generate --image-prompt render.png -n 2
@@ -136,7 +141,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     # the notice once, when the default profile is implicit; the profile's defaults are the library's
     diffusion = resolve_spec(settings, "diffusion", diffusion_spec)
     captioner = resolve_spec(dataclasses.replace(settings, quiet=True), "captioner", captioner_spec) \
-        if select == "caption" or captioner_spec else None
+        if select == "caption" or captioner_spec or caption_images else None
     bars = []
 
     def on_step(done: int, total: int):
@@ -156,10 +161,19 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     finally:
         for b in bars:
             b.close()
+    captions = None
+    if caption_images:
+        from clipkit.captioning.captioner import caption
+        captions = [c.caption for c in caption([im.image for im in res.images], captioner, device=settings.device)]
     if as_json:
-        emit_json(res.to_dict())
+        doc = res.to_dict()
+        for d, c in zip(doc["images"], captions or ()):
+            d["caption"] = c
+        emit_json(doc)
         return
     click.echo(f"# {len(res.images)} image(s) in {res.out_dir} (seed {res.seed}, {res.candidates} candidate(s) "
                f"per prompt, {res.wall_s:.1f} s); score = {res.score_label()}")
-    click.echo(fmt_table(["image", "score", "seed", "prompt"],
-                         [[im.path, f"{im.clip_score:.4f}", im.seed, im.prompt] for im in res.images]))
+    rows = [[im.path, f"{im.clip_score:.4f}", im.seed, im.prompt] for im in res.images]
+    if captions is not None:
+        rows = [r + [c] for r, c in zip(rows, captions)]
+    click.echo(fmt_table(["image", "score", "seed", "prompt"] + (["the captioner sees"] if captions else []), rows))

@@ -78,7 +78,7 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
         cache = None
         if not no_cache:
             from clipkit.core.cache import default_cache_dir, open_cache
-            cache = open_cache(cache_dir or default_cache_dir(), scorer.spec, scorer.preprocess)
+            cache = open_cache(cache_dir or default_cache_dir(), scorer)
         try:
             out = do_rerank(list(candidates), list(queries) or None, scorer, top_k,
                             query_images=list(query_images) or None, weights=w,

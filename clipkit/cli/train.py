@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import FiniteFloat, FloatList, emit_json, json_option
+from clipkit.cli.common import FiniteFloat, FloatList, emit_json, json_option, show_progress
 
 
 def _common(f):
@@ -14,7 +14,10 @@ def _common(f):
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size per process."),
         click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None, help="Peak learning rate."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run in OUT from OUT/checkpoint (with the options it was started with)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace the run already in OUT (its checkpoint, logs and model) instead of refusing."),
         click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no",
                      show_default=True, help="accelerate mixed precision (GPU)."),
         click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
@@ -32,8 +35,20 @@ def _common(f):
     return f
 
 
-def _config(cls, **kw):
-    return cls(**{k: v for k, v in kw.items() if v is not None})
+def _config(cls, overwrite: bool = False, **kw):
+    """The trainer's config from the options given; the run folder OUT is checked first, before any
+    work (:func:`clipkit.core.training.check_run_dir`: a folder; a run already there needs --resume
+    or --overwrite; a resumed run keeps its settings)."""
+    from clipkit.core.dist import partial_state
+    from clipkit.core.training import check_run_dir
+    cfg = cls(**{k: v for k, v in kw.items() if v is not None})
+    check_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=overwrite, config=cfg,
+                  main=partial_state().is_main_process)
+    return cfg
+
+
+def _progress(settings, as_json: bool) -> bool:
+    return show_progress(settings.quiet or as_json)
 
 
 @click.group()
@@ -130,7 +145,7 @@ def clip(settings, data, init, model_config, augment, noise_aware, noise_fractio
                   render_sizes=tuple(render_sizes) or None, train_only=tuple(train_only) or None, warmup=warmup,
                   class_names=class_names, templates=templates, wise=tuple(wise) if wise else None,
                   reference=ref_name, **kw)
-    res = train_clip(cfg, progress=not (settings.quiet or as_json), reference=ref_fn)
+    res = train_clip(cfg, progress=_progress(settings, as_json), reference=ref_fn)
     _report(res, as_json)
 
 
@@ -176,7 +191,7 @@ def diffusion(settings, init, device_data, as_json, **kw):
     from clipkit.guidance.train_diffusion import TrainDiffusionConfig
     from clipkit.shapes.recipes import train_diffusion  # the Shapes recipe's data
     cfg = _config(TrainDiffusionConfig, init=init, device_data=device_data, **kw)
-    res = train_diffusion(cfg, progress=not (settings.quiet or as_json))
+    res = train_diffusion(cfg, progress=_progress(settings, as_json))
     _report(res, as_json)
 
 
@@ -213,7 +228,7 @@ def captioner(settings, data, images, clip, mapper, prefix_length, decoder, epoc
     kw.pop("num_workers")
     cfg = _config(TrainCaptionerConfig, data=data, images=images, clip=clip, mapper=mapper,
                   prefix_length=prefix_length, decoder=decoder, epochs=epochs, **kw)
-    res = train_captioner(cfg, progress=not (settings.quiet or as_json))
+    res = train_captioner(cfg, progress=_progress(settings, as_json))
     _report(res, as_json)
 
 

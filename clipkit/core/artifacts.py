@@ -17,6 +17,29 @@ import torch
 from safetensors.torch import save_file
 
 
+def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
+    """The safetensors file of ``tensors`` + ``metadata`` (str -> str), the same bytes for the same
+    input on every run: safetensors itself writes the header's keys in a random (hash) order, so it
+    is rewritten here with sorted keys (same data offsets; the header stays 8-byte aligned)."""
+    import struct
+
+    from safetensors.torch import save
+    blob = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:
+    """Write :func:`safetensors_bytes` to ``path`` (deterministic: same input, same file)."""
+    Path(path).write_bytes(safetensors_bytes(tensors, metadata))
+    return Path(path)
+
+
 def build_openclip(model_cfg: dict):
     """An open_clip ``CLIP`` from a config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...)."""
     from open_clip.model import CLIP

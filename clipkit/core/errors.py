@@ -29,3 +29,8 @@ class ImageLoadError(ClipkitError):
         # may remember it; False for what may pass (a timeout, a permission, a FIFO, a size limit)
         self.path, self.reason, self.permanent = str(path), reason, permanent
         super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+class Cancelled(ClipkitError):
+    """A long job stopped because its caller asked (a ``cancel()`` callback returned True); what was
+    finished before is kept (written files stay)."""

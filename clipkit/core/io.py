@@ -209,14 +209,24 @@ def scan_images(paths, recursive: bool = True) -> list[Path]:
     """Expand files and folders into a sorted, de-duplicated list of image paths.
 
     Folders are walked recursively (``recursive=True``); symlinked folders are followed once
-    (a loop is detected by real path and not re-entered). Files named explicitly are kept whatever
-    their extension, so a bad file is reported later instead of silently dropped.
+    (a loop, or a second name for a folder already walked, is detected by real path and not
+    re-entered, across all of ``paths``). A file is listed once by its real path, under the first
+    name it is met by (an alias folder or link never indexes the same file twice). Files named
+    explicitly are kept whatever their extension, so a bad file is reported later instead of
+    silently dropped.
     """
     out: list[Path] = []
     seen_files: set[str] = set()
+    seen_dirs: set[str] = set()
+
+    def first(fp: Path) -> bool:
+        real = os.path.realpath(fp)
+        if real in seen_files:
+            return False
+        seen_files.add(real)
+        return True
     for p in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
         if p.is_dir():
-            seen_dirs: set[str] = set()
             for root, dirs, files in os.walk(p, followlinks=True):
                 real = os.path.realpath(root)
                 if real in seen_dirs:
@@ -228,10 +238,8 @@ def scan_images(paths, recursive: bool = True) -> list[Path]:
                     dirs[:] = []
                 for f in sorted(files):
                     fp = Path(root) / f
-                    if is_image_path(fp) and str(fp) not in seen_files:
-                        seen_files.add(str(fp))
+                    if is_image_path(fp) and first(fp):
                         out.append(fp)
-        elif str(p) not in seen_files:
-            seen_files.add(str(p))
+        elif first(p):
             out.append(p)
     return out

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,12 +144,43 @@ def _subdirs(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _class_folders(d: Path) -> dict[str, list[str]]:
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _class_dirs(d: Path, top: Path) -> list[Path]:
+    """The class folders of ``d`` (inside the dataset ``top``), without symbolic links that lead back
+    into the dataset's own tree: to ``d``, ``top`` or an ancestor (the images would be counted again
+    under the link's name), or into another class folder (another label for the same images). Each
+    one skipped is named in a warning."""
+    subs = _subdirs(d)
+    real = {c: os.path.realpath(c) for c in subs}
+    kept_real = [real[c] for c in subs if not os.path.islink(c)]
+    out = []
+    for c in subs:
+        if os.path.islink(c):
+            r = real[c]
+            why = None
+            if _within(os.path.realpath(d), r) or _within(os.path.realpath(top), r):
+                why = "the dataset folder or one above it"
+            elif any(_within(r, k) for k in kept_real):
+                other = next(k for k in kept_real if _within(r, k))
+                why = f"class folder {os.path.basename(other)}"
+            if why:
+                log.warning("%s: skipped class folder %s: a symbolic link to %s (its images would be "
+                            "counted again under another label)", d, c.name, why)
+                continue
+            kept_real.append(r)
+        out.append(c)
+    return out
+
+
+def _class_folders(d: Path, top: Path | None = None) -> dict[str, list[str]]:
     from clipkit.core.io import is_image_path, scan_images
     loose = [p for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_path(p)]
     if loose:
         log.warning("%s: %d images outside the class folders are ignored (e.g. %s)", d, len(loose), loose[0].name)
-    return {c.name: [str(p) for p in scan_images([c])] for c in _subdirs(d)}
+    return {c.name: [str(p) for p in scan_images([c])] for c in _class_dirs(d, top or d)}
 
 
 def _from_folder(root: Path) -> tuple[dict[str, dict[str, list[str]]], bool]:
@@ -168,7 +200,7 @@ def _from_folder(root: Path) -> tuple[dict[str, dict[str, list[str]]], bool]:
     out = {}
     for canon in SPLIT_ALIASES:
         if canon in split_dirs:
-            out[canon] = _class_folders(split_dirs[canon])
+            out[canon] = _class_folders(split_dirs[canon], root)
     return out, True
 
 

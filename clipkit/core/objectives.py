@@ -57,28 +57,56 @@ class PromptPart:
                                     # text-conditioned model's negative prompt (it would cancel the prompt)
 
 
+#: ``TEXT:nan`` / ``TEXT:inf``: a weight that is not a number; an error, never read as text
+_NONFINITE = re.compile(r"^(?P<text>.*?)\s*:(?P<w>[-+]?(?:nan|inf|infinity))\s*$", re.S | re.I)
+#: a weight (or a sum of weights) above this is not a float32 number: guidance's tensors would hold inf
+_MAX_WEIGHT = float(torch.finfo(torch.float32).max)
+#: the `` | `` separator of prompt parts, also at either end of the prompt
+_SEPARATOR = re.compile(r"(?:(?<=\s)|^)\|(?=\s|$)")
+
+
 def _parse_part(raw: str) -> PromptPart:
+    if _NONFINITE.match(raw):
+        raise InputError(f"prompt part {raw!r}: the weight must be a finite number")
     m = _WEIGHT.match(raw)
     if m and m.group("text")[-1:].isdigit():       # "10:30" is a time, "16:9" a ratio: not weights
         m = None
     text, w = (m.group("text").strip(), float(m.group("w"))) if m else (raw, 1.0)
     if not math.isfinite(w):
         raise InputError(f"prompt part {raw!r}: the weight must be a finite number")
+    if abs(w) > _MAX_WEIGHT:
+        raise InputError(f"prompt part {raw!r}: the weight is too large (at most {_MAX_WEIGHT:.3g}; only "
+                         "the ratios of the weights matter)")
     if not text:
         raise InputError(f"prompt part {raw!r} has a weight but no text")
     return PromptPart(text, w)
+
+
+def _check_sum(parts: Sequence[PromptPart], what: str) -> list[PromptPart]:
+    """Weights whose sum overflows (pulls are divided by their sum; pushes add up) are an error."""
+    total = math.fsum(abs(p.weight) for p in parts)
+    if not total <= _MAX_WEIGHT:
+        raise InputError(f"{what}: the weights are too large (their sum {total:g} overflows; only the ratios "
+                         "of the weights matter: use weights like 2 and 1)")
+    return list(parts)
 
 
 def parse_weighted_prompt(prompt: str) -> list[PromptPart]:
     """``"a red circle:2 | a square:-1"`` -> parts with weights (default 1).
 
     A part ends in ``:NUMBER`` to set its weight; any other colon belongs to the text, and so does
-    a colon right after a digit ("a clock at 10:30", "16:9"). Empty parts
-    are ignored; an empty prompt gives no parts (a run guided by image prompts only).
+    a colon right after a digit ("a clock at 10:30", "16:9"). An empty (or blank) prompt gives no
+    parts (a run guided by image prompts only); an empty part (``"a | "``, ``" | "``), a weight that
+    is not a finite number (``":nan"``) and weights whose sum overflows are InputErrors.
     """
     if not isinstance(prompt, str):
         raise InputError(f"a prompt must be a string, got {type(prompt).__name__}")
-    return [_parse_part(raw.strip()) for raw in prompt.split(" | ") if raw.strip()]
+    if not prompt.strip():
+        return []
+    raws = [raw.strip() for raw in _SEPARATOR.split(prompt.strip())]
+    if not all(raws):
+        raise InputError(f"prompt {prompt!r} has an empty part: parts are texts separated by ' | '")
+    return _check_sum([_parse_part(raw) for raw in raws], f"prompt {prompt!r}")
 
 
 #: in a negative prompt, stands for each positive text part of the prompt
@@ -109,6 +137,7 @@ def negative_parts(negatives: Sequence[str], parts: Sequence[PromptPart]) -> lis
             out.append(n)
         elif len(parts) == 1 and len(pos) == 1:
             out.append(PromptPart(n.text.replace(PROMPT_SLOT, pos[0].text), n.weight, templated=True))
+    _check_sum([*parts, *out], f"the prompt and its negatives ({', '.join(map(repr, negatives))})")
     return out
 
 

@@ -83,6 +83,9 @@ def check_output_dir(path, *, what: str = "output folder") -> Path:
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        blocker = next((a for a in p.parents if os.path.lexists(a) and not os.path.isdir(a)), None)
+        if blocker is not None:
+            raise InputError(f"cannot create {what} {p}: {blocker} is a file, not a folder") from None
         raise InputError(f"cannot create {what} {p}: {e.strerror or e}") from None
     if not os.access(p, os.W_OK | os.X_OK):
         raise InputError(f"{what} {p} is not writable")
@@ -147,15 +150,28 @@ def old_dir(path: Path) -> Path:
     return path.with_name(path.name + ".old")
 
 
+def remove_path(path) -> None:
+    """Remove a file, a symbolic link (itself, never what it points to) or a folder tree; a missing
+    ``path`` is not an error."""
+    p = Path(path)
+    if os.path.islink(p) or (os.path.lexists(p) and not os.path.isdir(p)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+    elif os.path.isdir(p):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def recover_dir(path) -> None:
     """Finish an interrupted :func:`atomic_dir` swap: if ``path`` is missing but its previous version
-    (``path.old``) is there, put it back; a leftover ``.old`` beside a good ``path`` is removed."""
+    (``path.old``, a real folder) is there, put it back; a leftover ``.old`` beside a good ``path``
+    is removed, and so is an ``.old`` that is not a folder (a file, a symbolic link: never followed,
+    never taken for the previous version)."""
     p = Path(path)
     old = old_dir(p)
     if not os.path.lexists(old):
         return
-    if os.path.lexists(p):
-        shutil.rmtree(old, ignore_errors=True)
+    if os.path.islink(old) or not os.path.isdir(old) or os.path.lexists(p):
+        remove_path(old)
     else:
         os.replace(old, p)
 

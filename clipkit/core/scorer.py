@@ -127,6 +127,15 @@ class ClipScorer:
         return self.backend.preprocess
 
     @property
+    def weights_digest(self) -> str:
+        """sha256 of the loaded weights (:func:`clipkit.core.cache.weights_digest`), computed once:
+        what the embedding cache is keyed by (a spec names a model; its weights are the model)."""
+        if getattr(self, "_weights_digest", None) is None:
+            from clipkit.core.cache import weights_digest
+            self._weights_digest = weights_digest(self.backend.module)
+        return self._weights_digest
+
+    @property
     def logit_scale(self) -> float:
         return self.backend.logit_scale()
 

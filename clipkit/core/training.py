@@ -145,6 +145,13 @@ def load_objects(folder, objects, process_index: int = 0) -> bool:
 def _damaged(ckpt_dir, e: Exception):
     from clipkit.core.errors import InputError
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e)
+    if isinstance(e, RuntimeError) and ("size mismatch" in text or "Missing key" in text
+                                        or "Unexpected key" in text):
+        # the checkpoint is whole, but of another model than the one this run builds
+        return InputError(f"checkpoint {ckpt_dir} holds a model of another shape than this run builds "
+                          f"({msg[:120]}): resume with the options the run was started with, or start a "
+                          "new --out")
     return InputError(f"checkpoint {ckpt_dir} is damaged ({type(e).__name__}: {msg[:160]}): "
                       "delete it to start over, or restore a copy")
 
@@ -182,9 +189,10 @@ def save_training_state(acc, ckpt_dir, step: int, config=None, extra: dict | Non
     return ckpt_dir
 
 
-def load_training_state(acc, ckpt_dir, objects=(), rng: "RngStates | None" = None) -> dict:
+def load_training_state(acc, ckpt_dir, objects=(), rng: "RngStates | None" = None, config=None) -> dict:
     """Restore a checkpoint of :func:`save_training_state` into the prepared objects and ``objects``
-    (every process calls this); -> its state.json. No checkpoint, or a damaged one, is a one-line
+    (every process calls this); -> its state.json. No checkpoint, a damaged one, or (``config``
+    given) one of a run started with other settings (:func:`check_resume`) is a one-line
     InputError. A process the checkpoint has no objects for (it was written by fewer processes)
     keeps its objects and reseeds ``rng`` (one of ``objects``) from the step."""
     from clipkit.core.errors import InputError
@@ -195,6 +203,7 @@ def load_training_state(acc, ckpt_dir, objects=(), rng: "RngStates | None" = Non
     acc.wait_for_everyone()
     if not (ckpt_dir / "state.json").is_file():
         raise InputError(f"--resume: no checkpoint in {ckpt_dir}")
+    check_resume(ckpt_dir, config)
     if (ckpt_dir / "optimizer.pt").is_file() and not (ckpt_dir / "optimizer.bin").is_file():
         raise InputError(f"checkpoint {ckpt_dir} was written by an older clipkit (before the shared "
                          "training loop): start over without --resume")
@@ -214,6 +223,110 @@ def load_training_state(acc, ckpt_dir, objects=(), rng: "RngStates | None" = Non
     import logging
     logging.getLogger(__name__).info("resumed from step %d", state["step"])
     return state
+
+
+#: What makes a run the run it is: a resumed run must ask for the same (config field names present
+#: in both configs; steps, epochs, cadence, time limit, workers and exports may change on resume).
+RESUME_MUST_MATCH = ("data", "images", "init", "model_cfg", "unet_cfg", "clip", "decoder", "mapper",
+                     "prefix_length", "lr", "batch_size", "seed", "weight_decay", "train_only")
+
+#: What a training run leaves in its folder (a folder holding one of these holds a run).
+RUN_FILES = ("checkpoint", "checkpoint.old", "model", "train_log.csv")
+
+
+def _flat(key: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k in sorted(value):
+            _flat(f"{key}.{k}", value[k], out)
+    else:
+        out[key] = value
+    return out
+
+
+def _same(key: str, a, b) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and key in ("data", "images", "init", "clip", "decoder"):
+        import os
+        return os.path.exists(a) and os.path.realpath(a) == os.path.realpath(b)
+    return False
+
+
+def _show(v) -> str:
+    text = json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) or v is None else str(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def resume_mismatch(saved: dict, config) -> tuple[list[str], list[str]]:
+    """The settings of :data:`RESUME_MUST_MATCH` a resumed run changes: -> (``key=value`` as the run
+    was started, ``key=value`` as asked now); nested configs (``model_cfg``) by their dotted keys."""
+    now = json.loads(json.dumps(asdict(config) if is_dataclass(config) else dict(config or {})))
+    was, asks = [], []
+    for k in RESUME_MUST_MATCH:
+        if k not in saved or k not in now or _same(k, saved[k], now[k]):
+            continue
+        if not (isinstance(saved[k], dict) and isinstance(now[k], dict)):
+            was.append(f"{k}={_show(saved[k])}")
+            asks.append(f"{k}={_show(now[k])}")
+            continue
+        a, b = _flat(k, saved[k], {}), _flat(k, now[k], {})
+        for kk in sorted(set(a) | set(b)):
+            if kk not in a or kk not in b or a[kk] != b[kk]:
+                was.append(f"{kk}={_show(a.get(kk))}")
+                asks.append(f"{kk}={_show(b.get(kk))}")
+    return was, asks
+
+
+def check_resume(ckpt_dir, config) -> None:
+    """A one-line InputError when ``config`` asks for other settings (:data:`RESUME_MUST_MATCH`)
+    than the run whose checkpoint is ``ckpt_dir`` (or its ``.old``) was started with. A missing or
+    unreadable state.json says nothing here (loading the checkpoint reports it)."""
+    from clipkit.core.errors import InputError
+    from clipkit.core.outputs import old_dir
+    ckpt_dir = Path(ckpt_dir)
+    for d in (ckpt_dir, old_dir(ckpt_dir)):
+        try:
+            saved = json.loads((d / "state.json").read_text(encoding="utf-8")).get("config")
+            break
+        except (OSError, ValueError, AttributeError):
+            continue
+    else:
+        return
+    if not isinstance(saved, dict) or config is None:
+        return
+    was, asks = resume_mismatch(saved, config)
+    if was:
+        raise InputError(f"--resume {ckpt_dir.parent} was started with {', '.join(was)}; this run asks "
+                         f"{', '.join(asks)}: pass the same options (or start a new --out)")
+
+
+def check_run_dir(out_dir, *, resume: bool = False, overwrite: bool = False, config=None,
+                  main: bool = True) -> Path:
+    """Validate a training run's folder before any work (``clipkit train``): it must be a folder
+    (created if missing); one that already holds a run (:data:`RUN_FILES`) is continued only with
+    ``resume`` (and the same settings, :func:`check_resume`) and replaced only with ``overwrite``
+    (its checkpoint is removed then, on the ``main`` process, so a later ``--resume`` never
+    continues the replaced run). -> the folder. Raises a one-line InputError."""
+    import os
+
+    from clipkit.core.errors import InputError
+    from clipkit.core.outputs import check_output_dir, old_dir, remove_path
+    out = Path(out_dir)
+    existed = os.path.isdir(out)
+    if resume and not existed and not os.path.lexists(out):
+        raise InputError(f"--resume: no checkpoint in {out / 'checkpoint'} ({out} does not exist)")
+    check_output_dir(out, what="--out")
+    if resume:
+        check_resume(out / "checkpoint", config)
+        return out
+    held = [f for f in RUN_FILES if os.path.lexists(out / f)] if existed else []
+    if held and not overwrite:
+        raise InputError(f"--out {out} already holds a training run ({', '.join(held)}): pass --resume to "
+                         "continue it or --overwrite to replace it (or choose another --out)")
+    if held and main:
+        for d in (out / "checkpoint", old_dir(out / "checkpoint")):
+            remove_path(d)
+    return out
 
 
 def config_from_dict(cls, d: dict):
@@ -380,9 +493,10 @@ def train_loop(acc, model, optimizer, data, step_fn, settings: LoopSettings, *, 
     objects = [*state_objects] + ([rng] if rng is not None else [])
     step = 0
     if s.resume:
-        step = load_training_state(acc, ckpt_dir, objects, rng)["step"]
+        step = load_training_state(acc, ckpt_dir, objects, rng, config)["step"]
     elif main:
-        out.mkdir(parents=True, exist_ok=True)
+        from clipkit.core.outputs import check_output_dir
+        check_output_dir(out, what="output folder")
     plan = StepPlan(s.steps, s.steps, None, s.time_limit_s)
     sched = cosine_schedule(optimizer, plan.steps, s.warmup, step, s.min_lr_ratio)
     epoch_len = s.epoch_length or (len(data) if hasattr(data, "__len__") else None)

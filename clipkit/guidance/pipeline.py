@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from clipkit import __version__
-from clipkit.core.errors import InputError
+from clipkit.core.errors import Cancelled, InputError
 from clipkit.core.objectives import load_aesthetic
 from clipkit.core.profiles import vocabulary_of
 from clipkit.core.ranking import order
@@ -66,7 +66,8 @@ class Selector(Protocol):
 
 
 def run_candidates(pipe, cond: Conditioning, seeds: Sequence[int], config: GenerateConfig, keep: int,
-                   rank: Callable, on_step: Callable[[], None] | None = None) -> tuple[list[int], list[Image.Image]]:
+                   rank: Callable, on_state: Callable[[int, object], None] | None = None
+                   ) -> tuple[list[int], list[Image.Image]]:
     """Sample ``seeds`` and return ``keep`` of them finished: (their indices in ``seeds``, images).
 
     Without drafts (``len(seeds) == keep``) every seed is sampled to the end. With drafts, every
@@ -80,8 +81,8 @@ def run_candidates(pipe, cond: Conditioning, seeds: Sequence[int], config: Gener
     def advance(k: int, n: int | None):
         for j, state in enumerate(trajs[k]):
             last[k] = state
-            if on_step:
-                on_step()
+            if on_state:
+                on_state(k, state)
             if n is not None and j + 1 >= n:
                 return
     alive = list(range(len(seeds)))
@@ -99,20 +100,38 @@ def run_candidates(pipe, cond: Conditioning, seeds: Sequence[int], config: Gener
     return alive, images
 
 
-def _step_counter(on_step, total: int):
-    """A no-argument callback that reports (steps done, total) to ``on_step``."""
-    done = [0]
+@dataclass
+class Preview:
+    """A candidate part-way: its denoised estimate as an 8-bit image (what the studio shows)."""
+    prompt: str
+    seed: int
+    step: int                       # steps done of this candidate's trajectory
+    steps: int                      # of how many
+    image: Image.Image
 
-    def step():
-        done[0] += 1
-        on_step(done[0], total)
-    return step
+
+def _on_state(prompt: str, seeds: Sequence[int], pipe, counter: list, total: int, on_step, on_preview,
+              preview_every: int, cancel) -> Callable:
+    """The per-step callback of one prompt's candidates: progress (steps done of all), a preview every
+    ``preview_every`` steps (and at each trajectory's end), and ``cancel()`` checked after every step."""
+    def on_state(k: int, state) -> None:
+        counter[0] += 1
+        if on_step is not None:
+            on_step(counter[0], total)
+        if on_preview is not None and ((state.i + 1) % preview_every == 0 or state.i + 1 == state.n):
+            x = state.x0 if state.x0 is not None and state.i + 1 < state.n else state.x
+            on_preview(Preview(prompt, seeds[k], state.i + 1, state.n, tensor_to_pil(pipe.to_pixels(x)[0])))
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled after {counter[0]} of {total} steps")
+    return on_state
 
 
 def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = None,
              config: GenerateConfig | None = None, diffusion="shapes", clip="shapes-noised", device="auto",
              precision: str = "fp32", out_dir=None, overwrite: bool = False,
              on_step: Callable[[int, int], None] | None = None, select: "Selector | None" = None,
+             on_preview: Callable[[Preview], None] | None = None, preview_every: int = 5,
+             on_image: Callable[[GeneratedImage], None] | None = None, cancel: Callable[[], bool] | None = None,
              **options) -> GenerateResult:
     """Generate ``n`` images per prompt with CLIP guidance (and best-of-``best_of`` CLIP reranking).
 
@@ -129,6 +148,10 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         out_dir: write ``<slug>-<seed>.png`` + ``.json`` sidecars there; existing files are an error
             unless ``overwrite`` (checked before anything is generated).
         on_step: ``on_step(done, total)`` after every denoising step of every candidate (progress bars).
+        on_preview: called with a :class:`Preview` every ``preview_every`` steps of each candidate.
+        on_image: called with each kept :class:`GeneratedImage` as soon as it is ready (and written).
+        cancel: checked after every step; when it returns True, :class:`~clipkit.core.errors.Cancelled`
+            is raised (images already kept stay written).
         select: how best-of keeps its ``n`` (a :class:`Selector`: candidates, prompt and their CLIP
             cosines -> selection scores, higher is better); None: the CLIP cosine itself.
     """
@@ -189,7 +212,9 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         per_image = max(1, per_image * max(1, min(cfg.steps, int(cfg.steps * cfg.strength))) // cfg.steps)
     drafted = min(cfg.draft_steps, per_image) if cfg.drafts > 1 else 0
     total = n_seeds * drafted + n_cand * (per_image - drafted)
-    step = None if on_step is None else _step_counter(on_step, len(prompts) * total)
+    if not isinstance(preview_every, int) or preview_every < 1:
+        raise InputError(f"preview_every must be an integer >= 1, got {preview_every!r}")
+    counter = [0]
     init = None if init_image is None else init_pixels(init_image, cfg.size or pipe.native_size)
     # 4. sample, score, keep the best, write
     kept: list[GeneratedImage] = []
@@ -204,7 +229,9 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
         def rank(images, objective=objective, prompt=prompt):
             scores = objective.score_images(images)
             return scores if select is None else torch.as_tensor(select(images, prompt, scores), dtype=torch.float32)
-        kept_idx, images = run_candidates(pipe, cond, seeds, cfg, n_cand, rank, on_step=step)
+        on_state = _on_state(prompt, seeds, pipe, counter, len(prompts) * total, on_step, on_preview, preview_every,
+                             cancel)
+        kept_idx, images = run_candidates(pipe, cond, seeds, cfg, n_cand, rank, on_state=on_state)
         finished = [seeds[k] for k in kept_idx]
         scores = objective.score_images(images)                                   # [n_cand]
         chosen = scores if select is None or n_cand == n else \
@@ -231,5 +258,7 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
                         sidecar["models"] = {**models, "selector": select.spec}
                 write_image(img, png, sidecar, overwrite)
             kept.append(img)
+            if on_image is not None:
+                on_image(img)
     return GenerateResult(kept, cfg, models, n, seed, n_cand, time.time() - t0,
                           str(out_dir) if out_dir is not None else None)

@@ -25,8 +25,9 @@ def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, nu
     import os
 
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
+    from clipkit.core.artifacts import save_safetensors
     from clipkit.core.cache import open_cache
     from clipkit.core.dist import partial_state
     from clipkit.core.errors import InputError
@@ -37,7 +38,7 @@ def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, nu
     files = scan_images(folders)
     if not files:
         raise InputError("no image files found")
-    cache = open_cache(cache_dir, scorer.spec, scorer.preprocess) if cache_dir is not None else None
+    cache = open_cache(cache_dir, scorer) if cache_dir is not None else None
     index = list(range(len(files)))
     try:
         with state.split_between_processes(index) as mine:
@@ -47,7 +48,7 @@ def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, nu
         if cache is not None:
             cache.close()
     shard = out.with_name(f".{out.name}.shard{state.process_index}")
-    write_atomic(shard, lambda t: save_file({"embeddings": res.embeddings.contiguous()}, str(t), metadata={
+    write_atomic(shard, lambda t: save_safetensors({"embeddings": res.embeddings.contiguous()}, t, metadata={
         "paths": json.dumps(res.paths), "skipped": json.dumps(res.skipped)}), overwrite=True)
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -62,11 +63,14 @@ def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, nu
         skipped += json.loads(meta["skipped"])
         if len(t):
             embs.append(t)
-    emb = torch.cat(embs) if embs else torch.zeros(0, 0)
-    write_atomic(out, lambda t: save_file({"embeddings": emb.contiguous()}, str(t), metadata={
-        "paths": json.dumps(paths), "skipped": json.dumps(skipped), "model": scorer.spec,
-        "preprocess": json.dumps(scorer.preprocess.to_dict()), "processes": str(state.num_processes)}),
-        overwrite=overwrite)
     for r in range(state.num_processes):
         os.remove(out.with_name(f".{out.name}.shard{r}"))
+    if not paths:                   # nothing to write: an error, as every other command (exit 2)
+        raise InputError(f"none of the {len(files)} image files could be read "
+                         f"(e.g. {skipped[0]['path']}: {skipped[0]['reason']}); {out} was not written")
+    emb = torch.cat(embs)
+    write_atomic(out, lambda t: save_safetensors({"embeddings": emb.contiguous()}, t, metadata={
+        "paths": json.dumps(paths), "skipped": json.dumps(skipped), "model": scorer.spec,
+        "preprocess": json.dumps(scorer.preprocess.to_dict()),
+        "processes": str(state.num_processes)}), overwrite=overwrite)
     return {"count": len(paths), "skipped": skipped, "cached": res.cached}

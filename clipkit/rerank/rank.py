@@ -6,6 +6,7 @@ their embeddings through the cache, and combines several queries.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence, Union
 
@@ -28,13 +29,24 @@ def _query_embeddings(scorer, queries: Sequence, kind: str) -> torch.Tensor:
 
 
 def combine(sim: torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:
-    """[N, Q] cosines -> [N] weighted mean (weights default to equal)."""
-    w = torch.tensor(weights if weights is not None else [1.0] * sim.shape[1], dtype=sim.dtype)
+    """[N, Q] cosines -> [N] weighted mean (weights default to equal). The weights are normalised in
+    float64 (``1e200,1e200`` is ``0.5,0.5``); weights that are not finite, or whose sum overflows,
+    and a combined score that is not finite are a one-line InputError, never a NaN score."""
+    w = torch.tensor(weights if weights is not None else [1.0] * sim.shape[1], dtype=torch.float64)
     if len(w) != sim.shape[1]:
         raise InputError(f"{len(w)} weights for {sim.shape[1]} queries")
+    if not torch.isfinite(w).all():
+        raise InputError(f"weights {list(weights)!r}: every weight must be a finite number")
     if (w < 0).any() or float(w.sum()) <= 0:
         raise InputError("weights must be non-negative and not all zero")
-    return sim @ (w / w.sum())
+    total = float(w.sum())
+    if not math.isfinite(total):
+        raise InputError(f"weights {','.join(f'{x:g}' for x in weights)}: their sum overflows (is not a finite "
+                         "number): use smaller weights (only their ratios matter)")
+    scores = sim @ (w / total).to(sim.dtype)
+    if not torch.isfinite(scores).all():
+        raise InputError("the combined scores are not finite numbers: check the --weights")
+    return scores
 
 
 def rerank(candidates, query: Query | None = None, scorer=None, top_k: int | None = None, *,

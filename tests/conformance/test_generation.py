@@ -20,7 +20,8 @@ References, by clipkit scheduler:
   PRK steps, scaled-linear betas, ``clip_sample: false``): ``StableDiffusionPipeline.from_pretrained``
   with ``pipe.scheduler = <Class>.from_config(pipe.scheduler.config)`` (diffusers' documented swap; for
   ``pndm`` the pipeline as loaded), same steps, ``guidance_scale`` = clipkit's ``cfg_scale`` (clipkit's
-  default 7.5 is diffusers' default), ``negative_prompt`` = clipkit's (``generate_latent``; the CLI has none).
+  default 7.5 is diffusers' default), ``negative_prompt`` = clipkit's ``negative`` (``--negative``: its texts
+  not made from ``{prompt}``, joined with ", ", are the CFG negative prompt).
 
 Scope: ``cfg_scale`` >= 1. Below 1 the two differ by design: diffusers switches classifier-free guidance
 off for ``guidance_scale <= 1`` (the conditional model alone), clipkit applies ``u + s (c - u)`` for every
@@ -40,7 +41,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from clipkit.cli.main import cli
-from clipkit.guidance.latent import generate_latent, load_latent_pipeline
 from clipkit.guidance.diffusion import load_diffusion
 from clipkit.guidance.pipeline import generate
 from clipkit.guidance.results import slugify
@@ -269,12 +269,11 @@ def test_latent_v_prediction_equals_stable_diffusion(sd_v_dir, scorer, scheduler
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
-def test_latent_negative_prompt_equals_stable_diffusion(sd_dir, scheduler):
-    comps = load_latent_pipeline(str(sd_dir), scheduler=scheduler)
-    got = generate_latent(comps, PROMPT, 1, steps=LATENT_STEPS, cfg_scale=6.0, negative_prompt=NEGATIVE,
-                          seed=9).images[0]
+def test_latent_negative_prompt_equals_stable_diffusion(sd_dir, sd_backend, scorer, scheduler):
+    got = generate(PROMPT, n=1, seed=9, steps=LATENT_STEPS, scheduler=scheduler, clip_scale=0.0, cfg_scale=6.0,
+                   negative=[NEGATIVE], diffusion=sd_backend, clip=scorer).images[0].image
     expected = sd_expected(sd_dir, scheduler, 9, guidance_scale=6.0, negative_prompt=NEGATIVE)
-    check(f"latent epsilon {scheduler} cfg 6 negative prompt seed 9 (generate_latent)", "StableDiffusionPipeline",
+    check(f"latent epsilon {scheduler} cfg 6 negative prompt seed 9 (generate negative=)", "StableDiffusionPipeline",
           got, expected)
     # the negative prompt really is used (not the empty one)
     assert max_diff(got, sd_expected(sd_dir, scheduler, 9, guidance_scale=6.0)) > TOL

@@ -29,7 +29,9 @@ def test_weighted_prompt_syntax():
     P = ob.PromptPart
     assert ob.parse_weighted_prompt("a red circle:2 | a square : -1.5") == [P("a red circle", 2.0), P("a square", -1.5)]
     assert ob.parse_weighted_prompt("a cat: the best") == [P("a cat: the best", 1.0)]   # not a number: text
-    assert ob.parse_weighted_prompt("") == [] and ob.parse_weighted_prompt(" | ") == []
+    assert ob.parse_weighted_prompt("") == [] and ob.parse_weighted_prompt("  ") == []
+    with pytest.raises(InputError, match="empty part"):
+        ob.parse_weighted_prompt(" | ")
     assert ob.parse_weighted_prompt("a|b") == [P("a|b", 1.0)]                            # parts need " | "
     with pytest.raises(InputError, match="no text"):
         ob.parse_weighted_prompt(":2")

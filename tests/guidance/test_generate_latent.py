@@ -10,12 +10,13 @@ from click.testing import CliRunner
 
 from clipkit.cli.main import cli
 from clipkit.core.errors import InputError, ModelLoadError
-from clipkit.guidance.latent import DEFAULT_CFG_SCALE, LatentDiffusion, generate_latent
-from clipkit.guidance.backends import DiffusionBackend
+from clipkit.guidance.backends import DiffusionBackend, tensor_to_pil
 from clipkit.guidance.diffusion import load_diffusion
+from clipkit.guidance.latent import DEFAULT_CFG_SCALE, LatentDiffusion, encode_prompts, make_cfg_model
 from clipkit.guidance.pipeline import generate
 from clipkit.guidance.results import slugify
-from clipkit.guidance.schedulers import SCHEDULER_NAMES
+from clipkit.guidance.sampling import denoise_step, sample
+from clipkit.guidance.schedulers import SCHEDULER_NAMES, make_scheduler
 from helpers import assert_seed_fixes_the_image, make_sd_components, save_sd_pipeline   # tests/ is on sys.path (conftest.py)
 
 PROMPT = "a red circle"
@@ -44,6 +45,19 @@ def pixels(im):
     return np.asarray(im)
 
 
+def cfg_image(comps, seed: int, steps: int, cfg_scale: float, negative: str = ""):
+    """The image of diffusers' loop written out: batch of one, the initial noise the first draw of
+    ``Generator().manual_seed(seed)``, DDIM over the CFG model (``negative``: the unconditional text),
+    one VAE decode, rounded to 8 bits."""
+    sched = make_scheduler("ddim", comps.scheduler.config, latent=True)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 4, 8, 8, generator=g)
+    model = make_cfg_model(comps.unet, encode_prompts(comps, [PROMPT]), encode_prompts(comps, [negative]), cfg_scale)
+    z = sample(denoise_step(model, sched, g), sched, (1, 4, 8, 8), steps, g, noise=noise)
+    with torch.no_grad():
+        return tensor_to_pil(((comps.decode(z) + 1) / 2).clamp(0, 1)[0])
+
+
 def test_loader_registry_gives_the_latent_backend(pipe, sd_dir, tmp_path):
     assert isinstance(pipe, LatentDiffusion) and isinstance(pipe, DiffusionBackend)
     assert (pipe.kind, pipe.conditional, pipe.native_size, pipe.spec) == ("latent", True, 32, str(sd_dir))
@@ -68,14 +82,12 @@ def test_precision_casts_the_pipeline_weights(sd_dir, pipe, scorer):
 
 
 def test_backend_samples_the_cfg_model_seed_by_seed(pipe, scorer):
-    """Unguided, the backend's image for seed S is generate_latent's for seed S with the same CFG scale."""
+    """Unguided, the backend's image for seed S is the CFG model's, sampled alone from seed S."""
     kw = dict(diffusion=pipe, clip=scorer, steps=3, clip_scale=0.0, n=2, seed=4)
     res = generate(PROMPT, cfg_scale=3.0, **kw)
     by_seed = {im.seed: im.image for im in res.images}
-    comps = pipe.components.with_scheduler("ddim")
     for s in (4, 5):
-        ref = generate_latent(comps, PROMPT, 1, steps=3, cfg_scale=3.0, seed=s).images[0]
-        assert np.array_equal(pixels(by_seed[s]), pixels(ref))
+        assert np.array_equal(pixels(by_seed[s]), pixels(cfg_image(pipe.components, s, 3, 3.0)))
     cond_only = {im.seed: im.image for im in generate(PROMPT, cfg_scale=1.0, **kw).images}
     assert not np.array_equal(pixels(cond_only[4]), pixels(by_seed[4]))       # the CFG scale is applied
 
@@ -214,10 +226,9 @@ def _render(tmp_path, name="render.png"):
 
 
 def test_negative_is_also_the_cfg_negative_prompt(pipe, scorer):
-    comps = pipe.components.with_scheduler("ddim")
     got = generate(PROMPT, n=1, seed=3, steps=3, cfg_scale=4.0, clip_scale=0.0, negative=["blurry"],
                    diffusion=pipe, clip=scorer).images[0].image
-    ref = generate_latent(comps, PROMPT, 1, steps=3, cfg_scale=4.0, negative_prompt="blurry", seed=3).images[0]
+    ref = cfg_image(pipe.components, 3, 3, 4.0, negative="blurry")
     plain = generate(PROMPT, n=1, seed=3, steps=3, cfg_scale=4.0, clip_scale=0.0, diffusion=pipe, clip=scorer)
     assert np.array_equal(pixels(got), pixels(ref))
     assert not np.array_equal(pixels(got), pixels(plain.images[0].image))
