@@ -45,7 +45,7 @@ def generate(prompts: str | Sequence[str] = (), n: int = 4, *, seed: int | None 
              device="auto", precision: str = "fp32", out_dir=None, overwrite: bool = False,
              on_step: Callable[[int, int], None] | None = None, on_preview: Callable | None = None,
              preview_every: int = 5, on_image: Callable | None = None, cancel: Callable[[], bool] | None = None,
-             **options) -> GenerateResult:
+             force: bool = False, **options) -> GenerateResult:
     """Generate ``n`` images per prompt, as ``clipkit generate`` does (same defaults, same images).
 
     Args:
@@ -61,13 +61,14 @@ def generate(prompts: str | Sequence[str] = (), n: int = 4, *, seed: int | None 
         on_step: ``on_step(done, total)`` after every denoising step.
         on_preview / preview_every / on_image / cancel: live previews, each kept image as it is ready,
             and cancellation within one step (:func:`clipkit.guidance.pipeline.generate`).
+        force: run a prompt the profile's models know none of the words of (else an InputError first).
         options: :class:`~clipkit.guidance.config.GenerateConfig` fields (``steps``, ``clip_scale``,
             ``best_of``, ``negative``, ``image_prompts``, ``init_image``, ``strength``, ``layout``, ...).
     Returns:
         a :class:`~clipkit.guidance.results.GenerateResult` (``.images``: PIL images, seeds, scores, paths).
     """
     prof = get_profile(profile)
-    setup = apply_profile(prof, prompts, diffusion=diffusion, clip=clip, select=select, **options)
+    setup = apply_profile(prof, prompts, diffusion=diffusion, clip=clip, select=select, force=force, **options)
     selector = None
     if setup.select == "caption" and (setup.options["best_of"] > 1 or setup.options.get("drafts", 1) > 1):
         spec = captioner or prof.captioner

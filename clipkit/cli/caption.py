@@ -13,17 +13,23 @@ from clipkit.cli.common import (FiniteFloat, ModelSpecType, batch_size_option, c
               help="shapes (bundled), a directory from `clipkit train captioner`, or an official ClipCap .pt.")
 @click.option("--tokenizer", default=None, metavar="DIR",
               help="GPT-2 tokenizer for an official .pt (default: gpt2 from the hub cache).")
-@click.option("--strategy", type=click.Choice(["greedy", "beam", "nucleus"]), default="beam", show_default=True)
-@click.option("--beams", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--strategy", type=click.Choice(["greedy", "beam", "nucleus"]), default="beam", show_default=True,
+              help="Decoding: greedy (the most likely next token), beam search (length-normalised log-prob), "
+                   "or nucleus sampling (top-p, seeded).")
+@click.option("--beams", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Beam width for --strategy beam.")
 @click.option("--candidates", type=click.IntRange(min=1), default=1, show_default=True,
               help="Decode N candidates per image (beam or nucleus) and keep the best by CLIP score.")
 @click.option("--lm-weight", type=FiniteFloat(min=0), default=0.1, show_default=True,
               help="Candidate ranking: cosine + W * mean token log-prob (0 = CLIP score only).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Token limit per caption (default: the checkpoint's; official ClipCap: 67; else 40).")
-@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=0.9, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
+              help="Softmax temperature for --strategy nucleus (lower: closer to greedy).")
+@click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=0.9, show_default=True,
+              help="Nucleus sampling: draw from the smallest set of tokens whose probability reaches P.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Nucleus sampling: also keep at most K tokens (0: no limit).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for nucleus sampling.")
 @click.option("--stop-token", default=None, metavar="TEXT",
               help="Also end a caption at this token (default: the checkpoint's; official ClipCap: '.').")

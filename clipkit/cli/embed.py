@@ -10,8 +10,10 @@ from clipkit.cli.common import FiniteFloat, batch_size_option, clip_option, make
 @click.argument("folder", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("--out", "out_path", required=True, type=click.Path(readable=False),
               help="Output .safetensors (tensor 'embeddings' [N, D] fp32; paths, model and skipped files in its metadata).")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option("--timeout", "timeout_s", type=FiniteFloat(min=0.1), default=30.0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Image-decoding worker processes (0: decode in the main process).")
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=0.1), default=30.0, show_default=True,
+              help="Seconds one image may take to read and decode before it is skipped (reported, not fatal).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--cache", "cache_dir", type=click.Path(readable=False), default=None,
               help="Embedding cache directory (default: the user cache dir); an interrupted run resumes from it.")

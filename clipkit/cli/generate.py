@@ -49,6 +49,9 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
 @click.option("--out", "out_dir", type=click.Path(readable=False), default="generated", show_default=True,
               help="Output directory for <slug>-<seed>.png and <slug>-<seed>.json.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, exit 2).")
+@click.option("--force", is_flag=True,
+              help="Run even a prompt the profile's models know none of the words of (default: exit 2 before "
+                   "sampling; the bundled models know only shapes, colours, sizes and positions).")
 @click.option("--caption", "caption_images", is_flag=True,
               help="Also caption each kept image with the profile's captioner (or --captioner) and print what it "
                    "sees (a judge independent of the guiding CLIP).")
@@ -104,8 +107,8 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
              select, captioner_spec,
              guide_target, scheduler, size, out_dir, overwrite, diffusion_spec, clip_specs, clip_weights, negatives,
              layout, scorer_specs,
-             image_prompts, init_image, strength, cut_schedule, tv_scale, range_scale, sat_scale, caption_images,
-             as_json):
+             image_prompts, init_image, strength, cut_schedule, tv_scale, range_scale, sat_scale, force,
+             caption_images, as_json):
     """Generate images for each PROMPT (quote each one) with CLIP-guided diffusion.
 
     Writes OUT/<slug>-<seed>.png and a JSON sidecar with every parameter, the model specs, the seed
@@ -149,7 +152,7 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
             bars.append(progress(None, "generating", disable=settings.quiet or as_json, total=total))
         bars[0].update(1)
     try:
-        res = do_generate(list(prompts), n, seed=seed, profile=settings.profile, diffusion=diffusion,
+        res = do_generate(list(prompts), n, seed=seed, profile=settings.profile, diffusion=diffusion, force=force,
                           clip=list(clip_specs) or None, select=select, captioner=captioner, device=settings.device,
                           precision=settings.precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step,
                           steps=steps, clip_scale=clip_scale, cfg_scale=cfg_scale, cutouts=cutouts,

@@ -9,6 +9,7 @@ select by CLIP, layout off, no negatives), since the profile's numbers were not 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -18,6 +19,10 @@ from clipkit.guidance.config import GenerateConfig, steps_for_strength
 from clipkit.guidance.prompting import why_no_layout
 
 log = logging.getLogger(__name__)
+
+#: words that say nothing about what to draw: a prompt whose known words are all of these (on a profile
+#: with a vocabulary) would run the whole job on noise
+FUNCTION_WORDS = frozenset({"a", "an", "the", "and", "at", "in", "is", "of", "on", "to", "there", "with"})
 
 #: steps an image runs by default (with an init image: of the schedule's last part, see steps_for_strength)
 DEFAULT_STEPS = 25
@@ -38,13 +43,26 @@ def spec_of(model) -> str:
     return model if isinstance(model, str) else getattr(model, "spec", type(model).__name__)
 
 
+def check_known(profile: Profile, prompts: Sequence[str]) -> None:
+    """On a profile whose models know a closed world (a ``vocabulary``): an InputError for a prompt none
+    of whose words they know (beyond function words), before any model loads or any step runs."""
+    if profile.vocabulary is None:
+        return
+    for p in prompts:
+        words = set(re.findall(r"[a-z]+", p.lower()))
+        if words and not (words & profile.vocabulary) - FUNCTION_WORDS:
+            raise InputError(f"{p!r}: the {profile.name} profile's models know none of its words ({profile.description}); "
+                             "use --profile sd, or --diffusion SPEC and --clip SPEC (or --force to run anyway)")
+
+
 def apply_profile(profile: Profile, prompts: str | Sequence[str], *, diffusion=None, clip=None,
-                  select: str | None = None, **options) -> GenerateSetup:
+                  select: str | None = None, force: bool = False, **options) -> GenerateSetup:
     """The profile's defaults for what was not given (None), and warnings where a choice cannot apply.
 
     ``options`` are :class:`~clipkit.guidance.config.GenerateConfig` fields; ``steps``, ``best_of``,
     ``layout`` and ``negative`` may be None (not given). A ``negative`` list holding an empty text
-    drops the profile's negatives (the CLI's ``--negative ''``).
+    drops the profile's negatives (the CLI's ``--negative ''``). On the profile's own models, a prompt
+    they cannot know is an error unless ``force`` (:func:`check_known`).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     image_prompts = list(options.get("image_prompts") or [])
@@ -58,6 +76,8 @@ def apply_profile(profile: Profile, prompts: str | Sequence[str], *, diffusion=N
     if diffusion is None:
         raise InputError(f"profile {profile.name!r} has no default diffusion model: give one")
     own = spec_of(diffusion) == profile.diffusion        # the profile's defaults hold for its own model
+    if own and not force:
+        check_known(profile, prompts)
     init_image = options.get("init_image")
     if clip is None or (isinstance(clip, (list, tuple)) and not clip):
         clip = list(profile.init_clips) if init_image and own and profile.init_clips else profile.guide_spec

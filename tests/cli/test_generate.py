@@ -263,3 +263,9 @@ def test_cli_warns_when_a_prompt_negative_has_no_prompt(tmp_path):
     assert res.exit_code == 0 and "needs a text prompt" in res.stderr, res.output
     res = run([*args, "--out", str(tmp_path / "b")])
     assert res.exit_code == 0 and "needs a text prompt" not in res.stderr, res.output
+
+
+def test_a_prompt_the_bundled_models_cannot_know_exits_2_before_sampling(tmp_path):
+    res = run(["generate", "astronaut riding a horse", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and not (tmp_path / "o").exists()
+    assert "know none of its words" in res.output and "--profile sd" in res.output and "--force" in res.output

@@ -64,3 +64,30 @@ def test_real_subprocess(shape_images):
     bad = subprocess.run([sys.executable, "-m", "clipkit", "score", str(paths[0]), "-t", " "],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("Error:")
+
+
+def _commands(group, path=()):
+    import click
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        yield path + (name,), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, path + (name,))
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """Walk every command: each option has help text, no doubled brackets ("[default: x].  [0<x<=1]")."""
+    import click
+    bare, doubled = [], []
+    for path, cmd in [((), cli), *_commands(cli)]:
+        ctx = click.Context(cmd, info_name=" ".join(("clipkit",) + path))
+        for p in cmd.params:
+            if isinstance(p, click.Option) and not p.hidden:
+                if not (p.help or "").strip():
+                    bare.append(f"{' '.join(path) or 'clipkit'} {p.opts[-1]}")
+                rec = p.get_help_record(ctx)
+                if rec and "].  [" in rec[1]:
+                    doubled.append(f"{' '.join(path)} {p.opts[-1]}: {rec[1]}")
+    assert not bare, "options without help text:\n" + "\n".join(bare)
+    assert not doubled, "doubled brackets:\n" + "\n".join(doubled)

@@ -232,3 +232,47 @@ def test_a_directory_is_read_as_the_kind_asked_for(tmp_path):
     (d / "config.json").write_text("{}")
     assert "captioner" in parse_spec(str(d), "captioner").source.components
     assert "clip" in parse_spec(str(d), "clip").source.components
+
+
+def test_a_user_registers_a_spec_source_and_a_diffusion_loader(tmp_path, tiny_openclip_dir):
+    """The registry is open: a new spec syntax from Python (here ``team:NAME`` -> a local open_clip
+    folder), and a loader for a diffusers pipeline class of one's own."""
+    import json
+
+    from clipkit.core import registry
+    from clipkit.core.errors import ModelLoadError
+    from clipkit.core.registry import ModelSpec, Source, register_diffusion_loader, register_source
+
+    class TeamSource(Source):
+        kind, syntax, noun = "team", "team:NAME", "a team model"
+        components = frozenset({"clip"})
+
+        def parse(self, spec, component):
+            return ModelSpec(spec, self, spec.split(":", 1)[1], component=component) if spec.startswith("team:") else None
+
+        def load_clip(self, s):
+            backend = parse_spec(str(tiny_openclip_dir)).load_clip()
+            backend.spec = s.raw
+            return backend
+
+    before = list(registry.SOURCES)
+    try:
+        with pytest.raises(ModelLoadError):
+            parse_spec("team:tiny")
+        register_source(TeamSource())
+        assert load_clip("team:tiny").spec == "team:tiny"
+        with pytest.raises(TypeError):
+            register_source("not a source")
+    finally:
+        registry.SOURCES[:] = before
+
+    from clipkit.guidance.diffusion import load_diffusion
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "MyPipeline"}))
+    with pytest.raises(ModelLoadError, match="unsupported diffusion pipeline 'MyPipeline'.*StableDiffusionPipeline"):
+        load_diffusion(str(tmp_path))
+    seen = []
+    register_diffusion_loader("MyPipeline", lambda *a, **k: seen.append(a) or "backend")
+    try:
+        assert load_diffusion(str(tmp_path)) == "backend" and seen[0][0] == str(tmp_path)
+    finally:
+        registry.DIFFUSION_LOADERS.pop("MyPipeline")

@@ -1,4 +1,4 @@
-// clipkit search page: plain JS against the JSON API of clipkit/search/server.py (no build step).
+// clipkit search tab: plain JS against the JSON API of clipkit/search/server.py (no build step).
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -105,7 +105,8 @@
     run(`/api/search?qid=${encodeURIComponent(state.qid)}&offset=${state.offset + state.limit}&limit=${state.limit}`);
   });
 
-  call("/api/info").then((i) => {
+  (window.clipkitInfo || call("/api/info")).then((i) => {
+    if (!(i.tabs || ["search"]).includes("search")) return;     // the studio without an index
     state.limit = i.page_size;
     $("info").textContent = `${i.items} images \u00b7 ${i.model} \u00b7 ${i.structure}` +
       (i.captioner ? ` \u00b7 captioner ${i.captioner}` : "");
