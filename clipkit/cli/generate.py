@@ -47,8 +47,10 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
               help="Sampler (a diffusers scheduler built from the model's own noise schedule).")
 @click.option("--size", type=int, default=None, help="Image side in pixels (default: the model's own, 32 for shapes).")
 @click.option("--out", "out_dir", type=click.Path(readable=False), default="generated", show_default=True,
-              help="Output directory for <slug>-<seed>.png and <slug>-<seed>.json.")
-@click.option("--overwrite", is_flag=True, help="Replace existing output files (default: refuse, exit 2).")
+              help="Output directory for <slug>-<seed>.png and <slug>-<seed>.json (a name an earlier run left "
+                   "becomes <slug>-<seed>-2.png, -3, ...: nothing is replaced).")
+@click.option("--overwrite", is_flag=True,
+              help="Write <slug>-<seed>.png over an existing file (default: take the next free name).")
 @click.option("--force", is_flag=True,
               help="Run even a prompt the profile's models know none of the words of (default: exit 2 before "
                    "sampling; the bundled models know only shapes, colours, sizes and positions).")
@@ -114,8 +116,9 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     Writes OUT/<slug>-<seed>.png and a JSON sidecar with every parameter, the model specs, the seed
     and the final CLIP score: the cosine similarity of the saved image with its prompt under the
     guiding CLIP (what guidance optimises, so it flatters; judge with another CLIP). Existing files
-    are never replaced without --overwrite, and every target is checked before anything is generated.
-    `clipkit generate PROMPT -n 1 --best-of 1 --seed S` with the same options regenerates <slug>-S.png exactly.
+    are never replaced without --overwrite (a taken name becomes <slug>-<seed>-2.png, -3, ...), and every
+    target is checked before anything is generated. `clipkit generate PROMPT -n 1 --best-of 1 --seed S`
+    with the same options regenerates the image of seed S.
 
     \b
     A PROMPT may weight parts, Disco-style: "a red circle:2 | a square:-1" (parts separated by

@@ -185,8 +185,8 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     targets: dict = {}
     if out_dir is not None:
         out_dir = Path(out_dir).expanduser()
-        targets = plan_targets(prompts, seeds, out_dir)
-        check_out_dir(out_dir, list(targets.values()), overwrite,
+        targets = plan_targets(prompts, seeds, out_dir, overwrite)
+        check_out_dir(out_dir, list(targets.values()),
                       inputs=[p for p, _ in cfg.image_prompts] + ([cfg.init_image] if cfg.init_image else []))
     # 3. models, and what they accept
     scorers = [load_scorer(c, device=device, precision=precision) if isinstance(c, str) else c for c in clips]

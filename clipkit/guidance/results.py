@@ -111,8 +111,19 @@ def slugify(prompt: str, max_len: int = 60) -> str:
     return slug or "prompt"
 
 
-def plan_targets(prompts: Sequence[str], seeds: Sequence[int], out_dir: Path) -> dict[tuple[int, int], Path]:
-    """(prompt index, seed) -> PNG path, for every candidate that could be kept."""
+def _taken(png: Path) -> bool:
+    """A name is taken when its PNG or its sidecar exists (a dangling symlink counts: never written through)."""
+    return os.path.lexists(png) or os.path.lexists(png.with_suffix(".json"))
+
+
+def plan_targets(prompts: Sequence[str], seeds: Sequence[int], out_dir: Path,
+                 overwrite: bool = False) -> dict[tuple[int, int], Path]:
+    """(prompt index, seed) -> PNG path, for every candidate that could be kept.
+
+    The name of an image is ``<slug>-<seed>.png``. When an earlier run left that name (its PNG or its
+    sidecar), the next free ``<slug>-<seed>-2.png``, ``-3``, ... is used, so nothing is replaced and a
+    sequence of runs never fails on a name; ``overwrite`` replaces ``<slug>-<seed>.png`` instead.
+    """
     owner: dict[str, str] = {}
     for p in prompts:
         slug = slugify(p)
@@ -120,13 +131,21 @@ def plan_targets(prompts: Sequence[str], seeds: Sequence[int], out_dir: Path) ->
             raise InputError(f"prompts {owner[slug]!r} and {p!r} give the same file name stem {slug!r}: "
                              "generate them in separate runs (with other seeds or --out)")
         owner[slug] = p
-    return {(i, s): out_dir / f"{slugify(p)}-{s}.png" for i, p in enumerate(prompts) for s in seeds}
+    targets = {}
+    for i, p in enumerate(prompts):
+        for s in seeds:
+            png, k = out_dir / f"{slugify(p)}-{s}.png", 1
+            while not overwrite and _taken(png):
+                k += 1
+                png = out_dir / f"{slugify(p)}-{s}-{k}.png"
+            targets[(i, s)] = png
+    return targets
 
 
-def check_out_dir(out_dir: Path, targets: Sequence[Path], overwrite: bool, inputs: Sequence = ()) -> None:
-    """Before any work, creating nothing: the folder can be written (or made), no target replaces a file
-    (without ``overwrite``) and none is one of the ``inputs`` (an init image or image prompt: refused
-    always, :func:`clipkit.core.outputs.check_not_input`). :func:`write_image` makes the folder."""
+def check_out_dir(out_dir: Path, targets: Sequence[Path], inputs: Sequence = ()) -> None:
+    """Before any work, creating nothing: the folder can be written (or made), and no target is one of
+    the ``inputs`` (an init image or image prompt: refused always, even with ``--overwrite``:
+    :func:`clipkit.core.outputs.check_not_input`). :func:`write_image` makes the folder."""
     for t in targets:
         for p in (t, t.with_suffix(".json")):
             check_not_input(p, inputs)
@@ -135,13 +154,6 @@ def check_out_dir(out_dir: Path, targets: Sequence[Path], overwrite: bool, input
             raise InputError(f"output directory {out_dir} exists and is not a directory")
         if not os.access(out_dir, os.W_OK | os.X_OK):
             raise InputError(f"output directory {out_dir} is not writable")
-        if not overwrite:
-            # lexists: a dangling symlink counts as taken (it is never written through either)
-            taken = [p for t in targets for p in (t, t.with_suffix(".json")) if os.path.lexists(p)]
-            if taken:
-                more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
-                raise InputError(f"refusing to overwrite {taken[0]}{more}: pass --overwrite, or choose "
-                                 "another --seed or --out")
         return
     parent = out_dir.parent
     while not parent.exists() and parent != parent.parent:

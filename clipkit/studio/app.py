@@ -263,6 +263,9 @@ class Studio:
                              "(clipkit serve --clip ...)")
         names = {f.name for f in dataclasses.fields(GenerateConfig)}
         opts = {k: v for k, v in params.items() if k in names}
+        prof = self.models.profile()
+        if opts.get("layout") == (prof.layout if want == prof.diffusion else "off"):
+            del opts["layout"]                    # the profile's own: as asked the first time (no warning)
         opts["negative"] = [""] + [t for t in (params.get("negative") or []) if isinstance(t, str)]
         ips = params.get("image_prompts") or []
         if not isinstance(ips, list) or not all(isinstance(ip, list) and len(ip) == 2 for ip in ips):

@@ -126,23 +126,40 @@ def test_cli_layout_is_the_profiles_on_its_own_model(tmp_path):
     assert res.exit_code == 2 and "--layout" in res.stderr
 
 
-def test_cli_never_overwrites_silently(tmp_path):
+def test_cli_never_overwrites_silently_and_takes_the_next_free_name(tmp_path):
     out = tmp_path / "o"
     args = ["-q", "generate", PROMPT, "-n", "2", "--steps", "2", "--seed", "3", "--best-of", "1", "--out", str(out)]
     assert run(args).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    res = run(args)
-    assert res.exit_code == 2 and "refusing to overwrite" in res.stderr and "--overwrite" in res.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    # one stray sidecar among the targets (seeds 8, 9) blocks the run before anything is generated
+    res = run(args)                                  # the same run again: -2 names, nothing replaced
+    assert res.exit_code == 0, res.output
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == [f"a-red-circle-at-the-top-left-{s}-2.{e}" for s in (3, 4)
+                                                 for e in ("json", "png")]
+    from PIL import Image                            # the same image (its sidecar chunk names its own file)
+    assert Image.open(out / "a-red-circle-at-the-top-left-3-2.png").tobytes() == \
+        Image.open(out / "a-red-circle-at-the-top-left-3.png").tobytes()
+    # a stray sidecar takes its name too (seed 9): the PNG goes to the next free name
     (out / "a-red-circle-at-the-top-left-9.json").write_text("{}")
     res = run(["-q", "generate", PROMPT, "-n", "2", "--steps", "2", "--seed", "8", "--best-of", "1", "--out", str(out)])
-    assert res.exit_code == 2 and "a-red-circle-at-the-top-left-9.json" in res.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(before) + ["a-red-circle-at-the-top-left-9.json"]
+    assert res.exit_code == 0
+    assert (out / "a-red-circle-at-the-top-left-9-2.png").exists() and (out / "a-red-circle-at-the-top-left-9.json").read_text() == "{}"
     res = run(args[:1] + ["generate", "--overwrite"] + args[2:] + ["--clip-scale", "0"])
     assert res.exit_code == 0, res.output
     side = json.loads((out / "a-red-circle-at-the-top-left-3.json").read_text())
     assert side["parameters"]["clip_scale"] == 0
+
+
+def test_an_output_name_that_is_an_input_is_refused_even_with_overwrite(tmp_path):
+    out = tmp_path / "o"
+    assert run(["-q", "generate", PROMPT, "-n", "1", "--steps", "2", "--seed", "3", "--best-of", "1",
+                "--out", str(out)]).exit_code == 0
+    png = out / "a-red-circle-at-the-top-left-3.png"
+    before = png.read_bytes()
+    res = run(["-q", "generate", PROMPT, "-n", "1", "--steps", "2", "--seed", "3", "--best-of", "1", "--out", str(out),
+               "--init-image", str(png), "--overwrite"])
+    assert res.exit_code == 2 and "is one of the inputs" in res.stderr and png.read_bytes() == before
 
 
 @pytest.mark.parametrize("bad", [
