@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clipkit.core.scorer import load_scorer
-from clipkit.core.train_clip import _gaussian_blur, ddpm_alphas_cumprod
+from clipkit.core.augment import ddpm_alphas_cumprod, gaussian_blur
 from clipkit.shapes.data import single_object_scenes, two_object_scenes
 from clipkit.shapes.oracle import matches, read_attributes
 from clipkit.shapes.probes import zero_shot_accuracy
@@ -32,7 +32,7 @@ def degrade(x, kind, g):
     if kind.startswith("noise"):
         return (x + float(kind[5:]) * torch.randn(x.shape, generator=g)).clamp(0, 1)
     if kind == "blur1":
-        return _gaussian_blur(x, torch.full((len(x),), 1.0))
+        return gaussian_blur(x, torch.full((len(x),), 1.0))
     if kind.startswith("xt"):      # DDPM-noised at step t of the bundled diffusion model's schedule
         ab = ddpm_alphas_cumprod()[int(kind.split("=")[1])]
         return ((ab.sqrt() * (2 * x - 1) + (1 - ab).sqrt() * torch.randn(x.shape, generator=g) + 1) / 2)

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from clipkit.core.errors import InputError
-from clipkit.core.train_clip import TrainClipConfig, augment_robust, clip_loss, read_captions_jsonl
+from clipkit.core.augment import augment_robust
+from clipkit.core.train_clip import TrainClipConfig, clip_loss, read_captions_jsonl
 from clipkit.shapes.recipes import train_clip     # the core trainer, with the Shapes data for data="shapes"
 from helpers import TINY_TRAIN_CFG as TINY   # tests/ is on sys.path (conftest.py)
 
@@ -212,7 +213,7 @@ def test_noise_schedule_is_the_diffusion_models_own(tmp_path):
     from diffusers import DDPMScheduler
 
     from clipkit.core.errors import ModelLoadError
-    from clipkit.core.train_clip import ddpm_alphas_cumprod
+    from clipkit.core.augment import ddpm_alphas_cumprod
     assert TrainClipConfig().noise_schedule == "shapes"
     bundled = ddpm_alphas_cumprod()                # the bundled Shapes DDPM: linear, 1000 steps
     assert torch.equal(bundled, ddpm_alphas_cumprod("shapes"))
