@@ -56,10 +56,9 @@ def index_scorer(settings, reader, clip_spec, batch_size: int = 64):
         raise InputError(f"index {reader.path} holds bare vectors with no CLIP recorded: "
                          "only item queries work (clipkit serve / the Python API)")
     spec = clip_spec or reader.model
-    if spec != reader.model:                                  # refused before a model loads
-        reader.check_model(spec, reader.manifest.preprocess)
+    reader.check_model(spec, reader.manifest.preprocess)      # another model: refused before it loads
     scorer = load_scorer(spec, device=settings.device, precision=settings.precision, batch_size=batch_size)
-    reader.check_model(scorer.spec, scorer.preprocess)
+    reader.check_scorer(scorer)                               # and its weights, once loaded
     return scorer
 
 
@@ -188,18 +187,26 @@ def dedup(settings, index_path, threshold, csv_path, sheets_dir, nprobe, overwri
     from clipkit.core.outputs import check_output_file
     from clipkit.search.dedup import dedup as find
     from clipkit.search.store import IndexReader
+    from clipkit.search.dedup import SHEETS_LIMIT, sheet_name
     reader = IndexReader(index_path)
+    inputs = [index_path] + reader.manifest.sources           # + the indexed images an output would replace
     if csv_path:
-        check_output_file(csv_path, overwrite=overwrite, inputs=[index_path], what="--csv")
+        check_output_file(csv_path, overwrite=overwrite, inputs=inputs + reader.indexed_files(csv_path), what="--csv")
     if sheets_dir:
-        from clipkit.core.outputs import check_output_dir
+        from pathlib import Path
+
+        from clipkit.core.outputs import check_not_input, check_output_dir
         check_output_dir(sheets_dir, what="--sheets folder")
+        sheets = [Path(sheets_dir) / sheet_name(n) for n in range(1, SHEETS_LIMIT + 1)]
+        hit = reader.indexed_files(*sheets)
+        for p in sheets:
+            check_not_input(p, inputs + hit, what="contact sheet")
     res = find(reader, threshold, nprobe=nprobe,
                progress=None if settings.quiet or as_json else lambda it, total: progress(it, "dedup", total=total))
     if csv_path:
         res.write_csv(csv_path, overwrite=overwrite)
     if sheets_dir and res.groups:
-        res.contact_sheets(sheets_dir, reader.item_image, overwrite=overwrite)
+        res.contact_sheets(sheets_dir, reader.item_image, overwrite=overwrite, inputs=inputs + hit)
     if as_json:
         emit_json(res.to_dict())
         return
@@ -211,11 +218,16 @@ def dedup(settings, index_path, threshold, csv_path, sheets_dir, nprobe, overwri
 
 @index.command()
 @click.argument("index_path", metavar="INDEX", type=click.Path(readable=False))
+@click.option("--verify", is_flag=True, help="Also read every file against the sha256 the manifest records "
+                                             "(and every row: a finite unit vector).")
 @json_option
-def info(index_path, as_json):
-    """What INDEX holds: model, items, structure, memory."""
+def info(index_path, verify, as_json):
+    """What INDEX holds: model, items, structure, memory, disk."""
     from clipkit.search.store import IndexReader
-    d = IndexReader(index_path).info()
+    reader = IndexReader(index_path)
+    d = reader.info()
+    if verify:
+        d["verified"] = reader.verify()
     if as_json:
         emit_json(d)
         return

@@ -38,9 +38,11 @@ def search(settings, index_path, query, query_image, top_k, nprobe, csv_path, sh
     from clipkit.search.store import IndexReader
     if (query is None) == (query_image is None):
         raise click.UsageError("give --query TEXT or --query-image IMG (exactly one)")
-    inputs = [index_path] + ([query_image] if query_image else [])
-    check_report_outputs(csv_path, sheet, overwrite, inputs)
     reader = IndexReader(index_path)
+    # the inputs an output must never be: the index, the query image, the indexed images (and shards)
+    inputs = [index_path] + ([query_image] if query_image else []) + reader.manifest.sources \
+        + reader.indexed_files(csv_path, sheet)
+    check_report_outputs(csv_path, sheet, overwrite, inputs)
     scorer = index_scorer(settings, reader, clip_spec)
     res = do_search(reader, scorer, text=query, image=query_image, top_k=top_k, nprobe=nprobe)
     if csv_path:

@@ -13,7 +13,8 @@ def _common(f):
         click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size per process."),
         click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None, help="Peak learning rate."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the weights' initialisation, the data order and the augmentations."),
         click.option("--resume", is_flag=True,
                      help="Continue the run in OUT from OUT/checkpoint (with the options it was started with)."),
         click.option("--overwrite", is_flag=True,
@@ -24,7 +25,9 @@ def _common(f):
                      help="DataLoader workers."),
         click.option("--eval-every", type=click.IntRange(min=1), default=None,
                      help="Steps between evaluations (train clip on labelled data: one epoch by default)."),
-        click.option("--save-every", type=click.IntRange(min=1), default=None),
+        click.option("--save-every", type=click.IntRange(min=1), default=None,
+                     help="Steps between checkpoints (OUT/checkpoint, what --resume continues from); the last "
+                          "step is always saved."),
         click.option("--log-every", type=click.IntRange(min=1), default=None, help="Steps between log rows."),
         click.option("--time-limit", "time_limit_s", type=FiniteFloat(min=1), default=None,
                      help="Seconds: re-plan --steps to fit (the LR schedule still completes)."),
@@ -71,17 +74,17 @@ def train():
                    "none for labelled images.")
 @click.option("--noise-aware", is_flag=True, help="Also train on DDPM-noised images x_t (GLIDE-style).")
 @click.option("--noise-fraction", "noise_fraction", type=FiniteFloat(min=0, max=1, min_open=True), default=None,
-              help="With --noise-aware: the fraction of each batch noised [default: 0.5].")
+              help="With --noise-aware: the fraction of each batch noised (default 0.5).")
 @click.option("--noise-schedule", "noise_schedule", default=None, metavar="SPEC",
               help="With --noise-aware: the diffusion model (shapes, hf:ORG/NAME, a diffusers pipeline directory) "
                    "whose scheduler config gives the x_t noise schedule [default: shapes].")
 @click.option("--render-size", "render_sizes", type=click.IntRange(min=8, max=1024), multiple=True,
-              help="--data shapes: render at this size (repeatable; each batch picks one) [default: 32, 48, 64].")
+              help="--data shapes: render at this size (repeatable; each batch picks one; default 32, 48 and 64).")
 @click.option("--train-only", "train_only", multiple=True, metavar="PREFIX",
               help="Train only parameters whose names start with PREFIX (repeatable; the rest frozen). With "
                    "--init, the saved model is an overlay: just those weights + the base spec.")
 @click.option("--warmup", type=click.IntRange(min=0), default=None,
-              help="Linear LR warmup steps [default: 500, at most 10% of --steps].")
+              help="Linear LR warmup steps (default 500, at most 10% of --steps).")
 @click.option("--class-names", "class_names", default=None, type=click.Path(readable=False), metavar="FILE",
               help='Labelled data: readable class names, JSON {"folder": "name"} or "folder,name" lines.')
 @click.option("--templates", default=None,
@@ -204,10 +207,12 @@ def diffusion(settings, init, device_data, as_json, **kw):
               help="CLIP whose image embeddings feed the mapper (computed once per image, cached).")
 @click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True,
               help="mlp: GPT-2 fine-tuned; transformer: GPT-2 frozen.")
-@click.option("--prefix-length", type=click.IntRange(min=1), default=None)
+@click.option("--prefix-length", type=click.IntRange(min=1), default=None,
+              help="GPT-2 prefix tokens the mapper makes from one CLIP embedding (default 10).")
 @click.option("--decoder", default="tiny", show_default=True,
               help="'tiny' (small GPT-2 + BPE trained on the captions) or a GPT-2 spec/dir (gpt2, ./my-gpt2).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Passes over the training captions (validated after each; default 10).")
 @_common
 @click.pass_obj
 def captioner(settings, data, images, clip, mapper, prefix_length, decoder, epochs, as_json, **kw):

@@ -1,11 +1,12 @@
 """Embedding cache keyed by (model weights + preprocessing) and (file path, size, mtime).
 
-The model half of the key is a digest of the loaded model's weights (:func:`weights_digest`), not its
-spec: a directory whose weights were replaced, or a bundled model of a new release, never gets the
-old model's embeddings back. One SQLite database per model key under the user cache dir (``$XDG_CACHE_HOME/clipkit`` or
-``~/.cache/clipkit``) or ``--cache DIR``. SQLite gives what we need for free: every batch is one
-atomic transaction (an interrupted run keeps what it finished and resumes there), WAL mode lets
-several processes read and write one cache without corrupting it, and lookups are indexed.
+The model half of the key is a digest of the loaded model's weights (:func:`weights_digest`), not
+its spec: a directory whose weights were replaced, or a bundled model of a new release, never gets
+the old model's embeddings back. One SQLite database per model key under the user cache dir
+(``$XDG_CACHE_HOME/clipkit`` or ``~/.cache/clipkit``) or ``--cache DIR``. SQLite gives what we
+need for free: every batch is one atomic transaction (an interrupted run keeps what it finished and
+resumes there), WAL mode lets several processes read and write one cache without corrupting it,
+and lookups are indexed.
 Files that could not be read *because of their bytes* (corrupt, not an image) are remembered too
 (with their reason), keyed the same way, so a re-run does not retry a file that has not changed;
 passing causes (a timeout, a permission, a FIFO) are never remembered and are retried.

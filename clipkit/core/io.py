@@ -219,8 +219,10 @@ def scan_images(paths, recursive: bool = True) -> list[Path]:
     seen_files: set[str] = set()
     seen_dirs: set[str] = set()
 
-    def first(fp: Path) -> bool:
-        real = os.path.realpath(fp)
+    def first(fp: Path, real_parent: str | None = None) -> bool:
+        # in a walked folder (real path known) only a linked file needs resolving
+        real = os.path.join(real_parent, fp.name) if real_parent is not None and not os.path.islink(fp) \
+            else os.path.realpath(fp)
         if real in seen_files:
             return False
         seen_files.add(real)
@@ -238,7 +240,7 @@ def scan_images(paths, recursive: bool = True) -> list[Path]:
                     dirs[:] = []
                 for f in sorted(files):
                     fp = Path(root) / f
-                    if is_image_path(fp) and first(fp):
+                    if is_image_path(fp) and first(fp, real):
                         out.append(fp)
         elif first(p):
             out.append(p)

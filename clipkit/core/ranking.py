@@ -66,7 +66,8 @@ class RankingResult:
 
     def contact_sheet(self, path, thumb: int = 128, cols: int = 5, limit: int = SHEET_LIMIT,
                       overwrite: bool = False, loader=None) -> Path:
-        """The ``limit`` best results as a grid of thumbnails with rank and score under each.
+        """The ``limit`` best results as a grid of thumbnails with rank and score under each (a result
+        whose image is gone or changed: a tile labelled "missing").
         ``loader(item) -> PIL image`` reads a result's image (default: ``load_image(item.path)``)."""
         from PIL import ImageDraw
 
@@ -81,15 +82,22 @@ class RankingResult:
         sheet = Image.new("RGB", (cols * (thumb + 8) + 8, rows * (thumb + label_h + 8) + 8), (32, 32, 32))
         draw = ImageDraw.Draw(sheet)
         for n, r in enumerate(items):
-            try:
-                im = loader(r) if loader is not None else load_image(r.path)
-            except (ImageLoadError, InputError):   # changed since it was ranked: an empty tile, not a failed run
-                continue
-            im.thumbnail((thumb, thumb))
             x = 8 + (n % cols) * (thumb + 8)
             y = 8 + (n // cols) * (thumb + label_h + 8)
-            sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
-            draw.text((x, y + thumb + 2), f"#{r.rank}  {r.score:.3f}", fill=(230, 230, 230))
+            try:
+                im = loader(r) if loader is not None else load_image(r.path)
+            except (ImageLoadError, InputError):   # gone or changed since it was ranked: a tile saying so
+                im = None
+            label = f"#{r.rank}  {r.score:.3f}"
+            if im is None:
+                draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], outline=(120, 120, 120))
+                l, t, rt, b = draw.textbbox((0, 0), "missing")
+                draw.text((x + (thumb - (rt - l)) // 2, y + (thumb - (b - t)) // 2), "missing", fill=(230, 230, 230))
+                label += "  missing"
+            else:
+                im.thumbnail((thumb, thumb))
+                sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+            draw.text((x, y + thumb + 2), label, fill=(230, 230, 230))
         return write_atomic(path, lambda t: sheet.save(t), overwrite=overwrite)
 
 

@@ -12,9 +12,12 @@ An IVF is appendable without retraining (new vectors go to the list of their nea
 supports removal by id, which HNSW does not; that is why the codec is IVF at every size. The trained
 (empty) structure is saved on its own; the per-vector codes (FAISS "standalone" codes, which carry
 the list number) are saved per segment beside the embeddings, so appending writes only the new
-codes, and opening an index re-assembles the lists with ``add_sa_codes`` (a copy, no distances).
+codes, and opening an index re-assembles the lists (a copy, no distances). With ``SQfp16`` the code
+of a vector *is* its fp16 embedding (``by_residual`` off), so only the list numbers are saved and
+the code bodies are read from the embeddings: one copy of the vectors on disk.
 ``nprobe`` is tuned at build time: the smallest power of two that reaches ``target_recall``
-(recall@10 against an exact scan, on sampled vectors of the index itself).
+(recall@10 against an exact scan) on held-out queries: vectors of the index that were not in the
+k-means training sample (a training vector sits closer to its centroid than a new query does).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class AnnConfig:
     flat_max: int = 20_000            # up to this many vectors: one list, an exact scan
     target_recall: float = 0.95       # recall@10 vs an exact scan that the tuned nprobe reaches
     retrain_growth: float = 4.0       # `add` retrains the quantiser once the data outgrows its training set this much
+    retune_growth: float = 2.0        # `add` re-tunes nprobe once the items grew this much since the last tuning
     codec: str | None = None          # force a codec (SQfp16, SQ8, PQ{D/4}...); None: the budget decides
     nlist: int | None = None          # force the number of lists; None: ~sqrt(N)
     seed: int = 0                     # k-means and tuning samples
@@ -56,6 +60,8 @@ class AnnConfig:
             raise InputError(f"target_recall must be in (0, 1], got {self.target_recall}")
         if self.retrain_growth <= 1:
             raise InputError(f"retrain_growth must be > 1, got {self.retrain_growth}")
+        if self.retune_growth <= 1:
+            raise InputError(f"retune_growth must be > 1, got {self.retune_growth}")
         if self.nlist is not None and self.nlist < 1:
             raise InputError(f"nlist must be >= 1, got {self.nlist}")
         return self
@@ -201,44 +207,78 @@ def encode(index, x: np.ndarray) -> np.ndarray:
     return index.sa_encode(np.ascontiguousarray(x, dtype=np.float32))
 
 
-def add_codes(index, codes: np.ndarray, ids: np.ndarray) -> None:
-    """Append codes (from :func:`encode`, any trained copy of this structure) with their int64 ids."""
-    if len(ids):
-        index.add_sa_codes(np.ascontiguousarray(codes), np.ascontiguousarray(ids, dtype=np.int64))
+def extract_ivf(index):
+    return _faiss().extract_index_ivf(index)
 
 
-def assemble(index, segments, chunk: int = 262144) -> None:
-    """Fill the lists of a trained, empty ``index`` from stored standalone codes, allocating each
-    list exactly once at its final size (appending entry by entry grows FAISS' list vectors
-    geometrically: up to 2x the memory). ``segments``: (codes [rows, C] uint8, first id, visible
-    [rows] bool) per segment; ids in each list come out ascending."""
+def is_sqfp16(ivf) -> bool:
+    """Whether the codes of this IVF are its vectors in fp16 (SQfp16 without residuals)."""
+    faiss = _faiss()
+    ivf = faiss.downcast_index(ivf)
+    return isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16 \
+        and not ivf.by_residual
+
+
+@dataclass
+class SegmentCodes:
+    """One segment's stored codes, for :func:`assemble`."""
+    codes: np.ndarray                 # [rows, C] uint8: standalone codes, or only the list numbers (ccs bytes)
+    body: np.ndarray | None           # None: the code bodies follow the list numbers in ``codes``;
+                                      # else [rows, D] fp16 rows whose bytes are the bodies (SQfp16)
+    start: int                        # first id
+    visible: np.ndarray               # [rows] bool
+    name: str = "codes"               # the file of ``codes``, for errors
+    body_name: str = "embeddings"     # the file of ``body``, for errors
+
+
+def assemble(index, segments: list[SegmentCodes], chunk: int = 262144) -> None:
+    """Fill the lists of a trained, empty ``index`` from stored codes, allocating each list exactly
+    once at its final size (appending entry by entry grows FAISS' list vectors geometrically: up to
+    2x the memory); ids in each list come out ascending. A list number out of range, or codes of the
+    wrong width, is an InputError naming the file."""
     faiss = _faiss()
     ivf = faiss.extract_index_ivf(index)
-    ccs, nlist = ivf.coarse_code_size(), ivf.nlist
+    ccs, nlist, cs = ivf.coarse_code_size(), ivf.nlist, ivf.code_size
+    fp16 = is_sqfp16(ivf)               # code bodies are fp16 vectors: a NaN/inf one is a damaged file
     inv = ivf.invlists
     # 1. the list number of every visible row (the first ccs bytes of its code, little-endian)
     per = []
-    for codes, start, visible in segments:
-        keep = np.nonzero(visible)[0]
+    for seg in segments:
+        width = ccs if seg.body is not None else ccs + cs
+        if seg.codes.shape[1] != width or (seg.body is not None and seg.body.dtype.itemsize * seg.body.shape[1] != cs):
+            raise InputError(f"index file {seg.name} is damaged (rows of {seg.codes.shape[1]} bytes, the "
+                             f"structure needs {width}); rebuild the index")
+        keep = np.nonzero(seg.visible)[0]
         lists = np.zeros(len(keep), dtype=np.int64)
         for a, b in batches(len(keep), chunk):
-            head = np.asarray(codes[keep[a:b], :ccs]) if ccs else None
+            head = np.asarray(seg.codes[keep[a:b], :ccs]) if ccs else None
             for byte in range(ccs):
                 lists[a:b] |= head[:, byte].astype(np.int64) << (8 * byte)
-        per.append((codes, start, keep, lists))
-    counts = np.bincount(np.concatenate([p[3] for p in per]) if per else np.zeros(0, np.int64),
+        if len(lists) and lists.max() >= nlist:
+            raise InputError(f"index file {seg.name} is damaged (list number {int(lists.max())} of a structure "
+                             f"with {nlist} lists); rebuild the index")
+        per.append((seg, keep, lists))
+    counts = np.bincount(np.concatenate([p[2] for p in per]) if per else np.zeros(0, np.int64),
                          minlength=nlist)
     # 2. one exact allocation per list
     for li in np.nonzero(counts)[0]:
         inv.resize(int(li), int(counts[li]))
     # 3. copy the codes (without their list number) into place, chunk by chunk, grouped by list
     fill = np.zeros(nlist, dtype=np.int64)
-    for codes, start, keep, lists in per:
+    for seg, keep, lists in per:
         for a, b in batches(len(keep), chunk):
             rows, ls = keep[a:b], lists[a:b]
             o = np.argsort(ls, kind="stable")
-            c = np.ascontiguousarray(np.asarray(codes[rows])[o][:, ccs:])
-            ids = np.ascontiguousarray(rows[o] + start, dtype=np.int64)
+            if seg.body is None:
+                c = np.ascontiguousarray(np.asarray(seg.codes[rows])[o][:, ccs:])
+            else:
+                c = np.ascontiguousarray(np.asarray(seg.body[rows])[o]).view(np.uint8)
+            if fp16 and len(c):
+                bad = ((c.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)    # exponent all ones: NaN or inf
+                if bad.any():
+                    raise InputError(f"index file {seg.name if seg.body is None else seg.body_name} is damaged "
+                                     f"(row {int(rows[o][np.argmax(bad)])} is not finite); rebuild the index")
+            ids = np.ascontiguousarray(rows[o] + seg.start, dtype=np.int64)
             ls = ls[o]
             cuts = np.concatenate([[0], np.flatnonzero(np.diff(ls)) + 1, [len(ls)]])
             for s, e in zip(cuts[:-1], cuts[1:]):

@@ -8,14 +8,18 @@ Build, numbered as it runs:
    build resumes where it stopped), shard members through the same cache with a process pool for
    decoding; rows are written as fp16 in a stable order (files in path order, then shard samples
    in tar order), unreadable inputs are listed under ``skipped``;
-3. plan the ANN under the memory budget, train the coarse quantiser on a sample, encode every row,
-   tune ``nprobe`` to the target recall against an exact scan;
+3. plan the ANN under the memory budget, train the coarse quantiser on a sample, encode every row
+   (SQfp16: only its list number; the code body is the fp16 row itself), tune ``nprobe`` to the
+   target recall against an exact scan, on held-out vectors (not in the training sample);
 4. write the manifest last; the whole folder is built beside the target and renamed into place
    (:func:`clipkit.core.outputs.atomic_dir`): a killed build leaves the previous index or none.
 
 Add: under the writer lock, drop entries whose file is gone, re-embed changed ones, embed new ones
-into a new segment, encode it with the existing quantiser (retrained only when the data outgrew it:
-see :class:`~clipkit.search.ann.AnnConfig`), and commit by rewriting the manifest.
+into a new segment, encode it with the existing quantiser (retrained only when the data outgrew it,
+``nprobe`` re-tuned when the items grew ``retune_growth`` times since the last tuning: see
+:class:`~clipkit.search.ann.AnnConfig`), and commit by rewriting the manifest. The CLIP must be the
+index's (spec, preprocessing, weights digest, width); an index of format 1 is upgraded in passing
+(identity recorded, its SQfp16 codes files replaced by list numbers).
 """
 from __future__ import annotations
 
@@ -33,12 +37,14 @@ from clipkit.core.errors import ImageLoadError, InputError
 from clipkit.core.io import DEFAULT_MAX_PIXELS
 from clipkit.search import ann
 from clipkit.search.sources import FileEntry, Sources, expand_sources, iter_shard
-from clipkit.search.store import (ALIVE, Item, Manifest, NpyAppender, Segment, insert_items, load_rows, locked,
-                                  now, open_meta, read_manifest, recover, write_manifest)
+from clipkit.search.store import (ALIVE, VERSION, Item, Manifest, NpyAppender, Segment, canonical_spec,
+                                  check_identity, check_scorer, check_unit, insert_items, load_rows, locked,
+                                  meta_errors, new_index_id, now, open_meta, read_manifest, read_quantizer,
+                                  record_generation, recover, write_manifest)
 
 log = logging.getLogger(__name__)
 
-TUNE_QUERIES = 200
+TUNE_QUERIES = 500               # held-out vectors the nprobe tuning measures recall@10 on
 CHUNK = 512                      # shard samples looked up in the cache / decoded per step
 
 
@@ -120,7 +126,7 @@ class _Embedder:
         if rows == 0:
             os.unlink(folder / name)
             return new
-        new.segment = Segment(name, "", start, rows)
+        new.segment = Segment(name, "", start, rows, emb_sha256=out.sha256)
         return new
 
     # -- files: core's embedding stream + cache ---------------------------------------------------
@@ -241,6 +247,8 @@ def _vector_rows(folder: Path, vs: VectorSource, start: int, seg_no: int, dim: i
         raise InputError(f"vectors of shape {tuple(v.shape)}; the index holds {dim}-d vectors")
     if not np.isfinite(v).all():
         raise InputError("vectors contain NaN or infinity")
+    if not len(v):
+        raise InputError("no vectors given")
     names = list(vs.names) if vs.names is not None else [f"vec-{start + i:09d}" for i in range(len(v))]
     caps = list(vs.captions) if vs.captions is not None else [None] * len(v)
     if len(names) != len(v) or len(caps) != len(v):
@@ -248,10 +256,15 @@ def _vector_rows(folder: Path, vs: VectorSource, start: int, seg_no: int, dim: i
     name = f"emb-{seg_no:06d}.npy"
     out = NpyAppender(folder / name, np.float16, dim)
     for a, b in ann.batches(len(v), 65536):
-        out.append(np.asarray(v[a:b], dtype=np.float32))
+        x = np.asarray(v[a:b], dtype=np.float64)
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        if not (norm > 1e-6).all() or not np.isfinite(norm).all():
+            raise InputError(f"vector {a + int(np.argmin((norm > 1e-6) & np.isfinite(norm)))} has no direction "
+                             "(zero or overflowing norm)")
+        out.append((x / norm).astype(np.float32))          # stored as unit vectors, as image embeddings are
     out.close()
     items = [Item(start + i, n, "", 0, 0, c) for i, (n, c) in enumerate(zip(names, caps))]
-    return _NewRows(Segment(name, "", start, len(v)), items, [])
+    return _NewRows(Segment(name, "", start, len(v), emb_sha256=out.sha256), items, [])
 
 
 # ---- the ANN: train or extend, encode, tune ------------------------------------------------------
@@ -269,47 +282,80 @@ def _outgrown(plan: ann.AnnPlan, n: int, cfg: ann.AnnConfig) -> str | None:
     return None
 
 
-def _rows(folder: Path, seg: Segment):
-    return load_rows(folder / seg.emb)
+def _rows(folder: Path, seg: Segment, dim: int):
+    return load_rows(folder / seg.emb, np.float16, seg.rows, dim)
 
 
 def _update_ann(folder: Path, m: Manifest, cfg: ann.AnnConfig, mask: np.ndarray, gen: int,
                 new_segments: list[Segment]) -> tuple[bool, float | None]:
-    """Give every segment codes under a quantiser that fits ``m.alive`` items; -> (retrained, recall)."""
+    """Give every segment codes under a quantiser that fits ``m.alive`` items, and ``nprobe`` a value
+    tuned on held-out vectors; -> (retrained, recall measured now or None)."""
     from clipkit.core.outputs import write_bytes_atomic
     old = ann.AnnPlan.from_dict(m.ann) if m.ann else None
     why = "first build" if old is None else _outgrown(old, m.alive, cfg)
+    rng = np.random.default_rng(cfg.seed)
     if why is None:                                   # encode only the new rows, with the current quantiser
-        index = ann.deserialize((folder / m.ann["quantizer"]).read_bytes())
+        index = read_quantizer(folder, m)
+        if not m.ann.get("quantizer_sha256"):         # format 1 recorded none
+            m.ann["quantizer_sha256"] = hashlib.sha256((folder / m.ann["quantizer"]).read_bytes()).hexdigest()
         for seg in new_segments:
-            seg.codes = _encode_segment(folder, index, seg, gen)
-        return False, None
+            _encode_segment(folder, index, seg, gen, m.dim)
+        sqfp16 = ann.is_sqfp16(ann.extract_ivf(index))
+        for seg in m.segments:                        # format 1: SQfp16 codes -> list numbers (one copy)
+            if sqfp16 and not seg.lists_only:
+                _lists_from_codes(folder, index, seg, gen)
+        tuned_n = m.ann.get("tuned_n", old.n)
+        if old.nlist == 1 or m.alive < cfg.retune_growth * tuned_n:
+            return False, None
+        log.info("re-tuning nprobe (%d items, tuned at %d)", m.alive, tuned_n)
+        held = np.nonzero(mask)[0]
+        new_ids = held[held >= m.ann.get("trained_rows", 0)]        # rows added since training: held out
+        nprobe, recall = _tune(folder, m, index, mask, cfg, rng, new_ids if len(new_ids) >= 50 else held)
+        m.ann.update(nprobe=nprobe, recall=round(recall, 4), tuned_n=m.alive, tuned_on="held-out vectors")
+        return False, recall
     log.info("training the ANN structure (%s)", why)
     plan = ann.plan_index(m.alive, m.dim, cfg)
-    rng = np.random.default_rng(cfg.seed)
     alive_ids = np.nonzero(mask)[0]
     sample = np.sort(rng.choice(alive_ids, size=min(len(alive_ids), ann.train_sample_size(plan)), replace=False))
     index = ann.train(plan, _gather(folder, m.segments, sample, m.dim), cfg.seed)
     quantizer = f"ivf-g{gen}.faiss"
-    write_bytes_atomic(folder / quantizer, ann.serialize(index), overwrite=True)
+    data = ann.serialize(index)
+    write_bytes_atomic(folder / quantizer, data, overwrite=True)
     for seg in m.segments:
-        seg.codes = _encode_segment(folder, index, seg, gen)
-    # tune nprobe on sampled items of the index (their own id excluded) against an exact scan
-    nprobe, recall = 1, 1.0
+        _encode_segment(folder, index, seg, gen, m.dim)
+    m.ann = {**plan.to_dict(), "quantizer": quantizer, "quantizer_sha256": hashlib.sha256(data).hexdigest(),
+             "nprobe": 1, "recall": 1.0, "trained_generation": gen, "trained_rows": m.rows, "reason": why,
+             "tuned_n": m.alive, "tuned_on": "exact scan"}
     if plan.nlist > 1:
-        full = ann.deserialize(ann.serialize(index))
-        ann.assemble(full, [(load_rows(folder / seg.codes), seg.start, mask[seg.start:seg.start + seg.rows])
-                            for seg in m.segments])
-        qids = np.sort(rng.choice(alive_ids, size=min(len(alive_ids), TUNE_QUERIES), replace=False))
-        q = _gather(folder, m.segments, qids, m.dim)
-        k = min(10, len(alive_ids) - 1)
-        truth = ann.exact_topk(_iter(folder, m.segments, mask), q, k + 1)
-        t = ann.tune_nprobe(full, q, truth, cfg.target_recall, k=k, self_ids=qids)
-        nprobe, recall = t.nprobe, t.recall
-        del full
-    m.ann = {**plan.to_dict(), "quantizer": quantizer, "nprobe": nprobe, "recall": round(recall, 4),
-             "trained_generation": gen, "reason": why}
-    return True, recall
+        # tune on vectors the k-means never saw: a training vector sits closer to its centroid than a
+        # new query does, and tuning on those promises more recall than users get
+        held = np.setdiff1d(alive_ids, sample, assume_unique=True)
+        enough = len(held) >= min(50, len(alive_ids))
+        nprobe, recall = _tune(folder, m, index, mask, cfg, rng, held if enough else alive_ids)
+        m.ann.update(nprobe=nprobe, recall=round(recall, 4),
+                     tuned_on="held-out vectors" if enough else "index vectors (all in the training sample)")
+    return True, m.ann["recall"]
+
+
+def _tune(folder: Path, m: Manifest, index, mask: np.ndarray, cfg: ann.AnnConfig, rng,
+          pool: np.ndarray) -> tuple[int, float]:
+    """nprobe reaching ``cfg.target_recall`` recall@10 against an exact scan, measured with up to
+    TUNE_QUERIES vectors of ``pool`` as queries (their own id excluded from both sides)."""
+    full = ann.deserialize(ann.serialize(index))
+    ann.assemble(full, _segment_codes(folder, m, mask))
+    qids = np.sort(rng.choice(pool, size=min(len(pool), TUNE_QUERIES), replace=False))
+    q = _gather(folder, m.segments, qids, m.dim)
+    k = min(10, int(mask.sum()) - 1)
+    truth = ann.exact_topk(_iter(folder, m.segments, mask, m.dim), q, k + 1)
+    t = ann.tune_nprobe(full, q, truth, cfg.target_recall, k=k, self_ids=qids)
+    return t.nprobe, t.recall
+
+
+def _segment_codes(folder: Path, m: Manifest, mask: np.ndarray) -> list[ann.SegmentCodes]:
+    return [ann.SegmentCodes(load_rows(folder / s.codes, np.uint8, s.rows),
+                             _rows(folder, s, m.dim) if s.lists_only else None, s.start,
+                             mask[s.start:s.start + s.rows], str(folder / s.codes), str(folder / s.emb))
+            for s in m.segments]
 
 
 def _gather(folder: Path, segments: list[Segment], ids: np.ndarray, dim: int) -> np.ndarray:
@@ -318,27 +364,52 @@ def _gather(folder: Path, segments: list[Segment], ids: np.ndarray, dim: int) ->
     seg = np.searchsorted(starts, ids, side="right") - 1
     for s in np.unique(seg):
         sel = np.nonzero(seg == s)[0]
-        out[sel] = _rows(folder, segments[s])[ids[sel] - segments[s].start]
+        rows = ids[sel] - segments[s].start
+        out[sel] = check_unit(np.asarray(_rows(folder, segments[s], dim)[rows], dtype=np.float32),
+                              folder / segments[s].emb, rows)
     return out
 
 
-def _iter(folder: Path, segments: list[Segment], mask: np.ndarray, chunk: int = 65536):
+def _iter(folder: Path, segments: list[Segment], mask: np.ndarray, dim: int, chunk: int = 65536):
     for seg in segments:
-        emb = _rows(folder, seg)
+        emb = _rows(folder, seg, dim)
         for a, b in ann.batches(seg.rows, chunk):
             keep = np.nonzero(mask[seg.start + a:seg.start + b])[0]
             if len(keep):
-                yield keep + seg.start + a, np.asarray(emb[a:b][keep], dtype=np.float32)
+                yield keep + seg.start + a, check_unit(np.asarray(emb[a:b][keep], dtype=np.float32),
+                                                       folder / seg.emb, keep + a)
 
 
-def _encode_segment(folder: Path, index, seg: Segment, gen: int) -> str:
-    name = f"codes-{int(seg.emb[4:10]):06d}-g{gen}.npy"
-    emb = _rows(folder, seg)
-    out = NpyAppender(folder / name, np.uint8, index.sa_code_size())
+def _encode_segment(folder: Path, index, seg: Segment, gen: int, dim: int) -> None:
+    """Write ``seg``'s codes under ``index``: with SQfp16 only the list numbers (``lists-*``; the body
+    of each code is the fp16 row), else FAISS standalone codes (``codes-*``)."""
+    ivf = ann.extract_ivf(index)
+    ccs = ivf.coarse_code_size()
+    lists_only = ann.is_sqfp16(ivf)
+    name = f"{'lists' if lists_only else 'codes'}-{int(seg.emb[4:10]):06d}-g{gen}.npy"
+    emb = _rows(folder, seg, dim)
+    out = NpyAppender(folder / name, np.uint8, ccs if lists_only else index.sa_code_size())
     for a, b in ann.batches(seg.rows, 65536):
-        out.append(ann.encode(index, np.asarray(emb[a:b], dtype=np.float32)))
+        x = check_unit(np.asarray(emb[a:b], dtype=np.float32), folder / seg.emb, a)
+        if lists_only and ccs == 0:
+            out.append(np.zeros((b - a, 0), np.uint8))
+        else:
+            codes = ann.encode(index, x)
+            out.append(codes[:, :ccs] if lists_only else codes)
     out.close()
-    return name
+    seg.codes, seg.codes_sha256 = name, out.sha256
+
+
+def _lists_from_codes(folder: Path, index, seg: Segment, gen: int) -> None:
+    """A format-1 segment's SQfp16 codes file -> its list numbers (the bodies are its fp16 rows)."""
+    ccs = ann.extract_ivf(index).coarse_code_size()
+    codes = load_rows(folder / seg.codes, np.uint8, seg.rows, index.sa_code_size())
+    name = f"lists-{int(seg.emb[4:10]):06d}-g{gen}.npy"
+    out = NpyAppender(folder / name, np.uint8, ccs)
+    for a, b in ann.batches(seg.rows, 262144):
+        out.append(np.asarray(codes[a:b, :ccs]))
+    out.close()
+    seg.codes, seg.codes_sha256 = name, out.sha256
 
 
 # ---- build --------------------------------------------------------------------------------------
@@ -388,7 +459,9 @@ def build_index(sources, out, scorer=None, *, config: ann.AnnConfig | None = Non
         if not srcs.files and not srcs.shards:
             raise InputError("no image files or shards found in the sources")
         model, preprocess = scorer.spec, scorer.preprocess.to_dict()
+        weights, precision = scorer.weights_digest, getattr(scorer, "precision", "")
     else:
+        weights = precision = ""
         check_index_output(out, (), overwrite)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         db = open_meta(tmp, writable=True)
@@ -405,13 +478,14 @@ def build_index(sources, out, scorer=None, *, config: ann.AnnConfig | None = Non
                 if not len(vectors.vectors):
                     raise InputError("no vectors given")
                 new = _vector_rows(tmp, vectors, 0, 1, dim)
-            m = Manifest(model=model or "vectors", preprocess=preprocess or {}, dim=dim, ann={},
-                         config=asdict(cfg), segments=[new.segment], generation=1, rows=new.segment.rows,
-                         alive=new.segment.rows, created=now(),
-                         sources=[os.path.abspath(str(s)) for s in (sources or [])])
+            m = Manifest(model=canonical_spec(model) if model else "vectors", preprocess=preprocess or {}, dim=dim,
+                         ann={}, config=asdict(cfg), segments=[new.segment], generation=1, rows=new.segment.rows,
+                         alive=new.segment.rows, created=now(), index_id=new_index_id(), weights=weights,
+                         precision=precision, sources=[os.path.abspath(str(s)) for s in (sources or [])])
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 insert_items(db, new.items, 1)
+                record_generation(db, m)
                 db.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?, 1)",
                                [(s["path"], s["reason"]) for s in new.skipped])
             mask = np.ones(m.rows, dtype=bool)
@@ -488,11 +562,21 @@ def add_to_index(index, sources=(), scorer=None, *, cache=None, batch_size: int 
         try:
             m = read_manifest(folder)
             recover(folder, m, db)
+            check_identity(folder, m, db)
+            for seg in m.segments:                  # headers and sizes: a damaged file fails before any work
+                _rows(folder, seg, m.dim)
+                load_rows(folder / seg.codes, np.uint8, seg.rows)
             if vectors is None:
                 if scorer is None:
                     raise InputError("add_to_index needs a scorer (or vectors)")
-                from clipkit.search.store import IndexReader
-                IndexReader(folder, db=db).check_model(scorer.spec, scorer.preprocess)
+                check_scorer(folder, m, scorer)
+                width = int(scorer.encode_texts(["a"]).shape[-1])
+                if width != m.dim:
+                    raise InputError(f"CLIP {scorer.spec} gives {width}-d embeddings; index {folder} holds "
+                                     f"{m.dim}-d ones (the model changed since it was built): rebuild the index")
+                if not m.weights and m.version < VERSION:         # format 1: record what it is built with
+                    m.model, m.weights, m.precision = canonical_spec(m.model), scorer.weights_digest, \
+                        getattr(scorer, "precision", "")
             cfg = ann.AnnConfig.from_dict(m.config)
             if max_memory is not None:
                 cfg.max_memory = max_memory
@@ -521,7 +605,14 @@ def add_to_index(index, sources=(), scorer=None, *, cache=None, batch_size: int 
                 return IndexResult(str(folder), m.generation, m.alive, skipped=new.skipped, cached=new.cached,
                                    structure=m.ann.get("factory", ""), nprobe=m.ann.get("nprobe", 1),
                                    seconds=time.perf_counter() - t0)
-            with db:
+            new_segments = [new.segment] if new.segment is not None else []
+            m.segments += new_segments
+            m.rows += added
+            m.alive = m.alive - len(drop) + added
+            m.generation = gen
+            m.index_id = m.index_id or new_index_id()
+            m.version = VERSION
+            with meta_errors(folder), db:
                 db.execute("BEGIN IMMEDIATE")
                 insert_items(db, new.items, gen)
                 for a in range(0, len(drop), 500):
@@ -529,11 +620,7 @@ def add_to_index(index, sources=(), scorer=None, *, cache=None, batch_size: int 
                     db.execute(f"UPDATE items SET removed = ? WHERE id IN ({','.join('?' * len(part))})", (gen, *part))
                 db.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?)",
                                [(s["path"], s["reason"], gen) for s in new.skipped])
-            new_segments = [new.segment] if new.segment is not None else []
-            m.segments += new_segments
-            m.rows += added
-            m.alive = m.alive - len(drop) + added
-            m.generation = gen
+                record_generation(db, m)
             m.config = asdict(cfg)
             m.sources = list(dict.fromkeys(m.sources + [os.path.abspath(str(s)) for s in sources or []]))
             mask = np.zeros(m.rows, dtype=bool)

@@ -24,6 +24,11 @@ from clipkit.core.ranking import RankedItem, RankingResult, cosines, order
 from clipkit.search.store import IndexReader
 
 MAX_PAIRS = 20_000_000        # a threshold that links more pairs than this is refused (too low)
+SHEETS_LIMIT = 100            # contact sheets written at most (the first groups)
+
+
+def sheet_name(group: int) -> str:
+    return f"group-{group:04d}.png"
 
 
 @dataclass
@@ -62,13 +67,15 @@ class DedupResult:
                         w.writerow([g.group, it.id, f"{it.score:.6f}", it.path])
         return write_atomic(path, write, overwrite=overwrite)
 
-    def contact_sheets(self, folder, loader: Callable, overwrite: bool = False, limit: int = 100) -> list[Path]:
-        """One contact sheet per group (``group-0001.png`` ...), at most ``limit`` groups."""
+    def contact_sheets(self, folder, loader: Callable, overwrite: bool = False, limit: int = SHEETS_LIMIT,
+                       inputs=()) -> list[Path]:
+        """One contact sheet per group (``group-0001.png`` ...), at most ``limit`` groups; a sheet
+        that would replace one of ``inputs`` is refused."""
         from clipkit.core.outputs import check_output_dir, check_output_file
         out = check_output_dir(folder, what="--sheets folder")
-        paths = [out / f"group-{g.group:04d}.png" for g in self.groups[:limit]]
+        paths = [out / sheet_name(g.group) for g in self.groups[:limit]]
         for p in paths:
-            check_output_file(p, overwrite=overwrite, what="contact sheet")
+            check_output_file(p, overwrite=overwrite, inputs=inputs, what="contact sheet")
         by_id = {}
         for p, g in zip(paths, self.groups[:limit]):
             items = [RankedItem(rank=n + 1, score=it.score, path=it.path) for n, it in enumerate(g.items)]

@@ -77,7 +77,7 @@ def query_vector(reader: IndexReader, scorer=None, *, text: str | None = None, i
         return np.asarray(vector, dtype=np.float32).reshape(-1), "<vector>"
     if scorer is None:
         raise InputError("a text or image query needs the index's CLIP")
-    reader.check_model(scorer.spec, scorer.preprocess)
+    reader.check_scorer(scorer)
     if text is not None:
         from clipkit.core.backends import check_texts
         t = check_texts([text])

@@ -474,9 +474,9 @@ class Api:
     # -- captions ---------------------------------------------------------------------------------
     def caption(self, item_id: int) -> dict:
         it = self.item(item_id)
+        data = self.reader.item_bytes(it)                # a changed or missing file: 404 first
         if self.cfg.captioner is None:
             raise RuntimeError("no captioner configured (clipkit serve --captioner SPEC)")
-        data = self.reader.item_bytes(it)
         im = self.decode(data, self.display_path(it.path))
 
         def work(*_):

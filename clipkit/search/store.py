@@ -333,11 +333,15 @@ def open_meta(folder, writable: bool) -> sqlite3.Connection:
     mode = "ro"
     if os.path.lexists(journal):
         regular_file(journal)
-        if os.access(folder, os.W_OK | os.X_OK) and os.access(p, os.W_OK):
+        if _can_write(folder, p):
             mode = "rw"
     with meta_errors(folder):
         return sqlite3.connect(f"file:{p}?mode={mode}", uri=True, timeout=60, isolation_level=None,
                                check_same_thread=False)
+
+
+def _can_write(folder, p) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK) and os.access(p, os.W_OK)
 
 
 def insert_items(db: sqlite3.Connection, items: Sequence[Item], gen: int) -> None:
@@ -525,14 +529,16 @@ def same_model(a: str, b: str) -> bool:
 
 @contextlib.contextmanager
 def locked(folder) -> Iterator[None]:
-    """Exclusive writer lock (``flock`` on INDEX/.lock, never through a symlink)."""
+    """Exclusive writer lock (``flock`` on INDEX/.lock, never through a symlink, a regular file only)."""
     import fcntl
     p = Path(folder) / LOCK
     try:
-        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     except OSError as e:
         raise InputError(f"cannot lock index {folder}: {e.strerror or e}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"cannot lock index {folder}: {p} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -546,11 +552,12 @@ def recover(folder, m: Manifest, db: sqlite3.Connection) -> None:
     """Undo what an interrupted writer left beyond generation ``m.generation``: metadata rows and
     files that no manifest references."""
     g = m.generation
-    with db:
+    with meta_errors(folder), db:
         db.execute("BEGIN IMMEDIATE")
         db.execute("DELETE FROM items WHERE added > ?", (g,))
         db.execute("UPDATE items SET removed = NULL WHERE removed > ?", (g,))
         db.execute("DELETE FROM skipped WHERE gen > ?", (g,))
+        db.execute("DELETE FROM generations WHERE gen > ?", (g,))
     keep = {s.emb for s in m.segments} | {s.codes for s in m.segments} | {m.ann.get("quantizer")}
     for name in os.listdir(folder):
         if _OURS.match(name) and name not in keep:
@@ -562,7 +569,9 @@ def recover(folder, m: Manifest, db: sqlite3.Connection) -> None:
 
 class IndexReader:
     """An index opened for search: manifest, memory-mapped segments, metadata, and (built on first
-    use) the FAISS structure with the visible items. Thread-safe for searching."""
+    use) the FAISS structure with the visible items. Thread-safe for searching. Opening checks the
+    pieces against each other (see the module docstring); every failure is an InputError naming
+    the file."""
 
     def __init__(self, path, *, db: sqlite3.Connection | None = None):
         self.path = Path(path)
@@ -571,11 +580,20 @@ class IndexReader:
         self.plan = ann.AnnPlan.from_dict(m.ann)
         self.config = ann.AnnConfig.from_dict(m.config)
         self.db = db or open_meta(self.path, writable=False)
+        try:
+            check_identity(self.path, m, self.db)
+            self._emb = [load_rows(self.path / s.emb, np.float16, s.rows, m.dim) for s in m.segments]
+            self._codes = [load_rows(self.path / s.codes, np.uint8, s.rows) for s in m.segments]
+            regular_file(self.path / m.ann["quantizer"])
+        except BaseException:
+            if db is None:
+                self.close()
+            raise
         self._lock = threading.Lock()
-        self._emb = [load_rows(self.path / s.emb) for s in m.segments]
         self._starts = np.array([s.start for s in m.segments], dtype=np.int64)
         self._ann = None
         self._tars = None
+        self._checked = weakref.WeakSet()
         self.nprobe = int(m.ann.get("nprobe", 1))
 
     # -- identity -------------------------------------------------------------------------------
@@ -592,19 +610,23 @@ class IndexReader:
 
     def check_model(self, spec: str, preprocess) -> None:
         """Refuse a CLIP other than the one the index was built with (its embeddings live in
-        another space)."""
-        pp = preprocess.to_dict() if hasattr(preprocess, "to_dict") else preprocess
-        if spec != self.model:
-            raise ModelLoadError(spec, f"index {self.path} was built with CLIP {self.model!r}, whose "
-                                 "embeddings are not comparable", f"drop --clip, or pass --clip {self.model}")
-        if _canon(json.loads(json.dumps(pp))) != _canon(self.manifest.preprocess):
-            raise ModelLoadError(spec, f"index {self.path} was built with other preprocessing "
-                                 f"({self.manifest.preprocess}) for this CLIP", "rebuild the index")
+        another space): another spec (a local directory compared by its real path), or other
+        preprocessing."""
+        check_spec(self.path, self.manifest, spec, preprocess)
+
+    def check_scorer(self, scorer) -> None:
+        """:meth:`check_model`, then the weights: a model whose weights differ from those the index
+        was built with (a directory changed in place) is refused. Once per scorer."""
+        if scorer in self._checked:
+            return
+        check_scorer(self.path, self.manifest, scorer)
+        self._checked.add(scorer)
 
     # -- vectors ----------------------------------------------------------------------------------
     def vectors(self, ids) -> np.ndarray:
         """[len(ids), D] fp32 stored embeddings of ``ids`` (any order), re-normalised to unit length
-        (fp16 storage leaves norms within ~1e-4 of 1; a cosine is of unit vectors)."""
+        (fp16 storage leaves norms within ~1e-4 of 1; a cosine is of unit vectors). A stored row that
+        is not a finite unit vector is refused (InputError naming its file)."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         if not len(ids):
@@ -617,6 +639,7 @@ class IndexReader:
             rows = ids[sel] - self._starts[s]
             order = np.argsort(rows)
             out[sel[order]] = self._emb[s][rows[order]]
+            check_unit(out[sel], self.path / self.manifest.segments[s].emb, rows)
         out /= np.maximum(np.linalg.norm(out.astype(np.float64), axis=1, keepdims=True), 1e-12).astype(np.float32)
         return out
 
@@ -632,7 +655,31 @@ class IndexReader:
             for a, b in ann.batches(s.rows, chunk):
                 keep = np.nonzero(mask[s.start + a:s.start + b])[0]
                 if len(keep):
-                    yield keep + s.start + a, np.asarray(emb[a:b][keep], dtype=np.float32)
+                    x = np.asarray(emb[a:b][keep], dtype=np.float32)
+                    yield keep + s.start + a, check_unit(x, self.path / s.emb, keep + a)
+
+    def verify(self) -> dict:
+        """Read every file of the index against the sha256 the manifest records (format 1 indexes
+        record none: then only the row checks) and every row as a finite unit vector. -> a summary;
+        raises InputError naming the first damaged file."""
+        m = self.manifest
+        checked = 0
+        for s, emb, codes in zip(m.segments, self._emb, self._codes):
+            for a, b in ann.batches(s.rows, 65536):
+                check_unit(np.asarray(emb[a:b], dtype=np.float32), self.path / s.emb, a)
+            for name, arr, want in ((s.emb, emb, s.emb_sha256), (s.codes, codes, s.codes_sha256)):
+                if want:
+                    if file_sha256(arr) != want:
+                        raise InputError(f"index file {self.path / name} is damaged (its sha256 differs "
+                                         f"from the manifest's); {REBUILD}")
+                    checked += 1
+        read_quantizer(self.path, m)
+        checked += bool(m.ann.get("quantizer_sha256"))
+        with meta_errors(self.path):
+            ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise InputError(f"{self.path / META} is damaged ({ok}); {REBUILD}")
+        return {"files_checked_sha256": checked, "rows_checked": m.rows, "ok": True}
 
     # -- ANN --------------------------------------------------------------------------------------
     def ann_index(self):
@@ -644,26 +691,30 @@ class IndexReader:
 
     def _assemble(self):
         m = self.manifest
-        q = m.ann.get("quantizer")
-        data = (self.path / q).read_bytes() if q else b""
-        if not data:
-            raise InputError(f"index {self.path} is damaged: its FAISS structure {q} is missing; rebuild it")
-        index = ann.deserialize(data)
+        index = read_quantizer(self.path, m)
         mask = self._alive_mask_unlocked()
-        ann.assemble(index, [(load_rows(self.path / s.codes), s.start, mask[s.start:s.start + s.rows])
-                             for s in m.segments])
+        ann.assemble(index, [ann.SegmentCodes(codes, emb if s.lists_only else None, s.start,
+                                              mask[s.start:s.start + s.rows], str(self.path / s.codes),
+                                              str(self.path / s.emb))
+                             for s, codes, emb in zip(m.segments, self._codes, self._emb)])
         ann.set_nprobe(index, self.nprobe)
         return index
 
     def _alive_mask_unlocked(self, gen: int | None = None) -> np.ndarray:
         g = self.manifest.generation if gen is None else gen
         mask = np.zeros(self.manifest.rows, dtype=bool)
-        cur = self.db.execute(f"SELECT id FROM items WHERE {ALIVE}", (g, g))
-        while True:
-            chunk = cur.fetchmany(100_000)
-            if not chunk:
-                return mask
-            mask[np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))] = True
+        with meta_errors(self.path):
+            cur = self.db.execute(f"SELECT id FROM items WHERE {ALIVE}", (g, g))
+            while True:
+                chunk = cur.fetchmany(100_000)
+                if not chunk:
+                    break
+                ids = np.fromiter((r[0] for r in chunk), dtype=np.int64, count=len(chunk))
+                if ids.min() < 0 or ids.max() >= len(mask):
+                    raise InputError(f"{self.path / META} does not belong to this index (item id "
+                                     f"{int(ids.max())} beyond its {len(mask)} rows); {REBUILD}")
+                mask[ids] = True
+        return mask
 
     def memory_bytes(self) -> int:
         return ann.memory_bytes(self.ann_index())
@@ -673,7 +724,7 @@ class IndexReader:
         ids = [int(i) for i in ids]
         out: dict[int, Item] = {}
         g = self.manifest.generation
-        with self._lock:
+        with self._lock, meta_errors(self.path):
             for a in range(0, len(ids), 500):
                 part = ids[a:a + 500]
                 q = ",".join("?" * len(part))
@@ -692,12 +743,31 @@ class IndexReader:
 
     def alive_items(self, where: str = "", args: tuple = ()) -> Iterator[Item]:
         g = self.manifest.generation
-        with self._lock:
+        with self._lock, meta_errors(self.path):
             rows = self.db.execute(f"SELECT id, path, real, size, mtime, caption, shard, member FROM items "
                                    f"WHERE {ALIVE}{' AND ' + where if where else ''} ORDER BY id",
                                    (g, g) + tuple(args)).fetchall()
         for row in rows:
             yield Item(*row)
+
+    def indexed_files(self, *paths) -> list[str]:
+        """Which of ``paths`` (outputs about to be written) are files of visible items (an image, or
+        the shard holding one), by name or real path: -> their real paths, to pass as ``inputs`` to
+        :func:`clipkit.core.outputs.check_output_file` (an output that is an input is refused)."""
+        names = set()
+        for p in paths:
+            if p:
+                names |= {os.path.abspath(p), os.path.realpath(p)}
+        if not names:
+            return []
+        g = self.manifest.generation
+        q = ",".join("?" * len(names))
+        args = list(names)
+        with self._lock, meta_errors(self.path):
+            rows = self.db.execute(f"SELECT path, real, shard FROM items WHERE (path IN ({q}) OR real IN ({q}) "
+                                   f"OR shard IN ({q})) AND {ALIVE}", args * 3 + [g, g]).fetchall()
+        hit = {x for r in rows for x in r if x}
+        return sorted(p for p in names if p in hit or os.path.realpath(p) in hit)
 
     # -- the images behind the items (serving, contact sheets) ---------------------------------
     def item_bytes(self, it: Item, max_bytes: int = 64 << 20) -> bytes:
@@ -742,20 +812,62 @@ class IndexReader:
 
     def skipped(self) -> list[dict]:
         g = self.manifest.generation
-        with self._lock:
+        with self._lock, meta_errors(self.path):
             return [{"path": p, "reason": r} for p, r in
                     self.db.execute("SELECT path, reason FROM skipped WHERE gen <= ? ORDER BY path", (g,))]
+
+    def disk_bytes(self) -> dict:
+        """Bytes on disk by kind: embeddings (fp16 segments), codes (list numbers or codes), quantiser,
+        metadata."""
+        m = self.manifest
+
+        def size(name):
+            with contextlib.suppress(OSError):
+                return os.stat(self.path / name).st_size
+            return 0
+        return {"embeddings": sum(size(s.emb) for s in m.segments),
+                "codes": sum(size(s.codes) for s in m.segments),
+                "quantizer": size(m.ann["quantizer"]), "metadata": size(META)}
 
     def info(self) -> dict:
         m = self.manifest
         raw = m.alive * m.dim * 2
-        return {"index": str(self.path), "model": m.model, "dim": m.dim, "items": m.alive, "rows": m.rows,
+        disk = self.disk_bytes()
+        return {"index": str(self.path), "model": m.model, "weights_sha256": m.weights or None, "dim": m.dim,
+                "items": m.alive, "rows": m.rows,
                 "generation": m.generation, "structure": m.ann.get("factory"), "kind": m.ann.get("kind"),
                 "nprobe": self.nprobe, "tuned_recall_at_10": m.ann.get("recall"),
+                "tuned_on": m.ann.get("tuned_on", "index vectors"),
                 "estimated_memory_bytes": ann.estimate_memory(m.alive, m.dim, self.plan.codec, self.plan.nlist),
-                "raw_fp16_bytes": raw, "segments": len(m.segments), "sources": m.sources,
-                "created": m.created, "updated": m.updated}
+                "raw_fp16_bytes": raw, "disk_bytes": sum(disk.values()),
+                "disk_vectors_vs_raw_fp16": round((disk["embeddings"] + disk["codes"]) / max(1, m.rows * m.dim * 2), 3),
+                "segments": len(m.segments), "format": m.version, "index_id": m.index_id or None,
+                "sources": m.sources, "created": m.created, "updated": m.updated}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.db.close()
+
+
+def check_spec(where, m: Manifest, spec: str, preprocess) -> None:
+    """Refuse a CLIP spec or preprocessing other than the index's (see :meth:`IndexReader.check_model`)."""
+    pp = preprocess.to_dict() if hasattr(preprocess, "to_dict") else preprocess
+    if not same_model(spec, m.model):
+        raise ModelLoadError(spec, f"index {where} was built with CLIP {m.model!r}, whose "
+                             "embeddings are not comparable", f"drop --clip, or pass --clip {m.model}")
+    if _canon(json.loads(json.dumps(pp))) != _canon(m.preprocess):
+        raise ModelLoadError(spec, f"index {where} was built with other preprocessing "
+                             f"({m.preprocess}) for this CLIP", "rebuild the index")
+
+
+def check_scorer(where, m: Manifest, scorer) -> None:
+    """:func:`check_spec`, then the weights: a model whose weights differ from those the index was
+    built with (a directory changed in place) is refused. Weights are compared at the precision the
+    index was built with (fp16 weights are another digest of the same model)."""
+    check_spec(where, m, scorer.spec, scorer.preprocess)
+    if m.weights and getattr(scorer, "precision", None) == m.precision:
+        digest = getattr(scorer, "weights_digest", None)
+        if digest is not None and digest != m.weights:
+            raise ModelLoadError(scorer.spec, f"its weights (sha256 {digest[:12]}) are not those index {where} "
+                                 f"was built with (sha256 {m.weights[:12]}): the model changed since",
+                                 "rebuild the index with `clipkit index build ... --overwrite`, or restore the model")

@@ -84,8 +84,9 @@ class Models:
         self._diffusion: dict = {}
 
     def profile(self):
-        import clipkit.api  # noqa: F401  (registers the bundled profile)
-        from clipkit.core.profiles import get_profile
+        from clipkit.core.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+        if (self.cfg.profile or DEFAULT_PROFILE) not in PROFILES:
+            import clipkit.api  # noqa: F401  (registers the bundled profile; the CLI has already)
         return get_profile(self.cfg.profile)
 
     def diffusion_spec(self) -> str:

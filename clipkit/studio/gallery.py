@@ -39,10 +39,12 @@ class Entry:
     sidecar: Path
     size: int
     mtime_ns: int
+    sidecar_stat: tuple = ()        # (size, mtime_ns) of the sidecar
 
     @property
     def key(self) -> tuple:
-        return (self.rel, self.size, self.mtime_ns)
+        """Changes with either file: what caches (digests, thumbnails, sidecars, captions) are keyed by."""
+        return (self.rel, self.size, self.mtime_ns, *self.sidecar_stat)
 
 
 def read_regular(path: Path, max_bytes: int, root: str | None = None) -> bytes:
@@ -104,11 +106,13 @@ class Gallery:
                     continue
                 try:
                     st = e.stat(follow_symlinks=False)
+                    sc = files[name[:-4] + ".json"].stat(follow_symlinks=False)
                 except OSError:
                     continue
                 rel = prefix + name
                 eid = self.entry_id(rel)
-                found[eid] = Entry(eid, rel, folder / name, folder / (name[:-4] + ".json"), st.st_size, st.st_mtime_ns)
+                found[eid] = Entry(eid, rel, folder / name, folder / (name[:-4] + ".json"), st.st_size, st.st_mtime_ns,
+                                   (sc.st_size, sc.st_mtime_ns))
         with self.lock:
             self.entries = found
         return sorted(found.values(), key=lambda e: (-e.mtime_ns, e.rel))
@@ -122,7 +126,13 @@ class Gallery:
                 e = self.entries.get(eid)
         if e is None:
             raise GalleryMissing(f"no picture {str(eid)[:40]!r} in the gallery")
-        return e
+        try:                                     # as the files are now (the caches key by it)
+            st, sc = os.lstat(e.png), os.lstat(e.sidecar)
+        except OSError:
+            raise GalleryMissing(f"{e.rel} is gone") from None
+        if not (stat.S_ISREG(st.st_mode) and stat.S_ISREG(sc.st_mode)):
+            raise GalleryMissing(f"{e.rel} is not a regular file")
+        return Entry(e.id, e.rel, e.png, e.sidecar, st.st_size, st.st_mtime_ns, (sc.st_size, sc.st_mtime_ns))
 
     def entry_for(self, path) -> Entry:
         """The entry of a file just written under the root."""

@@ -81,3 +81,61 @@ def test_budget_and_config_are_saved(tmp_path):
     assert m.ann["kind"] == "ivf" and m.ann["recall"] >= 0.9 and m.model == "vectors"
     with pytest.raises(InputError):
         AnnConfig(target_recall=0).validate()
+
+
+def test_one_copy_of_the_embeddings(tmp_path):
+    """SQfp16 codes are the fp16 embeddings: the index stores the list numbers only (issue 25)."""
+    import faiss
+    x = clustered(5000)
+    build_index(None, tmp_path / "o.idx", vectors=VectorSource(x), config=AnnConfig(flat_max=1000))
+    m = read_manifest(tmp_path / "o.idx")
+    assert m.ann["codec"] == "SQfp16" and m.ann["nlist"] > 1
+    files = {p.name: p.stat().st_size for p in (tmp_path / "o.idx").iterdir()}
+    assert not [f for f in files if f.startswith("codes-")] and "lists-000001-g1.npy" in files
+    raw = x.shape[0] * x.shape[1] * 2
+    vectors = files["emb-000001.npy"] + files["lists-000001-g1.npy"]
+    assert vectors <= 1.1 * raw, (vectors, raw)
+    # the assembled structure holds exactly the stored fp16 rows (the code bodies come from them)
+    r = IndexReader(tmp_path / "o.idx")
+    ivf = faiss.extract_index_ivf(r.ann_index())
+    emb = np.load(tmp_path / "o.idx" / "emb-000001.npy")
+    for li in range(ivf.nlist):
+        n = ivf.invlists.list_size(li)
+        if n:
+            ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(li), n).copy()
+            codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(li), n * ivf.code_size).copy()
+            assert (codes.reshape(n, -1) == emb[ids].view(np.uint8)).all()
+    assert r.info()["disk_vectors_vs_raw_fp16"] <= 1.1
+    hits = search(r, vector=x[7], top_k=3).results
+    assert hits[0].id == 7 and hits[0].score == pytest.approx(1, abs=2e-3)
+
+
+def test_nprobe_is_tuned_on_held_out_vectors_and_retuned_when_grown(tmp_path, monkeypatch):
+    """Tuning queries are vectors the k-means never saw; `add` re-tunes once the index doubled."""
+    from clipkit.search import build as build_mod
+    seen = {}
+    train, tune = build_mod.ann.train, build_mod.ann.tune_nprobe
+
+    def spy_train(plan, sample, seed=0):
+        seen["sample"] = {v.tobytes() for v in np.asarray(sample, np.float32)}
+        return train(plan, sample, seed)
+
+    def spy_tune(index, queries, *a, **k):
+        seen.setdefault("queries", []).append({v.tobytes() for v in np.asarray(queries, np.float32)})
+        return tune(index, queries, *a, **k)
+    monkeypatch.setattr(build_mod.ann, "train", spy_train)
+    monkeypatch.setattr(build_mod.ann, "tune_nprobe", spy_tune)
+    x = clustered(22_000, seed=3)
+    idx = tmp_path / "t.idx"
+    res = build_index(None, idx, vectors=VectorSource(x[:10_000]), config=AnnConfig(flat_max=1000))
+    m = read_manifest(idx)
+    assert m.ann["tuned_on"] == "held-out vectors" and m.ann["tuned_n"] == 10_000
+    assert len(seen["queries"][0]) >= 400 and not seen["queries"][0] & seen["sample"]
+    assert res.recall >= 0.95
+    small = add_to_index(idx, vectors=VectorSource(x[10_000:12_000]))         # +20%: no re-tuning
+    assert small.recall is None and not small.retrained and len(seen["queries"]) == 1
+    grown = add_to_index(idx, vectors=VectorSource(x[12_000:]))                # 2.2x: re-tuned, not retrained
+    assert not grown.retrained and grown.recall is not None and grown.recall >= 0.95
+    m = read_manifest(idx)
+    assert m.ann["tuned_n"] == 22_000 and m.ann["recall"] == pytest.approx(grown.recall, abs=1e-4)
+    assert all(int(v) >= 0 for v in [m.ann["nprobe"]])

@@ -86,7 +86,7 @@ def test_add_retrains_when_outgrown(tmp_path):
     r = IndexReader(idx)
     assert sorted(os.listdir(idx)) == sorted(["manifest.json", "meta.sqlite", ".lock", "ivf-g3.faiss"]
                                              + [f"emb-00000{i}.npy" for i in (1, 2, 3)]
-                                             + [f"codes-00000{i}-g3.npy" for i in (1, 2, 3)])
+                                             + [f"lists-00000{i}-g3.npy" for i in (1, 2, 3)])
     assert search(r, item=250, top_k=1).results[0].id == 250
 
 
@@ -131,3 +131,57 @@ def test_bad_sources_and_index_paths(tmp_path, scorer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no image files"):
         build_index([tmp_path / "empty"], tmp_path / "x.idx", scorer)
+
+
+def to_format_1(idx):
+    """Rewrite a format-2 index as clipkit wrote it before (format 1): full SQfp16 codes files beside
+    the embeddings, no identity (index id, generations table, digests)."""
+    import json
+    import sqlite3
+
+    from clipkit.search import ann
+    m = json.loads((idx / "manifest.json").read_text())
+    index = ann.deserialize((idx / m["ann"]["quantizer"]).read_bytes())
+    for seg in m["segments"]:
+        emb = np.load(idx / seg["emb"])
+        name = f"codes-{seg['emb'][4:10]}-g1.npy"
+        np.save(idx / name, ann.encode(index, emb.astype(np.float32)))
+        os.unlink(idx / seg["codes"])
+        seg["codes"] = name
+        del seg["emb_sha256"], seg["codes_sha256"]
+    for k in ("index_id", "weights", "precision"):
+        del m[k]
+    for k in ("quantizer_sha256", "tuned_n", "tuned_on", "trained_rows"):
+        del m["ann"][k]
+    del m["config"]["retune_growth"]
+    m["version"] = 1
+    (idx / "manifest.json").write_text(json.dumps(m))
+    db = sqlite3.connect(idx / "meta.sqlite")
+    db.execute("DROP TABLE generations")
+    db.execute("DROP INDEX items_real")
+    db.commit()
+    db.close()
+
+
+def test_format_1_index_opens_and_add_upgrades_it(tmp_path):
+    from clipkit.search import AnnConfig, VectorSource
+    from test_ann import clustered
+    x = clustered(3500)
+    idx = tmp_path / "old.idx"
+    build_index(None, idx, vectors=VectorSource(x[:3000]), config=AnnConfig(flat_max=500))
+    want = [[h.id for h in search(IndexReader(idx), vector=v, top_k=5).results] for v in x[3000:3050]]
+    to_format_1(idx)
+    r = IndexReader(idx)
+    assert r.manifest.version == 1 and r.info()["disk_vectors_vs_raw_fp16"] > 2
+    assert [[h.id for h in search(r, vector=v, top_k=5).results] for v in x[3000:3050]] == want
+    res = add_to_index(idx, vectors=VectorSource(x[3000:]))
+    assert not res.retrained
+    m = read_manifest(idx)
+    assert m.version == 2 and len(m.index_id) == 32 and all(s.lists_only for s in m.segments)
+    assert not list(idx.glob("codes-*")) and IndexReader(idx).info()["disk_vectors_vs_raw_fp16"] < 1.1
+    from clipkit.search import ann
+    r = IndexReader(idx)
+    got = np.array([[h.id for h in search(r, vector=v, top_k=5).results] for v in x[3000:3050]])
+    assert (got[:, 0] == np.arange(3000, 3050)).all()                       # each finds itself now
+    assert ann.recall_at(got, ann.exact_topk([(np.arange(3500), x)], x[3000:3050], 5)) >= 0.9
+    assert r.verify()["ok"]

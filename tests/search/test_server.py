@@ -150,3 +150,92 @@ def test_only_indexed_unchanged_files_are_served(tmp_path, scorer):
     assert r.status_code == 404 and "error" in r.get_json()
     assert c.post("/api/caption", json={"id": ids[str(paths[3])]}).status_code == 404
     assert c.get("/api/search?q=a red circle").status_code == 200
+
+
+@pytest.mark.parametrize("method, url, kw, code", [
+    ("get", "/image/99999999999999999999999999", {}, 404),             # was a 500 (OverflowError)
+    ("get", "/thumb/99999999999999999999999999", {}, 404),
+    ("get", f"/image/{2 ** 63}", {}, 404),
+    ("post", "/api/caption", {"json": {"id": 10 ** 26}}, 404),
+    ("post", "/api/caption", {"json": {"id": 1e26}}, 400),
+    ("post", "/api/caption", {"json": {"id": -1}}, 404),
+    ("get", "/api/search?id=99999999999999999999999999", {}, 400),
+])
+def test_huge_ids_are_4xx(client, method, url, kw, code):
+    r = getattr(client, method)(url, **kw)
+    assert r.status_code == code, (r.status_code, r.data)
+    assert "error" in r.get_json()
+    assert client.get("/api/search?q=a red circle&limit=1").status_code == 200
+
+
+def test_paths_are_relative_to_the_indexed_sources(client, corpus):
+    _, folder, shard, _ = corpus
+    res = client.get("/api/search?q=a red circle&limit=30").get_json()["results"]
+    paths = [r["path"] for r in res]
+    assert not any(p.startswith("/") for p in paths), paths
+    assert f"{folder.name}/img03.png" in paths
+    assert any(p.startswith(f"{shard.name}#") for p in paths)
+    assert any(p.startswith("others/") for p in paths)                          # from the list file
+    doc = json.loads(client.get(f"/api/export?qid={client.get('/api/search?q=a').get_json()['qid']}").data)
+    assert not any(r["path"].startswith("/") for r in doc["results"]) and not doc["index"].startswith("/")
+
+
+def test_thumbnails_are_never_stale(tmp_path, scorer):
+    """The thumbnail cache is keyed by the file's size and mtime: a changed file is not served from it."""
+    folder = tmp_path / "imgs"
+    paths = make_images(folder, 1, 2)
+    idx = tmp_path / "t.idx"
+    build_index([folder], idx, scorer)
+    reader = IndexReader(idx)
+    c = create_app(reader, scorer).test_client()
+    it = next(i for i in reader.alive_items() if i.path == str(paths[0]))
+    first = c.get(f"/thumb/{it.id}")
+    assert first.status_code == 200 and c.get(f"/thumb/{it.id}").data == first.data      # cached
+    Image.open(paths[1]).save(paths[0])                                                  # another picture
+    os.utime(paths[0], ns=(it.mtime + 10 ** 9, it.mtime + 10 ** 9))
+    assert c.get(f"/thumb/{it.id}").status_code == 404
+
+
+def test_foreign_host_and_cross_origin(client, corpus):
+    _, folder, _, _ = corpus
+    r = client.get("/api/search?q=a", headers={"Host": "rebind.attacker.example"})
+    assert r.status_code == 421 and "error" in r.get_json()
+    assert client.get("/thumb/0", headers={"Host": "evil.example:8000"}).status_code == 421
+    up = client.post("/api/search", data={"image": (io.BytesIO(png_bytes(folder / "img03.png")), "q.png")},
+                     content_type="multipart/form-data", headers={"Origin": "https://evil.example"})
+    assert up.status_code == 403 and "cross-origin" in up.get_json()["error"]
+    cap = client.post("/api/caption", json={"id": 0}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert cap.status_code == 403
+    assert client.get("/thumb/0", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "image"}).status_code == 403
+    assert client.get("/", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+    assert client.get("/api/info").get_json()["tabs"] == ["search"]
+
+
+def test_host_check_rules():
+    from clipkit.search.server import host_allowed
+    assert host_allowed("localhost:8000", "127.0.0.1") and host_allowed("[::1]:80", "127.0.0.1")
+    assert host_allowed("app.localhost", "127.0.0.1") and host_allowed("127.0.0.1", "127.0.0.1")
+    assert not host_allowed("evil.example", "127.0.0.1") and not host_allowed("", "127.0.0.1")
+    assert not host_allowed("10.0.0.5:8000", "127.0.0.1")
+    assert host_allowed("10.0.0.5:8000", "10.0.0.5") and host_allowed("10.0.0.5", "0.0.0.0")
+    assert not host_allowed("evil.example", "0.0.0.0")                             # a name: rebinding
+    assert host_allowed("studio.lan", "0.0.0.0", extra=("studio.lan",))
+
+
+def test_a_port_in_use_is_one_clear_error(app):
+    import socket
+
+    from clipkit.core.errors import InputError
+    from clipkit.search.server import make_server
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    try:
+        with pytest.raises(InputError, match=f"port {port} is in use"):
+            make_server(app, "127.0.0.1", port)
+    finally:
+        s.close()
+    server = make_server(app, "127.0.0.1", 0)
+    assert server.server_port > 0
+    server.server_close()

@@ -182,7 +182,8 @@ BOMB = flat_png(10_000, 10_000, "1")        # 100 Mpx > the 89 Mpx guard, 12 KiB
     ("/api/generate", "init_image", BOMB, 413),
     ("/api/generate", "image_prompt", b"<svg/>", 400),
     ("/api/generate", "init_image", b"\0" * (3 << 20), 413),             # over --max-upload (2 MiB here)
-])
+], ids=["bomb", "50MB", "not-image", "empty", "truncated", "rerank-bomb", "rerank-pdf", "init-bomb", "svg",
+        "init-3MB"])
 def test_hostile_uploads_are_4xx_and_the_server_keeps_serving(client, route, field, data, code):
     form = {field: (io.BytesIO(data), "x.png"), "query": "a red circle", "prompt": "a red circle"}
     r = client.post(route, data=form, content_type="multipart/form-data")

@@ -134,6 +134,8 @@
     try {
       const job = await runJob(submit, (job) => {
         genJob = job;
+        st.dataset.job = job.id;
+        st.dataset.state = job.state;
         $("gen-cancel").disabled = FINISHED.includes(job.state);
         $("gen-step").textContent = String(job.step);
         $("gen-total").textContent = String(job.total);
@@ -200,14 +202,19 @@
       const box = $("gallery");
       box.textContent = "";
       for (const im of g.images) box.append(galleryCard(im));
-      $("gal-status").textContent = g.total ? `${g.total} picture${g.total === 1 ? "" : "s"} in ${g.out}/, newest first` +
-        (g.total > g.images.length ? ` (showing ${g.images.length})` : "")
-        : `nothing in ${g.out}/ yet: generate something`;
+      galleryOut = g.out;
+      galleryCount(g.total, g.images.length);
     } catch (e) {
       $("gal-status").textContent = e.message; $("gal-status").className = "error";
     } finally { galleryBusy = false; }
   }
   $("gal-refresh").addEventListener("click", loadGallery);
+  let galleryOut = "";
+  function galleryCount(total, shownN) {
+    $("gal-status").textContent = total ? `${total} picture${total === 1 ? "" : "s"} in ${galleryOut}/, newest first` +
+      (total > shownN ? ` (showing ${shownN})` : "") : `nothing in ${galleryOut}/ yet: generate something`;
+    $("gal-status").dataset.total = String(total);
+  }
 
   function paramLine(im) {
     const p = im.parameters || {};
@@ -283,7 +290,11 @@
         } else if (made) {
           status.textContent = `new seed ${made.seed}: first in the gallery`;
         }
-        if (made) $("gallery").prepend(galleryCard(made));
+        if (made) {
+          $("gallery").prepend(galleryCard(made));
+          const n = $("gallery").children.length;
+          galleryCount(Math.max(n, +($("gal-status").dataset.total || 0) + 1), n);
+        }
       } catch (e) {
         status.textContent = e.message; status.className = "card-status small error";
       } finally { again.disabled = varyBtn.disabled = false; }
