@@ -167,7 +167,8 @@ def generate(prompts: str | Sequence[str], n: int = 1, *, seed: int | None = Non
     if not clips:
         raise InputError("give at least one CLIP")
     if cfg.clip_weights is not None and len(cfg.clip_weights) != len(clips):
-        raise InputError(f"{len(cfg.clip_weights)} clip weights for {len(clips)} CLIPs: give one per --clip")
+        raise InputError(f"{len(cfg.clip_weights)} clip weights for {len(clips)} CLIP(s) "
+                         f"({', '.join(map(spec_of, clips))}): give one per --clip")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"n must be a positive integer, got {n!r}")
     n_cand = n * cfg.best_of                       # finished candidates per prompt

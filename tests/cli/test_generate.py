@@ -196,7 +196,7 @@ def test_cli_unwritable_out(tmp_path):
 
 def test_cli_unknown_words_warning(tmp_path):
     res = run(["generate", "a dog on the beach", "-n", "1", "--steps", "1", "--seed", "0", "--best-of", "1",
-               "--out", str(tmp_path / "o")])
+               "--out", str(tmp_path / "o"), "--force"])        # no known word: --force runs it, with the warning
     assert res.exit_code == 0, res.output
     assert "'dog', 'beach'" in res.stderr and "--profile sd" in res.stderr and "--clip" in res.stderr
     assert (tmp_path / "o" / "a-dog-on-the-beach-0.png").is_file()
@@ -260,7 +260,7 @@ def test_cli_init_image_defaults_on_the_bundled_profile(tmp_path):
     assert p["steps"] == 32 and p["strength"] == 0.8 and p["guide_target"] == "xt"
     # --clip-weights count the profile's img2img CLIPs
     res = run(["generate", "a green square", "--init-image", str(init), "--clip-weights", "1"])
-    assert res.exit_code == 2 and "1 weights for 2 CLIP(s) (shapes-noised, shapes)" in res.stderr
+    assert res.exit_code == 2 and "1 clip weights for 2 CLIP(s) (shapes-noised, shapes)" in res.stderr
     # an explicit --clip / --steps wins
     res = run(["-q", "generate", "a green square", "-n", "1", "--best-of", "1", "--seed", "0", "--steps", "4",
                "--init-image", str(init), "--clip", "shapes", "--out", str(tmp_path / "p"), "--json"])

@@ -137,6 +137,12 @@ def test_studio_in_chromium(browser, studio_url, corpus, tmp_path):
     assert page.locator(".pic").first.get_attribute("data-sha256") == sha          # the new file, first
     listed = api(studio_url + "api/gallery")["images"]
     assert [g["sha256"] for g in listed] == [sha, sha] and listed[0]["id"] != listed[1]["id"]
+    pictures = 2
+    if SHOTS:                                                                     # a fuller gallery
+        for _ in range(2):
+            pictures += 1
+            card.locator(".vary").click()
+            expect(page.locator(".pic")).to_have_count(pictures, timeout=60_000)
     wait_true(page, "() => [...document.querySelectorAll('.pic img')].every(i => i.complete && i.naturalWidth > 0)")
     shot(page, shots, "studio-gallery.png")
 
@@ -175,7 +181,7 @@ def test_studio_in_chromium(browser, studio_url, corpus, tmp_path):
     page.wait_for_timeout(400)
     assert api(studio_url + "api/jobs/" + job["id"])["step"] == job["step"]
     assert page.inner_text("#gen-step") == str(job["step"])
-    assert len(api(studio_url + "api/gallery")["images"]) == 2
+    assert len(api(studio_url + "api/gallery")["images"]) == pictures
 
     # 6. the search tab of an index
     page.click("#tabs a[data-tab=search]")
