@@ -1,11 +1,12 @@
 """Search at scale: build time, memory, latency and recall of the index; the web page's latency.
 
-    python bench/search.py --n 1000000 [--dim 512] [--queries 1000] [--json out.json]
+    python bench/search.py --n 1000000 [--dim 512] [--queries 1000] [--data uneven] [--json out.json]
     python bench/search.py --page 100000            # HTTP query -> first results, 100k index
 
 Data: synthetic L2-normalised vectors with cluster structure (1,000 clusters on a 32-d manifold
-mapped into 512-d, see ``clustered``). Queries are held-out points of the same generator. Exact
-search = brute force over the fp32 vectors.
+mapped into 512-d, see ``clustered``; ``--data uneven``: 2,000 clusters of uneven size and spread,
+see ``uneven``). Queries are held-out points of the same generator. Exact search = brute force over
+the fp32 vectors.
 
 1. ``build``: ``build_index`` from the vectors (fp16 segment, k-means, encoding, nprobe tuning, files).
 2. ``memory``: bytes of the FAISS structure in RAM (codes + ids + centroids) vs the raw fp16 size,
@@ -52,6 +53,27 @@ def clustered(n: int, dim: int, seed: int, latent: int = 32, clusters: int = 100
         b = min(n, a + chunk)
         z = c[rng.integers(0, clusters, b - a)] + spread * rng.standard_normal((b - a, latent)).astype(np.float32)
         x = z @ w + noise * rng.standard_normal((b - a, dim)).astype(np.float32) / np.sqrt(dim)
+        out[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def uneven(n: int, dim: int, seed: int, latent: int = 28, clusters: int = 2000, chunk: int = 100_000) -> np.ndarray:
+    """Like :func:`clustered`, closer to CLIP image embeddings: 2,000 clusters of uneven size (Zipf-like
+    weights) and uneven spread (log-normal, 0.3-1.5), on a 28-d manifold mapped into R^dim. The
+    centres, weights, spreads and the map are the same for every seed."""
+    cen = np.random.default_rng(54321)
+    w = cen.standard_normal((latent, dim)).astype(np.float32) / np.sqrt(latent)
+    c = cen.standard_normal((clusters, latent)).astype(np.float32)
+    p = 1.0 / np.arange(1, clusters + 1) ** 0.8
+    p /= p.sum()
+    spread = np.clip(np.exp(cen.normal(np.log(0.7), 0.4, clusters)), 0.3, 1.5).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        k = rng.choice(clusters, b - a, p=p)
+        z = c[k] + spread[k, None] * rng.standard_normal((b - a, latent)).astype(np.float32)
+        x = z @ w + 0.2 * rng.standard_normal((b - a, dim)).astype(np.float32) / np.sqrt(dim)
         out[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -104,15 +126,16 @@ def open_in_fresh_process(idx: Path) -> tuple[int, float]:
     return int(mb), float(s)
 
 
-def bench_index(n: int, dim: int, nq: int, root: Path) -> dict:
+def bench_index(n: int, dim: int, nq: int, root: Path, data: str = "clustered") -> dict:
     from clipkit.search import IndexReader, VectorSource, add_to_index, ann, build_index
     from clipkit.search.query import search_vectors
     import faiss
-    out: dict = {"n": n, "dim": dim, "queries": nq, "threads": faiss.omp_get_max_threads()}
+    out: dict = {"n": n, "dim": dim, "queries": nq, "threads": faiss.omp_get_max_threads(), "data": data}
     t = time.perf_counter()
-    x = clustered(n, dim, seed=1)
-    extra = clustered(n // 10, dim, seed=2)
-    q = clustered(nq, dim, seed=3)
+    gen = {"clustered": clustered, "uneven": uneven}[data]
+    x = gen(n, dim, seed=1)
+    extra = gen(n // 10, dim, seed=2)
+    q = gen(nq, dim, seed=3)
     out["data_s"] = round(time.perf_counter() - t, 1)
     idx = root / "bench.idx"
 
@@ -251,6 +274,8 @@ def main():
     ap.add_argument("--n", type=int, default=0, help="index size for parts 1-5 (0: skip)")
     ap.add_argument("--threads", type=int, default=0, help="FAISS/BLAS threads (0: the default)")
     ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--data", choices=["clustered", "uneven"], default="clustered",
+                    help="the vectors: clustered (default) or uneven (cluster sizes and spreads vary)")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--page", type=int, default=0, help="index size for the page benchmark (0: skip)")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
@@ -265,7 +290,7 @@ def main():
     t0 = time.perf_counter()
     try:
         if a.n:
-            res["index"] = bench_index(a.n, a.dim, a.queries, root)
+            res["index"] = bench_index(a.n, a.dim, a.queries, root, a.data)
         if a.page:
             res["page"] = bench_page(a.page, root)
             print(f"page ({a.page} items): text query p50 {res['page']['text_p50_ms']} ms, "

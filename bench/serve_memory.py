@@ -139,12 +139,14 @@ def main() -> None:
     print(f"# {args.uploads} concurrent uploads of a {args.side}x{args.side} PNG ({len(png) / 1024:.0f} KiB, "
           f"{args.side * args.side / 1e6:.1f} Mpx, {3 * args.side * args.side / 1e6:.0f} MB decoded) to "
           "/api/caption-image of `clipkit serve` (bundled models, CPU)")
-    print("| decode budget | RSS before (MB) | peak RSS (MB, sampled) | peak RSS (MB, VmHWM) | wall (s) | captioned | serving after |")
+    print("| decode budget | RSS before (MB) | peak RSS (MB, sampled) | peak RSS (MB, VmHWM) | wall (s) | captioned "
+          "| serving after |")
     print("|---|---|---|---|---|---|---|")
     for b in (int(x) for x in args.budgets.split(",")):
         r = run(b, png, args.uploads, small)
         label = f"{b} Mpx" + (" (default)" if b == 100 else " (unbounded)" if b >= 10_000 else "")
-        print(f"| {label} | {r['baseline_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['vmhwm_mb']:.0f} | {r['wall_s']:.1f} | "
+        print(f"| {label} | {r['baseline_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['vmhwm_mb']:.0f} | "
+              f"{r['wall_s']:.1f} | "
               f"{r['ok']}/{r['uploads']} | {'yes' if r['alive'] else 'no'} |", flush=True)
 
 

@@ -14,6 +14,7 @@ This module sits above the plugins (it joins guidance and captioning) and loads 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import clipkit.shapes.profile  # noqa: F401  (registers the bundled `shapes` profile)
@@ -45,7 +46,7 @@ def generate(prompts: str | Sequence[str] = (), n: int = 4, *, seed: int | None 
              device="auto", precision: str = "fp32", out_dir=None, overwrite: bool = False,
              on_step: Callable[[int, int], None] | None = None, on_preview: Callable | None = None,
              preview_every: int = 5, on_image: Callable | None = None, cancel: Callable[[], bool] | None = None,
-             force: bool = False, **options) -> GenerateResult:
+             force: bool = False, threads: int | None = None, **options) -> GenerateResult:
     """Generate ``n`` images per prompt, as ``clipkit generate`` does (same defaults, same images).
 
     Args:
@@ -62,6 +63,9 @@ def generate(prompts: str | Sequence[str] = (), n: int = 4, *, seed: int | None 
         on_preview / preview_every / on_image / cancel: live previews, each kept image as it is ready,
             and cancellation within one step (:func:`clipkit.guidance.pipeline.generate`).
         force: run a prompt the profile's models know none of the words of (else an InputError first).
+        threads: torch CPU threads for this call (restored after it); None: :data:`DEFAULT_THREADS` (1:
+            fastest for the bundled models on a shared CPU, and the same bytes on any machine, since
+            the thread count changes float rounding; BENCHMARKS.md); 0: leave torch's setting.
         options: :class:`~clipkit.guidance.config.GenerateConfig` fields (``steps``, ``clip_scale``,
             ``best_of``, ``negative``, ``image_prompts``, ``init_image``, ``strength``, ``layout``, ...).
     Returns:
@@ -75,7 +79,28 @@ def generate(prompts: str | Sequence[str] = (), n: int = 4, *, seed: int | None 
         if spec is None:
             raise InputError(f"select='caption' needs a captioner: profile {prof.name!r} has none; give captioner=SPEC")
         selector = LazyCaptionSelector(spec, device)
-    return generate_with(setup.prompts, n, seed=seed, diffusion=setup.diffusion, clip=setup.clip, device=device,
-                         precision=precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step, select=selector,
-                         on_preview=on_preview, preview_every=preview_every, on_image=on_image, cancel=cancel,
-                         **setup.options)
+    with torch_threads(DEFAULT_THREADS if threads is None else threads):
+        return generate_with(setup.prompts, n, seed=seed, diffusion=setup.diffusion, clip=setup.clip, device=device,
+                             precision=precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step,
+                             select=selector, on_preview=on_preview, preview_every=preview_every, on_image=on_image,
+                             cancel=cancel, **setup.options)
+
+
+#: torch threads of ``generate`` (the CLI's and the API's): one (BENCHMARKS.md, "Speed of the main job")
+DEFAULT_THREADS = 1
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op CPU threads set to ``n`` inside the block (0: left as they are), restored after."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise InputError(f"threads must be an integer >= 0 (0: torch's own setting), got {n!r}")
+    import torch
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)

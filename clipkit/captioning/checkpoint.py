@@ -37,6 +37,7 @@ import torch
 
 from clipkit.captioning.model import CaptionerConfig, ClipCapModel
 from clipkit.core.errors import ModelLoadError
+from clipkit.captioning.tokenizer import load_tokenizer
 
 CONFIG_NAME = "clipcap_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -87,7 +88,6 @@ def load_captioner_dir(path) -> tuple[ClipCapModel, object]:
     """Load our directory format -> (model, tokenizer)."""
     from safetensors.torch import load_file
 
-    from clipkit.captioning.tokenizer import load_tokenizer
     path = Path(path)
     try:
         cfg = _config_from_dict(json.loads((path / CONFIG_NAME).read_text()))
@@ -182,7 +182,6 @@ def import_official(path, tokenizer: str | Path | None = None, clip_spec: str | 
                              "expected an official ClipCap .pt (MLP or transformer mapper)") from e
     tok = None
     if tokenizer is not None:
-        from clipkit.captioning.tokenizer import load_tokenizer
         try:
             tok = load_tokenizer(tokenizer, local_only=local_only)
         except Exception as e:

@@ -32,6 +32,7 @@ from typing import Hashable, Mapping, Sequence
 import torch
 
 from clipkit.core.errors import InputError
+from clipkit.core.io import read_text_file
 
 Tokens = list[str]
 
@@ -333,7 +334,6 @@ def read_references(path) -> dict[str, list[str]]:
     """A JSON object ``{image path, file name or stem: [reference captions]}``."""
     import json
 
-    from clipkit.core.io import read_text_file
     try:
         doc = json.loads(read_text_file(path, "references"))
     except json.JSONDecodeError as e:

@@ -27,7 +27,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipkit.captioning.model import CaptionerConfig, ClipCapModel
-from clipkit.core.errors import InputError
+from clipkit.core.errors import ImageLoadError, InputError, ModelLoadError
+from clipkit.core.train_clip import read_captions_jsonl
+from clipkit.core.cache import model_key
+from clipkit.core.io import load_image
+from clipkit.captioning.tokenizer import encode_captions, load_tokenizer, train_bpe_tokenizer
+from clipkit.core.registry import resolve
+from clipkit.captioning.decode import DecodeConfig, decode
+from clipkit.captioning.metrics import evaluate_captions
+from clipkit.captioning.checkpoint import save_captioner
+from clipkit.core.dist import accelerator
+from clipkit.core.scorer import load_scorer
+from clipkit.core.training import LoopSettings, StepOutput, export_dtype, train_loop
+from clipkit.core.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +105,6 @@ class TrainCaptionerResult:
 
 def read_caption_pairs(path, images: str | None = None) -> tuple[dict[str, list[str]], int]:
     """captions.jsonl or COCO captions JSON -> {image path: [captions]}, bad lines skipped and counted."""
-    from clipkit.core.train_clip import read_captions_jsonl
     path = Path(path)
     if not path.is_file():
         raise InputError(f"captions file {path} does not exist")
@@ -137,7 +148,6 @@ def embed_images(scorer, keys: list[str], load, cache: Path | None, batch_size: 
     """Raw CLIP features of every image, once; cached in ``cache`` (safetensors) keyed by the model's
     weights (:func:`clipkit.core.cache.model_key`) and the image list. ``load(keys) -> images`` renders or reads one batch."""
     from safetensors.torch import load_file, save_file
-    from clipkit.core.cache import model_key
     tag = _cache_key(model_key(scorer) if hasattr(scorer, "weights_digest") else scorer.spec, keys)
     if cache is not None and cache.is_file():
         blob = load_file(str(cache))
@@ -157,8 +167,6 @@ def embed_images(scorer, keys: list[str], load, cache: Path | None, batch_size: 
 
 
 def file_data(scorer, pairs: dict[str, list[str]], cache: Path | None) -> CaptionData:
-    from clipkit.core.errors import ImageLoadError
-    from clipkit.core.io import load_image
     good, bad = [], 0
     for p in pairs:
         try:
@@ -193,7 +201,6 @@ def build_model(cfg: TrainCaptionerConfig, clip_dim: int, corpus: list[str]):
     """(model, tokenizer) for the config: a tiny GPT-2 + BPE trained on ``corpus``, or a pretrained GPT-2."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from clipkit.captioning.tokenizer import load_tokenizer, train_bpe_tokenizer
     if cfg.decoder == "tiny":
         tok = train_bpe_tokenizer(corpus, cfg.vocab_size)
         gcfg = GPT2Config(vocab_size=len(tok), n_embd=cfg.decoder_width, n_layer=cfg.decoder_layers,
@@ -201,13 +208,11 @@ def build_model(cfg: TrainCaptionerConfig, clip_dim: int, corpus: list[str]):
                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         gpt = GPT2LMHeadModel(gcfg)
     else:
-        from clipkit.core.registry import resolve
         r = resolve(cfg.decoder, "decoder")     # a GPT-2 directory or hub repo; hub checks done
         try:
             tok = load_tokenizer(r.location, local_only=r.local_only)
             gpt = GPT2LMHeadModel.from_pretrained(r.location, local_files_only=r.local_only)
         except Exception as e:
-            from clipkit.core.errors import ModelLoadError
             raise ModelLoadError(cfg.decoder, str(e).splitlines()[0][:200],
                                  "use a local GPT-2 directory, or 'tiny'") from e
     ccfg = CaptionerConfig(mapper=cfg.mapper, clip_dim=clip_dim, prefix_length=cfg.prefix_length,
@@ -225,8 +230,6 @@ def evaluate(model: ClipCapModel, tokenizer, data: CaptionData, n_decode: int, m
              device, metrics=None) -> dict:
     """Validation loss over all of ``data`` and greedy-caption metrics on its first ``n_decode`` images;
     ``metrics``: ``{key: caption} -> {name: value}``, more metrics of a recipe (Shapes: ``exact_attr``)."""
-    from clipkit.captioning.decode import DecodeConfig, decode
-    from clipkit.captioning.tokenizer import encode_captions
     model.eval()
     losses, weights = [], []
     for i in range(0, len(data.keys), 256):
@@ -246,7 +249,6 @@ def evaluate(model: ClipCapModel, tokenizer, data: CaptionData, n_decode: int, m
                  for k, s in zip(data.keys[:n], seqs)}
         refs = {k: c for k, c in zip(data.keys[:n], data.captions[:n])}
         try:
-            from clipkit.captioning.metrics import evaluate_captions
             m = evaluate_captions(cands, refs)
             out.update(bleu4=m.bleu4, cider_d=m.cider_d)
         except ImportError:
@@ -279,11 +281,6 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True,
     ``clipkit train captioner`` wires); a captions.jsonl or COCO JSON is read here."""
     from accelerate.utils import set_seed
 
-    from clipkit.captioning.checkpoint import save_captioner
-    from clipkit.captioning.tokenizer import encode_captions
-    from clipkit.core.dist import accelerator
-    from clipkit.core.scorer import load_scorer
-    from clipkit.core.training import LoopSettings, StepOutput, export_dtype, train_loop
 
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise InputError("epochs and batch_size must be >= 1 and lr > 0")
@@ -315,7 +312,6 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True,
     del scorer
     corpus = [c for caps in train.captions for c in caps]
     if cfg.resume and (ckpt_dir / "state.json").is_file() and cfg.decoder == "tiny":
-        from clipkit.captioning.tokenizer import load_tokenizer
         model, _ = build_model(cfg, train.embeds.shape[1], corpus)
         tokenizer = load_tokenizer(out / "tokenizer")
     else:
@@ -360,7 +356,6 @@ def train_captioner(cfg: TrainCaptionerConfig, progress: bool = True,
                      on_epoch=on_epoch, config=cfg)
     model_dir = out / "model"
     if acc.is_main_process:
-        from clipkit.core.outputs import atomic_dir
         with atomic_dir(model_dir, overwrite=True) as tmp:       # never half a model, never through a link
             save_captioner(tmp, unwrapped, tokenizer, dtype=dtype)
             (tmp / "clipkit_training.json").write_text(json.dumps(

@@ -1,6 +1,8 @@
 """``clipkit generate``: CLIP-guided diffusion with best-of-M CLIP reranking; PNG + JSON sidecar per image."""
 from __future__ import annotations
 
+import sys
+
 import click
 
 from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePromptType, ModelSpecType, emit_json,
@@ -32,6 +34,15 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
                    "little more time).")
 @click.option("--draft-steps", type=click.IntRange(min=1), default=13, show_default=True,
               help="Steps every draft runs before the choice.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sample up to this many of a prompt's candidates (and drafts) together, one network and CLIP "
+                   "call per step for all (split evenly); 1 = each alone, as diffusers' pipelines do with a batch "
+                   "of one (a batch differs from that by float rounding, which can move a pixel by one level).")
+@click.option("--views", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Augmented views of the image the CLIP sees per guided step (its loss averaged over them).")
+@click.option("--guide-stop", type=FiniteFloat(min=0, max=1), default=None,
+              help="Guide while t/T >= this (0 = to the end; default: the guide target's, 0 for x_t guidance, "
+                   "0.3 for the x0 estimate); the steps after it run the plain model.")
 @click.option("--select", type=click.Choice(["clip", "caption"]), default=None,
               help="How --best-of keeps its N: clip = the guiding CLIP's cosine; caption = that cosine plus "
                    "the captioner's log-probability that the caption ends right after the prompt (penalises "
@@ -106,7 +117,7 @@ from clipkit.cli.common import (CutScheduleType, FiniteFloat, FloatList, ImagePr
 @json_option
 @click.pass_obj
 def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, best_of, drafts, draft_steps,
-             select, captioner_spec,
+             batch_size, views, guide_stop, select, captioner_spec,
              guide_target, scheduler, size, out_dir, overwrite, diffusion_spec, clip_specs, clip_weights, negatives,
              layout, scorer_specs,
              image_prompts, init_image, strength, cut_schedule, tv_scale, range_scale, sat_scale, force,
@@ -117,8 +128,9 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
     and the final CLIP score: the cosine similarity of the saved image with its prompt under the
     guiding CLIP (what guidance optimises, so it flatters; judge with another CLIP). Existing files
     are never replaced without --overwrite (a taken name becomes <slug>-<seed>-2.png, -3, ...), and every
-    target is checked before anything is generated. `clipkit generate PROMPT -n 1 --best-of 1 --seed S`
-    with the same options regenerates the image of seed S.
+    target is checked before anything is generated. The same command (seed and options) writes the
+    same bytes again; `clipkit generate PROMPT -n 1 --best-of 1 --seed S` regenerates the image of
+    seed S (bit for bit with --batch-size 1; else up to a pixel level from float rounding).
 
     \b
     A PROMPT may weight parts, Disco-style: "a red circle:2 | a square:-1" (parts separated by
@@ -154,11 +166,18 @@ def generate(settings, prompts, n, steps, clip_scale, cfg_scale, cutouts, seed, 
         if not bars:
             bars.append(progress(None, "generating", disable=settings.quiet or as_json, total=total))
         bars[0].update(1)
+
+    def on_image(im):
+        """Each kept image as soon as its prompt's candidates are ranked (stderr; the table follows)."""
+        if not (settings.quiet or as_json):
+            from tqdm.auto import tqdm
+            tqdm.write(f"ready: {im.path or im.prompt} (score {im.clip_score:.4f}, seed {im.seed})", file=sys.stderr)
     try:
         res = do_generate(list(prompts), n, seed=seed, profile=settings.profile, diffusion=diffusion, force=force,
                           clip=list(clip_specs) or None, select=select, captioner=captioner, device=settings.device,
                           precision=settings.precision, out_dir=out_dir, overwrite=overwrite, on_step=on_step,
-                          steps=steps, clip_scale=clip_scale, cfg_scale=cfg_scale, cutouts=cutouts,
+                          on_image=on_image, threads=settings.threads, batch_size=batch_size, views=views,
+                          guide_stop=guide_stop, steps=steps, clip_scale=clip_scale, cfg_scale=cfg_scale, cutouts=cutouts,
                           best_of=best_of, drafts=drafts, draft_steps=draft_steps, scheduler=scheduler, size=size,
                           guide_target=guide_target, negative=list(negatives),
                           image_prompts=[list(ip) for ip in image_prompts], clip_weights=clip_weights,

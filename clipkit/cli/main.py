@@ -38,6 +38,7 @@ class Settings:
     precision: str = "fp32"
     verbose: bool = False
     quiet: bool = False
+    threads: int | None = None        # torch CPU threads; None: the command's default (generate: 1)
 
 
 class LazyGroup(click.Group):
@@ -133,18 +134,34 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
               help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               show_default=True, help="Model precision (scores are always computed in fp32).")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="torch CPU threads (0 = torch's default, one per core). Default: 1 for generate (fastest for the "
+                   "bundled models on a shared CPU, and the same bytes on any machine: the thread count changes "
+                   "float rounding), torch's default elsewhere.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="Errors only; no progress bars or notices.")
 @click.version_option(package_name="clipkit")
 @click.pass_context
-def cli(ctx, profile, device, precision, verbose, quiet):
+def cli(ctx, profile, device, precision, threads, verbose, quiet):
     """clipkit: CLIP scoring, zero-shot classification, guided generation, captioning, reranking.
 
     Runs offline on the bundled Shapes demo models by default; use --profile sd or --clip SPEC
     (openclip:ARCH/TAG, hf:ORG/NAME, or a local directory) for real models.
     """
     setup_logging(verbose, quiet)
-    ctx.obj = Settings(profile, device, precision, verbose, quiet)
+    ctx.obj = Settings(profile, device, precision, verbose, quiet, threads)
+    if threads and ctx.invoked_subcommand != "generate":       # generate sets its own (clipkit.generate's threads=)
+        set_threads(threads)
+
+
+def set_threads(n: int) -> None:
+    """torch's CPU threads for this process: before torch is imported, through OMP_NUM_THREADS (read
+    at its import); after, through torch itself."""
+    import os
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 def main():  # pragma: no cover - console entry point alias

@@ -1,6 +1,9 @@
 """Loading CLIPs: open_clip models and transformers ``CLIPModel``s with the preprocessing their own
 library applies (FIELD_NOTES A, E). The spec sources of :mod:`clipkit.core.registry` call these with a
-bound spec (``.raw``, ``.resolve()``); nothing here parses specs."""
+bound spec (``.raw``, ``.resolve()``); nothing here parses specs.
+
+Imports inside functions here are deliberate: the registry imports this module, and the registry must
+load without torch, open_clip or transformers (spec checks at option parsing, `clipkit models`)."""
 from __future__ import annotations
 
 import json

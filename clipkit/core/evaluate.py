@@ -28,7 +28,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipkit.core.errors import ImageLoadError, InputError
-from clipkit.core.labelled import LabelledSet, LabelledSplit, load_labelled
+from clipkit.core.labelled import LabelledSet, LabelledSplit, load_labelled, read_class_names
+from clipkit.core.prompts import build_classifier, resolve_templates
+from clipkit.core.scorer import load_scorer
+from clipkit.core.io import load_image
+from clipkit.core.preprocess import pil_to_tensor
+from clipkit.core.outputs import write_atomic
+from clipkit.core.plots import confusion_matrix_plot
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,6 @@ def check_class_prompts(ids: torch.Tensor, names: Sequence[str], context_length:
 
 def class_embeddings(scorer, names: Sequence[str], templates) -> torch.Tensor:
     """Zero-shot weights [C, D] (unit norm), with the prompt checks above."""
-    from clipkit.core.prompts import build_classifier, resolve_templates
     tmpl = resolve_templates(templates)
     texts = [t.format(n) for n in names for t in tmpl]
     tokenize = getattr(scorer.backend, "tokenize", None)
@@ -101,8 +106,6 @@ class _Files(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from clipkit.core.io import load_image
-        from clipkit.core.preprocess import pil_to_tensor
         try:
             return i, pil_to_tensor(load_image(self.paths[i]), self.cfg), None
         except ImageLoadError as e:
@@ -312,7 +315,6 @@ class EvalResult:
         """Per-class rows (class, name, images, correct, accuracy), then an ``(all)`` row."""
         import csv
 
-        from clipkit.core.outputs import write_atomic
 
         def write(tmp: Path):
             with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -327,7 +329,6 @@ class EvalResult:
         return write_atomic(path, write, overwrite=overwrite)
 
     def plot_confusion(self, path, overwrite: bool = False) -> Path:
-        from clipkit.core.plots import confusion_matrix_plot
         parts = Path(self.model).parts
         model = "/".join(parts[-2:]) if len(parts) > 1 else self.model
         title = f"{model}: {self.method} on {self.split}, top-1 {self.metrics.top1:.3f}"
@@ -337,7 +338,6 @@ class EvalResult:
 def _as_set(data, class_names) -> LabelledSet:
     if isinstance(data, LabelledSet):
         if class_names:
-            from clipkit.core.labelled import read_class_names
             data.names = read_class_names(class_names, data.classes)
         return data
     return load_labelled(data, class_names)
@@ -376,12 +376,10 @@ def evaluate(data, scorer=None, *, templates="simple", split: str | None = None,
     if linear_probe and ev.name == "train":
         raise InputError("the linear probe is fitted on train: evaluate it on another split (--split)")
     if scorer is None:
-        from clipkit.core.scorer import load_scorer
         scorer = load_scorer("shapes")
     t0 = time.perf_counter()
     if not linear_probe:
         weights = class_embeddings(scorer, ds.names, templates)               # [C, D]
-        from clipkit.core.prompts import resolve_templates
         n_tmpl = len(resolve_templates(templates))
         enc, y = _encode_split(scorer, ev, batch_size, num_workers, progress)
         if not enc.index:

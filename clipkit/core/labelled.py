@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipkit.core.errors import InputError
+from clipkit.core.io import is_image_path, read_text_file, scan_images
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ class LabelledSet:
 def read_class_names(path, classes: list[str]) -> list[str]:
     """Readable names from a JSON object ``{"folder": "name"}`` or ``folder,name`` lines (``#``
     comments allowed). Classes without an entry keep their folder name (a warning says which)."""
-    from clipkit.core.io import read_text_file
     text = read_text_file(path, "class-names file")
     mapping: dict[str, str] = {}
     if text.lstrip().startswith("{"):
@@ -176,7 +176,6 @@ def _class_dirs(d: Path, top: Path) -> list[Path]:
 
 
 def _class_folders(d: Path, top: Path | None = None) -> dict[str, list[str]]:
-    from clipkit.core.io import is_image_path, scan_images
     loose = [p for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_path(p)]
     if loose:
         log.warning("%s: %d images outside the class folders are ignored (e.g. %s)", d, len(loose), loose[0].name)
@@ -206,7 +205,6 @@ def _from_folder(root: Path) -> tuple[dict[str, dict[str, list[str]]], bool]:
 
 def _from_list(path: Path) -> dict[str, dict[str, list[str]]]:
     """CSV ``path,label[,split]`` (an optional header row) or JSONL ``{"path"|"image", "label", "split"?}``."""
-    from clipkit.core.io import read_text_file
     text = read_text_file(path, "image list")
     rows: list[tuple[str, str, str | None, int]] = []
     bad = 0

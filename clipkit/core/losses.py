@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from clipkit.core.errors import InputError
 
 
 def _fp32_at_least(x: torch.Tensor) -> torch.Tensor:
@@ -32,5 +33,4 @@ def get_loss(name: str):
     try:
         return LOSSES[name]
     except KeyError:
-        from clipkit.core.errors import InputError
         raise InputError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}") from None

@@ -36,6 +36,9 @@ from torch.utils.checkpoint import checkpoint
 
 from clipkit.core.errors import InputError, ModelLoadError
 from clipkit.core.losses import get_loss
+from clipkit.core.io import load_image, open_regular
+from clipkit.core.registry import resolve
+from clipkit.core.ranking import cosines
 
 
 class Objective(Protocol):
@@ -270,7 +273,6 @@ class ClipTarget:
         exact preprocessing path and core's exact cosines: what ``rerank`` and best-of rank by),
         less each negative's term as guidance counts it (the hinge; ``w * cos_n`` for the linear
         modes). Needs shared targets [M, D]."""
-        from clipkit.core.ranking import cosines
         if self.targets.ndim != 2:
             raise InputError("score_images needs targets shared by every image ([M, D])")
         emb = self.scorer.encode_images(images)
@@ -423,7 +425,6 @@ class Erased:
     def score_images(self, images) -> torch.Tensor:
         """The objective's ``score_images`` of the images (PIL, or paths) with the boxes erased."""
         from PIL import ImageDraw
-        from clipkit.core.io import load_image
         level = round(255 * self.fill)
         out = []
         for im in images:
@@ -536,7 +537,6 @@ class AestheticHead(torch.nn.Module):
 def load_aesthetic_head(path: str | Path) -> AestheticHead:
     """A ``.safetensors`` file or a PyTorch state dict (``.pth``/``.pt``, loaded with
     ``weights_only=True``: pickled code is refused, never run)."""
-    from clipkit.core.io import open_regular
     p = Path(path).expanduser()
     try:
         if p.suffix == ".safetensors":
@@ -557,7 +557,6 @@ def load_aesthetic_head(path: str | Path) -> AestheticHead:
 
 def load_aesthetic(spec: str) -> AestheticHead:
     """An ``aesthetic:PATH`` spec (the registry's scorer kind) -> its head."""
-    from clipkit.core.registry import resolve
     return load_aesthetic_head(resolve(spec, "scorer").location)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from clipkit.core.errors import InputError
+from clipkit.core.io import is_image_path
 
 
 def _real_parent(path: Path, create: bool = True) -> Path:
@@ -39,7 +40,6 @@ def _real_parent(path: Path, create: bool = True) -> Path:
 def _is_input(out: Path, inputs: Iterable) -> bool:
     """Whether ``out`` names (or, through a link, is) one of the inputs, or an existing image inside
     an input folder (it would be read as an input)."""
-    from clipkit.core.io import is_image_path
     real_out = {os.path.realpath(out), str(_real_parent(out, create=False) / out.name)}
     for i in inputs:
         ri = os.path.realpath(i)

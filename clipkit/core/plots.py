@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from clipkit.core.outputs import write_atomic
 
 
 def save_figure(fig, out_path, dpi: int = 100, overwrite: bool = False) -> Path:
@@ -9,7 +10,6 @@ def save_figure(fig, out_path, dpi: int = 100, overwrite: bool = False) -> Path:
     ``overwrite``) and close it."""
     import matplotlib.pyplot as plt
 
-    from clipkit.core.outputs import write_atomic
     try:
         return write_atomic(out_path, lambda t: fig.savefig(t, dpi=dpi), overwrite=overwrite)
     finally:

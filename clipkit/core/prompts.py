@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from clipkit.core.errors import InputError
+from clipkit.core.io import read_text_file
+from clipkit.core.scorer import load_scorer
 
 Templates = Union[str, Sequence[str]]
 
@@ -35,7 +37,6 @@ def resolve_templates(templates: Templates = "simple") -> list[str]:
         elif "{}" in t:
             out = [t]
         elif Path(t).is_file():
-            from clipkit.core.io import read_text_file
             lines = read_text_file(t, "templates file").splitlines()
             out = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
             if not out:
@@ -106,7 +107,6 @@ def classify(images, labels, templates: Templates = "simple", scorer=None) -> Cl
         scorer: a :class:`~clipkit.core.scorer.ClipScorer` (default: the bundled ``shapes`` model).
     """
     if scorer is None:
-        from clipkit.core.scorer import load_scorer
         scorer = load_scorer("shapes")
     labels = parse_labels(labels)
     tmpl = resolve_templates(templates)

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipkit.core.errors import InputError
+from clipkit.core.errors import ImageLoadError, InputError
+from clipkit.core.outputs import write_atomic
+from clipkit.core.io import load_image
 
 #: Most thumbnails on a contact sheet (a ranking of every file in a big folder stays drawable).
 SHEET_LIMIT = 100
@@ -54,7 +56,6 @@ class RankingResult:
 
     def write_csv(self, path, overwrite: bool = False) -> Path:
         """The ranking as CSV (atomically; an existing file only with ``overwrite``)."""
-        from clipkit.core.outputs import write_atomic
 
         def write(tmp: Path):
             with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -71,9 +72,6 @@ class RankingResult:
         ``loader(item) -> PIL image`` reads a result's image (default: ``load_image(item.path)``)."""
         from PIL import ImageDraw
 
-        from clipkit.core.errors import ImageLoadError
-        from clipkit.core.io import load_image
-        from clipkit.core.outputs import write_atomic
         items = [r for r in self.results[:limit] if r.path]
         if not items:
             raise InputError("a contact sheet needs image results")

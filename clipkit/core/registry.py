@@ -19,7 +19,7 @@ with the hub checks done.
 
 Every failure raises :class:`ModelLoadError` with one line naming the spec and the fix. We never
 hang on the network: hub calls get short timeouts, and ``HF_HUB_OFFLINE=1`` is respected
-(:mod:`clipkit.core.hub`).
+(:mod:`clipkit.core.hub`). It loads without torch (``apply_overlay`` is imported where used): spec checks stay instant.
 """
 from __future__ import annotations
 

@@ -21,6 +21,9 @@ from clipkit.core.errors import InputError
 from clipkit.core.io import load_image
 from clipkit.core.losses import get_loss
 from clipkit.core.preprocess import PreprocessConfig, pil_to_tensor, torch_preprocess
+from clipkit.core.dist import partial_state
+from clipkit.core.registry import load_clip
+from clipkit.core.cache import weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         return device
     if device == "auto":
-        from clipkit.core.dist import partial_state
         return partial_state().device
     try:
         dev = torch.device(device)
@@ -131,7 +133,6 @@ class ClipScorer:
         """sha256 of the loaded weights (:func:`clipkit.core.cache.weights_digest`), computed once:
         what the embedding cache is keyed by (a spec names a model; its weights are the model)."""
         if getattr(self, "_weights_digest", None) is None:
-            from clipkit.core.cache import weights_digest
             self._weights_digest = weights_digest(self.backend.module)
         return self._weights_digest
 
@@ -259,7 +260,6 @@ class ClipScorer:
 def load_scorer(spec: str = "shapes", device="auto", precision: str = "fp32",
                 batch_size: int = 64, num_workers: int = 0) -> ClipScorer:
     """Load a CLIP model by spec (see :mod:`clipkit.core.registry`) and wrap it in a ClipScorer."""
-    from clipkit.core.registry import load_clip
     resolve_dtype(precision)
     return ClipScorer(load_clip(spec), device=device, precision=precision,
                       batch_size=batch_size, num_workers=num_workers)

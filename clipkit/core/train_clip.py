@@ -43,8 +43,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from clipkit.core.augment import augment_robust, ddpm_alphas_cumprod, noise_images
-from clipkit.core.errors import InputError
-from clipkit.core.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig, torch_preprocess
+from clipkit.core.errors import ImageLoadError, InputError
+from clipkit.core.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig, pil_to_tensor, torch_preprocess
+from clipkit.core.artifacts import build_openclip, save_openclip_dir
+from clipkit.core.backends import OpenClipBackend, openclip_tokenize
+from clipkit.core.registry import load_clip, parse_spec
+from clipkit.core.dist import accelerator, gather_cat
+from clipkit.core.evaluate import check_class_prompts, compute_metrics, summarised_truncation
+from clipkit.core.labelled import ALL, load_labelled
+from clipkit.core.prompts import resolve_templates
+from clipkit.core.training import LoopSettings, RngStates, StepOutput, export_dtype, train_loop
+from clipkit.core.wise import check_alphas, wise_ft
+from clipkit.core.outputs import atomic_dir
+from clipkit.core.io import load_image
 
 if TYPE_CHECKING:
     from clipkit.core.labelled import LabelledSet, LabelledSplit
@@ -160,9 +171,6 @@ class ImageCaptionPairs(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i):
-        from clipkit.core.errors import ImageLoadError
-        from clipkit.core.io import load_image
-        from clipkit.core.preprocess import pil_to_tensor
         path, cap = self.pairs[i]
         try:
             px = pil_to_tensor(load_image(path), self.cfg)
@@ -185,9 +193,6 @@ class LabelledImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from clipkit.core.errors import ImageLoadError
-        from clipkit.core.io import load_image
-        from clipkit.core.preprocess import pil_to_tensor
         try:
             px = pil_to_tensor(load_image(self.paths[i]), self.cfg)
         except ImageLoadError as e:
@@ -213,10 +218,7 @@ def _build_model(cfg: TrainClipConfig):
     """-> (model, tokenizer, model_cfg, preprocess_cfg dict)."""
     import open_clip
 
-    from clipkit.core.artifacts import build_openclip
     if cfg.init:
-        from clipkit.core.backends import OpenClipBackend
-        from clipkit.core.registry import load_clip, parse_spec
         spec = parse_spec(cfg.init)
         backend = load_clip(spec)
         if not isinstance(backend, OpenClipBackend):
@@ -273,7 +275,6 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     the processes, as DDP does, are those of one process on the concatenated batch. One process: the
     local batch, unchanged."""
     if gather:
-        from clipkit.core.dist import gather_cat
         img, txt = gather_cat(img), gather_cat(txt)
         classes = gather_cat(classes, grad=False) if classes is not None else None
     logits = logit_scale.exp() * img @ txt.T
@@ -330,10 +331,6 @@ class FlypData:
 def prepare_labelled(cfg: TrainClipConfig, tokenizer, context_length: int) -> FlypData:
     """Load the labelled set, pick train/val, and tokenize the class x template captions once
     (truncation summarised in one warning; classes whose captions collide are an error)."""
-    from clipkit.core.backends import openclip_tokenize
-    from clipkit.core.evaluate import check_class_prompts, summarised_truncation
-    from clipkit.core.labelled import ALL, load_labelled
-    from clipkit.core.prompts import resolve_templates
     ds = load_labelled(cfg.data, cfg.class_names)
     if ds.has_splits:
         if "train" not in ds.splits:
@@ -360,7 +357,6 @@ def prepare_labelled(cfg: TrainClipConfig, tokenizer, context_length: int) -> Fl
 def labelled_eval(model, flyp: FlypData, loader, preprocess: PreprocessConfig, device) -> dict:
     """Zero-shot on the validation split with the model being trained: top-1, balanced accuracy
     and the cross-entropy of logit_scale * cosine over the class embeddings."""
-    from clipkit.core.evaluate import compute_metrics
     was_training = model.training
     model.eval()
     C, T, L = flyp.prompt_ids.shape
@@ -426,9 +422,6 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None,
     particular task."""
     from accelerate.utils import set_seed
 
-    from clipkit.core.artifacts import save_openclip_dir
-    from clipkit.core.dist import accelerator
-    from clipkit.core.training import LoopSettings, RngStates, StepOutput, export_dtype, train_loop
 
     if cfg.augment not in ("robust", "none", "auto"):
         raise InputError(f"augment must be 'robust', 'none' or 'auto', got {cfg.augment!r}")
@@ -440,7 +433,6 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None,
         raise InputError("--data shapes: the Shapes data comes from its recipe "
                          "(clipkit.shapes.recipes.train_clip, or `clipkit train clip`)")
     if cfg.wise:
-        from clipkit.core.wise import check_alphas
         cfg.wise = tuple(check_alphas(cfg.wise))
         if kind != "labelled" or not cfg.init:
             raise InputError("--wise interpolates the --init model and the fine-tuned one, measured on "
@@ -534,14 +526,12 @@ def train_clip(cfg: TrainClipConfig, progress: bool = True, reference=None,
     model_dir = out / "model"
     overlay = trained is not None and cfg.init
     if acc.is_main_process:
-        from clipkit.core.outputs import atomic_dir
         with atomic_dir(model_dir, overwrite=True) as tmp:       # never half a model, never through a link
             save_openclip_dir(unwrapped, model_cfg, pp_dict, tmp, dtype=dtype,
                               extra={"training": asdict(cfg), "eval": run.final_eval},
                               keys=trained if overlay else None, base=cfg.init if overlay else None)
     wise = {}
     if cfg.wise and acc.is_main_process:
-        from clipkit.core.wise import wise_ft
         report = wise_ft(cfg.init, unwrapped, model_cfg, pp_dict, out, cfg.wise, flyp.dataset,
                          templates=flyp.templates, reference=reference, reference_name=cfg.reference,
                          export_dtype=dtype, keys=trained if overlay else None,

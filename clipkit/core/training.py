@@ -27,6 +27,10 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
+from clipkit.core.errors import InputError
+from clipkit.core.outputs import (atomic_dir, check_output_dir, old_dir, open_log, recover_dir, remove_path,
+                                  write_atomic)
+from clipkit.core.plots import save_figure
 
 
 #: ``--export-dtype`` names -> torch dtypes (one table for every trainer).
@@ -35,7 +39,6 @@ EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 
 def export_dtype(name: str) -> torch.dtype:
     """The dtype of exported weights, by name (fp32 | fp16 | bf16)."""
-    from clipkit.core.errors import InputError
     try:
         return EXPORT_DTYPES[name]
     except KeyError:
@@ -143,7 +146,6 @@ def load_objects(folder, objects, process_index: int = 0) -> bool:
 
 
 def _damaged(ckpt_dir, e: Exception):
-    from clipkit.core.errors import InputError
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     text = str(e)
     if isinstance(e, RuntimeError) and ("size mismatch" in text or "Missing key" in text
@@ -165,7 +167,6 @@ def save_training_state(acc, ckpt_dir, step: int, config=None, extra: dict | Non
     Crash-safe at every instant: written into a fresh folder beside ``ckpt_dir`` that is then
     swapped in (:func:`clipkit.core.outputs.atomic_dir`); an interrupted swap is repaired on the
     next save or load, and a leftover from an earlier crash never blocks a save."""
-    from clipkit.core.outputs import atomic_dir
     ckpt_dir = Path(ckpt_dir)
     cfg = asdict(config) if is_dataclass(config) else dict(config or {})
 
@@ -195,8 +196,6 @@ def load_training_state(acc, ckpt_dir, objects=(), rng: "RngStates | None" = Non
     given) one of a run started with other settings (:func:`check_resume`) is a one-line
     InputError. A process the checkpoint has no objects for (it was written by fewer processes)
     keeps its objects and reseeds ``rng`` (one of ``objects``) from the step."""
-    from clipkit.core.errors import InputError
-    from clipkit.core.outputs import recover_dir
     ckpt_dir = Path(ckpt_dir)
     if acc.is_main_process:
         recover_dir(ckpt_dir)
@@ -281,8 +280,6 @@ def check_resume(ckpt_dir, config) -> None:
     """A one-line InputError when ``config`` asks for other settings (:data:`RESUME_MUST_MATCH`)
     than the run whose checkpoint is ``ckpt_dir`` (or its ``.old``) was started with. A missing or
     unreadable state.json says nothing here (loading the checkpoint reports it)."""
-    from clipkit.core.errors import InputError
-    from clipkit.core.outputs import old_dir
     ckpt_dir = Path(ckpt_dir)
     for d in (ckpt_dir, old_dir(ckpt_dir)):
         try:
@@ -309,8 +306,6 @@ def check_run_dir(out_dir, *, resume: bool = False, overwrite: bool = False, con
     continues the replaced run). -> the folder. Raises a one-line InputError."""
     import os
 
-    from clipkit.core.errors import InputError
-    from clipkit.core.outputs import check_output_dir, old_dir, remove_path
     out = Path(out_dir)
     existed = os.path.isdir(out)
     if resume and not existed and not os.path.lexists(out):
@@ -341,7 +336,6 @@ class CsvLog:
     symlink."""
 
     def __init__(self, path, columns: list[str], append: bool = False, resume_from: int | None = None):
-        from clipkit.core.outputs import open_log
         self.path, self.columns = Path(path), columns
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not (append and self.path.is_file())
@@ -363,7 +357,6 @@ class CsvLog:
 
 def truncate_log(path, step: int, column: str = "step") -> None:
     """Keep the header and the rows whose ``column`` is <= ``step`` (atomically)."""
-    from clipkit.core.outputs import write_atomic
     lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
     if not lines:
         return
@@ -401,7 +394,6 @@ def plot_curves(csv_path, png_path, x: str = "step", ys: list[str] | None = None
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    from clipkit.core.plots import save_figure
     return save_figure(fig, png_path, overwrite=True)
 
 
@@ -495,7 +487,6 @@ def train_loop(acc, model, optimizer, data, step_fn, settings: LoopSettings, *, 
     if s.resume:
         step = load_training_state(acc, ckpt_dir, objects, rng, config)["step"]
     elif main:
-        from clipkit.core.outputs import check_output_dir
         check_output_dir(out, what="output folder")
     plan = StepPlan(s.steps, s.steps, None, s.time_limit_s)
     sched = cosine_schedule(optimizer, plan.steps, s.warmup, step, s.min_lr_ratio)
@@ -538,7 +529,6 @@ def train_loop(acc, model, optimizer, data, step_fn, settings: LoopSettings, *, 
                 if step >= end:
                     break
             if step == before:
-                from clipkit.core.errors import InputError
                 raise InputError("the training data gave no usable batch in a whole pass")
             epoch, skip = epoch + 1, 0
 

@@ -18,6 +18,12 @@ from typing import Callable, Sequence
 import torch
 
 from clipkit.core.errors import InputError
+from clipkit.core.artifacts import save_openclip_dir
+from clipkit.core.evaluate import evaluate
+from clipkit.core.outputs import atomic_dir, write_atomic, write_text_atomic
+from clipkit.core.registry import load_clip
+from clipkit.core.scorer import load_scorer
+from clipkit.core.plots import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,6 @@ class WiseReport:
         import csv
         import json
 
-        from clipkit.core.outputs import write_atomic, write_text_atomic
         out = Path(out_dir)
         ref_keys = sorted({k for r in self.rows for k in r.reference})
         paths = {"json": write_text_atomic(out / "wise.json", json.dumps(self.to_dict(), indent=2),
@@ -108,7 +113,6 @@ class WiseReport:
         ax.legend(fontsize=8)
         ax.set_title("WiSE-FT", fontsize=10)
         fig.tight_layout()
-        from clipkit.core.plots import save_figure
         return save_figure(fig, path, overwrite=overwrite)
 
 
@@ -123,11 +127,6 @@ def wise_ft(init_spec: str, finetuned: torch.nn.Module, model_cfg: dict, preproc
     ``keys``: the fine-tune was partial (an overlay of ``init_spec``): interpolate and export only
     those weights. The report is written to ``OUT/wise.json|csv|png`` and returned.
     """
-    from clipkit.core.artifacts import save_openclip_dir
-    from clipkit.core.evaluate import evaluate
-    from clipkit.core.outputs import atomic_dir
-    from clipkit.core.registry import load_clip
-    from clipkit.core.scorer import load_scorer
     out = Path(out_dir)
     init_sd = load_clip(init_spec).module.float().state_dict()
     ft_sd = {k: v.detach().float().cpu() for k, v in finetuned.state_dict().items()}

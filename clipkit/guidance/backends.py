@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -55,6 +55,27 @@ class Conditioning:
     strength: float = 1.0           # with init: the part of the trajectory that is run
 
 
+class Rows:
+    """A batch of trajectories (:meth:`PixelDiffusion.trajectories`): iterate for its states;
+    :meth:`keep` goes on with some rows only (drafts), dropping the other rows' generators too."""
+
+    def __init__(self, states, per_row: Sequence[list]):
+        self.states, self.per_row = states, per_row
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.states)
+
+    def keep(self, rows: Sequence[int]):
+        """Go on with ``rows`` (indices into the current batch); returns the next state."""
+        rows = list(rows)
+        for lst in self.per_row:
+            lst[:] = [lst[r] for r in rows]
+        return self.states.send(rows)
+
+
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """[3,H,W] in [0,1] -> 8-bit RGB PIL image (rounded, as diffusers does)."""
     arr = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -98,17 +119,29 @@ class PixelDiffusion:
 
     def trajectory(self, cond: Conditioning, seed: int, config: GenerateConfig):
         """One image's sampling as :func:`~clipkit.guidance.sampling.iter_sample` states (model space)."""
+        return self.trajectories(cond, [seed], config)
+
+    def trajectories(self, cond: Conditioning, seeds: Sequence[int], config: GenerateConfig) -> "Rows":
+        """The images of ``seeds`` sampled together, one batch through the network and the CLIP: states
+        with ``x`` [len(seeds), ...]. Each row draws from its own seeded generators (its initial noise,
+        its guidance views, a stochastic scheduler's noise), as it would alone, so a seed's image
+        does not depend on the others in its batch beyond float rounding (a batched convolution sums
+        in another order than one of batch 1: ~1e-6)."""
         size = config.size or self.native_size
-        init = None if cond.init is None else (cond.init.to(self.device) * 2 - 1)  # model space
+        B = len(seeds)
+        init = None if cond.init is None else (cond.init.to(self.device) * 2 - 1).expand(B, -1, -1, -1)  # model space
         sched = make_scheduler(config.scheduler, self.scheduler_config)
-        noise = torch.Generator().manual_seed(int(seed))                      # CPU: same noise on any device
+        noise = [torch.Generator().manual_seed(int(s)) for s in seeds]      # CPU: same noise on any device
+        x = torch.cat([torch.randn((1, self.channels, size, size), generator=g) for g in noise])
+        views = [torch.Generator().manual_seed(int(s) + MAX_SEED) for s in seeds]
         if config.guided and cond.objective is not None:
             step = guided_step(self._model, sched, cond.objective, config.guidance(),
-                               generator=torch.Generator().manual_seed(int(seed) + MAX_SEED), noise_generator=noise)
+                               generator=views if B > 1 else views[0], noise_generator=noise if B > 1 else noise[0])
         else:
-            step = denoise_step(self._model, sched, noise)
-        return iter_sample(step, sched, (1, self.channels, size, size), config.steps, noise, device=self.device,
-                           init=init, strength=cond.strength)
+            step = denoise_step(self._model, sched, noise if B > 1 else noise[0])
+        states = iter_sample(step, sched, (B, self.channels, size, size), config.steps, noise[0], device=self.device,
+                             noise=x, init=init, strength=cond.strength)
+        return Rows(states, [noise, views])
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Model space [-1, 1] -> pixels [B, 3, H, W] in [0, 1], on the CPU."""

@@ -55,6 +55,10 @@ class GenerateConfig:
     drafts: int = 1                 # trajectories started per candidate; after draft_steps the best
                                     # (by the same score, on their x0 estimates) go on (1: off)
     draft_steps: int = 13           # steps every draft runs before the choice (chosen on bench/early_selection.py)
+    batch_size: int = 16            # a prompt's candidates (drafts) sampled together, at most this many per
+                                    # batch (split evenly: pipeline.batches); 1: each alone, as diffusers'
+                                    # pipelines do with a batch of one (a batch differs from that by float
+                                    # rounding, ~1e-6, which can move a pixel by a level)
     negative: list = field(default_factory=list)        # texts pushed away (a prompt part of weight -1
                                                         # each; latent models: also the CFG negative prompt)
     image_prompts: list = field(default_factory=list)   # [[path, weight], ...]: CLIP image targets
@@ -84,7 +88,8 @@ class GenerateConfig:
                 raise InputError(f"{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if self.step_mode not in ("normalized", "scaled"):
             raise InputError(f"step_mode must be 'normalized' or 'scaled', got {self.step_mode!r}")
-        for name, lo in (("views", 1), ("cutouts", 0), ("best_of", 1), ("drafts", 1), ("draft_steps", 1)):
+        for name, lo in (("views", 1), ("cutouts", 0), ("best_of", 1), ("drafts", 1), ("draft_steps", 1),
+                         ("batch_size", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise InputError(f"{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")

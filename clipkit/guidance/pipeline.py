@@ -45,6 +45,7 @@ from clipkit.core.ranking import order
 from clipkit.core.registry import is_noise_aware
 from clipkit.core.scorer import load_scorer
 from clipkit.guidance.backends import Conditioning, tensor_to_pil
+from clipkit.guidance.sampling import SampleState
 from clipkit.guidance.defaults import spec_of
 from clipkit.guidance.config import MAX_SEED, GenerateConfig, make_config
 from clipkit.guidance.diffusion import load_diffusion
@@ -65,39 +66,74 @@ class Selector(Protocol):
     def __call__(self, images: Sequence[Image.Image], prompt: str, clip_scores: torch.Tensor) -> torch.Tensor: ...
 
 
+def batches(n: int, cap: int) -> list[list[int]]:
+    """Indices 0..n-1 in the fewest contiguous batches of at most ``cap``, as even as can be (12 by 16:
+    one batch of 12; 20 by 16: 10 + 10), so a command's batches, and so its bytes, are fixed by n and cap."""
+    k = max(1, -(-n // max(1, cap)))
+    size, extra = divmod(n, k)
+    out, a = [], 0
+    for i in range(k):
+        b = a + size + (1 if i < extra else 0)
+        out.append(list(range(a, b)))
+        a = b
+    return out
+
+
 def run_candidates(pipe, cond: Conditioning, seeds: Sequence[int], config: GenerateConfig, keep: int,
                    rank: Callable, on_state: Callable[[int, object], None] | None = None
                    ) -> tuple[list[int], list[Image.Image]]:
     """Sample ``seeds`` and return ``keep`` of them finished: (their indices in ``seeds``, images).
 
-    Without drafts (``len(seeds) == keep``) every seed is sampled to the end. With drafts, every
-    trajectory runs ``config.draft_steps`` steps, ``rank(images) -> scores`` judges their x0 estimates
-    (as 8-bit images, like the final ones), and the ``keep`` best (ties by seed) go on to the end; the
-    others stop there. A trajectory continued is the one sampled alone, so seed S regenerates its image.
+    A backend that samples batches (``trajectories``: the pixel one) takes the seeds ``config.batch_size``
+    at a time (:func:`batches`), one network and CLIP call per step for each batch; another samples
+    them one by one (``trajectory``). Without drafts (``len(seeds) == keep``) every seed is sampled to
+    the end. With drafts, every trajectory runs ``config.draft_steps`` steps, ``rank(images) -> scores``
+    judges their x0 estimates (as 8-bit images, like the final ones), and the ``keep`` best (ties by
+    seed) go on to the end in the batches they started in; the others stop there.
     """
-    trajs = [pipe.trajectory(cond, s, config) for s in seeds]
-    last: list = [None] * len(seeds)
+    batched = hasattr(pipe, "trajectories")
+    groups = batches(len(seeds), config.batch_size if batched else 1)
+    trajs = [pipe.trajectories(cond, [seeds[k] for k in g], config) if batched else
+             pipe.trajectory(cond, seeds[g[0]], config) for g in groups]
+    last: dict = {}
+    done = [False] * len(groups)
 
-    def advance(k: int, n: int | None):
-        for j, state in enumerate(trajs[k]):
-            last[k] = state
+    def report(g: int, state) -> None:
+        for r, k in enumerate(groups[g]):
+            row = state if len(groups[g]) == 1 else SampleState(
+                state.i, state.n, state.t, state.x[r:r + 1], None if state.x0 is None else state.x0[r:r + 1])
+            last[k] = row
             if on_state:
-                on_state(k, state)
-            if n is not None and j + 1 >= n:
+                on_state(k, row)
+        done[g] = state.i + 1 >= state.n
+
+    def run(g: int, n: int | None, rows: list[int] | None = None) -> None:
+        """``n`` more steps of batch ``g`` (None: to the end), first dropping all but ``rows`` of it."""
+        j = 0
+        if rows is not None and len(rows) < len(groups[g]):
+            groups[g] = [groups[g][r] for r in rows]
+            if not groups[g] or done[g]:
                 return
-    alive = list(range(len(seeds)))
+            report(g, trajs[g].keep(rows))
+            j = 1
+        while not done[g] and (n is None or j < n):
+            report(g, next(trajs[g]))
+            j += 1
     if keep < len(seeds):
-        for k in alive:
-            advance(k, config.draft_steps)
+        for g in range(len(groups)):
+            run(g, config.draft_steps)
+        alive = list(range(len(seeds)))
         previews = [tensor_to_pil(pipe.to_pixels(last[k].x0 if last[k].x0 is not None else last[k].x)[0])
                     for k in alive]
         scores = torch.as_tensor(rank(previews), dtype=torch.float32)
-        alive = sorted(alive[j] for j, _ in order([seeds[k] for k in alive], scores, keep))
-    images = []
-    for k in alive:
-        advance(k, None)
-        images.append(tensor_to_pil(pipe.to_pixels(last[k].x)[0]))
-    return alive, images
+        chosen = {alive[j] for j, _ in order([seeds[k] for k in alive], scores, keep)}
+        for g in range(len(groups)):
+            run(g, None, [r for r, k in enumerate(groups[g]) if k in chosen])
+    else:
+        for g in range(len(groups)):
+            run(g, None)
+    alive = sorted(k for g in groups for k in g)
+    return alive, [tensor_to_pil(pipe.to_pixels(last[k].x)[0]) for k in alive]
 
 
 @dataclass

@@ -72,7 +72,10 @@ def iter_sample(step: Step, scheduler, shape: Sequence[int], steps: int, generat
                 device="cpu", noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
                 strength: float = 1.0) -> Iterator[SampleState]:
     """Run ``step`` over ``steps`` of ``scheduler``, yielding a :class:`SampleState` after each, so a
-    caller can stop a trajectory part-way, judge it, and go on with it later (drafts).
+    caller can stop a trajectory part-way, judge it, and go on with it later (drafts). A batch of
+    trajectories can go on with some of its rows only: ``states.send(rows)`` keeps those rows (of the
+    sample and of the scheduler's history, :func:`select_rows`) and returns the next state; the step
+    must drop the same rows of whatever it keeps per row (its generators).
 
     ``noise``: the initial unit-variance noise of ``shape`` (default: drawn from ``generator``, on its
     device, then moved). ``init`` (model space, ``shape``) with ``strength`` S in (0, 1]: run only the
@@ -109,7 +112,32 @@ def iter_sample(step: Step, scheduler, shape: Sequence[int], steps: int, generat
     for i, t in enumerate(timesteps):
         res = step(x, t)
         x = res.prev_sample.detach()
-        yield SampleState(i, len(timesteps), t, x, res.pred_original_sample)
+        rows = yield SampleState(i, len(timesteps), t, x, res.pred_original_sample)
+        if rows is not None:            # ``.send(rows)``: go on with these rows of the batch only
+            select_rows(scheduler, rows, x.shape[0])
+            x = x[torch.as_tensor(rows, dtype=torch.long, device=x.device)]
+
+
+def select_rows(scheduler, rows: Sequence[int], batch: int) -> None:
+    """Keep ``rows`` of a batch in a scheduler's own state (the sample and model-output history of
+    multistep schedulers: DPM-Solver, PNDM, LMS, UniPC): every tensor attribute, or tensor in a list or
+    tuple attribute, whose first dimension is the batch is indexed; DDIM and DDPM keep none."""
+    idx = torch.as_tensor(list(rows), dtype=torch.long)
+
+    def pick(v):
+        if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[0] == batch:
+            return v[idx.to(v.device)]
+        if isinstance(v, list):
+            return [pick(u) for u in v]
+        if isinstance(v, tuple):
+            return tuple(pick(u) for u in v)
+        return v
+    for name, value in list(vars(scheduler).items()):
+        if name in ("timesteps", "alphas_cumprod", "alphas", "betas", "sigmas", "final_alpha_cumprod"):
+            continue
+        new = pick(value)
+        if new is not value:
+            setattr(scheduler, name, new)
 
 
 def sample(step: Step, scheduler, shape: Sequence[int], steps: int, generator: torch.Generator, device="cpu",

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -143,13 +143,24 @@ def parse_cut_schedule(text: str) -> tuple:
     return tuple(parts)
 
 
-def make_views(img: torch.Tensor, cfg: GuidanceConfig, generator: torch.Generator | None) -> torch.Tensor:
+def make_views(img: torch.Tensor, cfg: GuidanceConfig,
+               generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
     """[B,3,H,W] in [0,1] -> [K*B,3,H,W]: K = views (+ cutouts) augmented copies, view-major (row r is
     a view of sample r % B, the layout :class:`~clipkit.core.objectives.Views` takes).
 
     Views are translation-jittered (replicate padding) and lightly noised; no flips (they would
-    change left/right). Cutouts are random square crops resized back to H x W.
+    change left/right). Cutouts are random square crops resized back to H x W. ``generator``: one
+    for the batch (every sample gets the same jitter), or one per sample (a list of B): then each
+    sample's views are drawn from its own generator exactly as for that sample alone, so a sample's
+    views do not depend on the batch it is in.
     """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != img.shape[0]:
+            raise InputError(f"{len(generator)} view generators for a batch of {img.shape[0]}")
+        if len(generator) == 1:
+            return make_views(img, cfg, generator[0])
+        per = [make_views(img[b:b + 1], cfg, g) for b, g in enumerate(generator)]     # each [K, 3, H, W]
+        return torch.stack(per, dim=1).flatten(0, 1)                                  # view-major [K*B, ...]
     B, C, H, W = img.shape
     dev = img.device
     out = []
@@ -215,12 +226,14 @@ class GuidedDenoiser:
             views of a batch of B samples, view-major (row r belongs to sample r % B).
         cfg: step size, views/cutouts, regularisers, method.
         decode: model-space x0 -> pixels in [0, 1]; default ``(x0 + 1) / 2`` (pixel models).
-        generator: the views' randomness.
+        generator: the views' randomness: one generator, or one per sample of the batch (a list,
+            which the caller may shorten in place when the batch drops rows: drafts).
         on_stats: called with a :class:`GuidanceStats` after every guided call (logs, plots, tests).
     """
 
     def __init__(self, model: Callable, scheduler, objective: Callable, cfg: GuidanceConfig,
-                 decode: Callable | None = None, generator: torch.Generator | None = None,
+                 decode: Callable | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  on_stats: Callable[[GuidanceStats], None] | None = None):
         self.model, self.objective, self.cfg = model, objective, cfg.validate()
         if cfg.target == "xt" and decode is not None:
@@ -336,12 +349,14 @@ def sample_space(scheduler, t, x: torch.Tensor) -> torch.Tensor:
 
 
 def guided_step(model: Callable, scheduler, objective: Callable, cfg: GuidanceConfig,
-                decode: Callable | None = None, generator: torch.Generator | None = None,
-                noise_generator: torch.Generator | None = None,
+                decode: Callable | None = None,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                noise_generator: torch.Generator | Sequence[torch.Generator] | None = None,
                 on_stats: Callable[[GuidanceStats], None] | None = None) -> Step:
     """A guided step ``(x, t) -> StepOutput`` for any loop over ``scheduler.timesteps``
     (:mod:`clipkit.guidance.sampling`); the arguments are :class:`GuidedDenoiser`'s, plus
-    ``noise_generator`` for a stochastic scheduler's own noise (DDPM, Euler ancestral).
+    ``noise_generator`` for a stochastic scheduler's own noise (DDPM, Euler ancestral; a list of one
+    per sample draws each sample's noise as it would be drawn alone, as diffusers' ``randn_tensor`` does).
 
     ``apply="output"``: the plain step of the guided denoiser. ``apply="sample"``: the scheduler steps
     with the model's own output, then the new sample moves by the x0 shift mapped into sample space

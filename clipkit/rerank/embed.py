@@ -7,6 +7,12 @@ from __future__ import annotations
 import torch
 
 from clipkit.core.embedding import embed_files
+from clipkit.core.artifacts import save_safetensors
+from clipkit.core.cache import open_cache
+from clipkit.core.dist import partial_state
+from clipkit.core.errors import InputError
+from clipkit.core.io import scan_images
+from clipkit.core.outputs import check_output_file, write_atomic
 
 
 def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, num_workers: int = 0,
@@ -27,12 +33,6 @@ def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, nu
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from clipkit.core.artifacts import save_safetensors
-    from clipkit.core.cache import open_cache
-    from clipkit.core.dist import partial_state
-    from clipkit.core.errors import InputError
-    from clipkit.core.io import scan_images
-    from clipkit.core.outputs import check_output_file, write_atomic
     out = check_output_file(out_path, overwrite=overwrite, inputs=folders, what="--out")
     state = partial_state()
     files = scan_images(folders)

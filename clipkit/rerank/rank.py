@@ -15,6 +15,10 @@ from PIL import Image
 
 from clipkit.core.errors import InputError
 from clipkit.core.ranking import RankedItem, RankingResult, cosines, order
+from clipkit.core.scorer import load_scorer
+from clipkit.core.backends import check_texts
+from clipkit.core.io import load_image, scan_images
+from clipkit.core.embedding import EmbeddingStream
 
 Query = Union[str, Sequence[str], Image.Image, os.PathLike]
 
@@ -64,12 +68,10 @@ def rerank(candidates, query: Query | None = None, scorer=None, top_k: int | Non
         cache: an :class:`~clipkit.core.cache.EmbeddingCache` (file candidates only).
     """
     if scorer is None:
-        from clipkit.core.scorer import load_scorer
         scorer = load_scorer("shapes")
     if (query is None) == (query_images is None):
         raise InputError("give a text query or query images (exactly one)")
     if query is not None:
-        from clipkit.core.backends import check_texts
         queries, kind = check_texts([query] if isinstance(query, str) else list(query)), "text"
     else:
         queries, kind = list(query_images), "image"
@@ -109,8 +111,6 @@ class _Names:
 def _score_files(candidates, scorer, q, cache, batch_size, num_workers, timeout_s, progress):
     """Stream the candidates' embeddings (cache hits, then encoded batches) into [N, Q] scores;
     -> (scores of the readable files in input order, their names, skipped, cached)."""
-    from clipkit.core.io import scan_images
-    from clipkit.core.embedding import EmbeddingStream
     files = scan_images(candidates)
     if not files:
         raise InputError("no image files found among the candidates")
@@ -129,10 +129,7 @@ def _score_files(candidates, scorer, q, cache, batch_size, num_workers, timeout_
 
 def rank_texts(image, texts: Sequence[str], scorer=None, top_k: int | None = None) -> RerankResult:
     """Rank caption candidates for one image (e.g. ClipCap candidates) by cosine with the image."""
-    from clipkit.core.backends import check_texts
-    from clipkit.core.io import load_image
     if scorer is None:
-        from clipkit.core.scorer import load_scorer
         scorer = load_scorer("shapes")
     texts = check_texts(texts)
     img = image if isinstance(image, torch.Tensor) else [load_image(image)]

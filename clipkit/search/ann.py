@@ -273,8 +273,8 @@ def assemble(index, segments: list[SegmentCodes], chunk: int = 262144) -> None:
                 c = np.ascontiguousarray(np.asarray(seg.codes[rows])[o][:, ccs:])
             else:
                 c = np.ascontiguousarray(np.asarray(seg.body[rows])[o]).view(np.uint8)
-            if fp16 and len(c):
-                bad = ((c.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)    # exponent all ones: NaN or inf
+            if fp16 and len(c) and (c.view(np.uint16) & 0x7FFF).max() >= 0x7C00:   # exponent all ones: NaN/inf
+                bad = ((c.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
                 if bad.any():
                     raise InputError(f"index file {seg.name if seg.body is None else seg.body_name} is damaged "
                                      f"(row {int(rows[o][np.argmax(bad)])} is not finite); rebuild the index")
@@ -315,14 +315,18 @@ def deserialize(data: bytes):
 
 def exact_topk(chunks: Iterable[tuple[np.ndarray, np.ndarray]], q: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k ids by inner product: ``chunks`` yields (ids [B], vectors [B, D]); -> [Q, k] ids,
-    best first."""
+    best first (FAISS' blocked BLAS + heap per chunk, then a merge of 2k candidates per query)."""
+    faiss = _faiss()
+    q = np.ascontiguousarray(q, dtype=np.float32)
     best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(q), k), -1, dtype=np.int64)
     for ids, x in chunks:
-        s = q @ np.asarray(x, dtype=np.float32).T                           # [Q, B]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        kk = min(k, len(x))
+        s, j = faiss.knn(q, x, kk, metric=faiss.METRIC_INNER_PRODUCT)
         s_all = np.concatenate([best_s, s], axis=1)
-        i_all = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
-        top = np.argpartition(-s_all, k - 1, axis=1)[:, :k] if s_all.shape[1] > k else np.argsort(-s_all, axis=1)
+        i_all = np.concatenate([best_i, np.where(j >= 0, np.asarray(ids, dtype=np.int64)[np.maximum(j, 0)], -1)], axis=1)
+        top = np.argpartition(-s_all, k - 1, axis=1)[:, :k]
         best_s = np.take_along_axis(s_all, top, axis=1)
         best_i = np.take_along_axis(i_all, top, axis=1)
     return np.take_along_axis(best_i, np.argsort(-best_s, axis=1, kind="stable"), axis=1)   # best first

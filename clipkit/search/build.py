@@ -256,12 +256,12 @@ def _vector_rows(folder: Path, vs: VectorSource, start: int, seg_no: int, dim: i
     name = f"emb-{seg_no:06d}.npy"
     out = NpyAppender(folder / name, np.float16, dim)
     for a, b in ann.batches(len(v), 65536):
-        x = np.asarray(v[a:b], dtype=np.float64)
-        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.asarray(v[a:b], dtype=np.float32)
+        norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))[:, None].astype(np.float32)
         if not (norm > 1e-6).all() or not np.isfinite(norm).all():
             raise InputError(f"vector {a + int(np.argmin((norm > 1e-6) & np.isfinite(norm)))} has no direction "
                              "(zero or overflowing norm)")
-        out.append((x / norm).astype(np.float32))          # stored as unit vectors, as image embeddings are
+        out.append(x / norm)                                # stored as unit vectors, as image embeddings are
     out.close()
     items = [Item(start + i, n, "", 0, 0, c) for i, (n, c) in enumerate(zip(names, caps))]
     return _NewRows(Segment(name, "", start, len(v), emb_sha256=out.sha256), items, [])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from clipkit.shapes.layout import find_position, split_objects
-from clipkit.shapes.world import COLOR_NAMES, SHAPES, SIZES, Scene
+from clipkit.shapes.world import COLOR_NAMES, SHAPES, SIZES, Scene, captions
 
 ATTRIBUTES = ("color", "shape", "size", "position")
 
@@ -53,5 +53,4 @@ def caption_matches(caption: str, scene: Scene, attributes=ATTRIBUTES) -> dict[s
 
 def describing_captions(scene: Scene) -> list[str]:
     """The scene's full captions that name every attribute of every object (the captioner's targets)."""
-    from clipkit.shapes.world import captions
     return [c for c in captions(scene)["full"] if caption_matches(c, scene)["exact"]]

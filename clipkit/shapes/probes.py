@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 import torch
 
 from clipkit.shapes.world import AT, COLOR_NAMES, POSITIONS, SHAPES, SIZES, Scene
+from clipkit.shapes.data import single_object_scenes
+from clipkit.shapes.render import render_scenes
 
 #: attribute -> (template, label values, how a label is phrased in the template)
 PROBES = {
@@ -49,7 +51,5 @@ def reference_accuracy(scorer, n: int = 512, split: str = "test", attributes: Se
 @functools.lru_cache(maxsize=2)
 def _reference_renders(split: str, n: int, size: int):
     """The reference scenes and their renders, drawn once for the several models WiSE-FT measures."""
-    from clipkit.shapes.data import single_object_scenes
-    from clipkit.shapes.render import render_scenes
     scenes = single_object_scenes(split, n)
     return scenes, render_scenes(scenes, size)

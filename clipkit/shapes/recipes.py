@@ -19,6 +19,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from clipkit.core.preprocess import torch_preprocess
+from clipkit.shapes.data import ShapesCaptions, collate, single_object_scenes
+from clipkit.shapes.probes import reference_accuracy, zero_shot_accuracy
+from clipkit.shapes.render import random_params, render, render_scenes
+from clipkit.core.train_clip import ClipData
+from clipkit.shapes.oracle import read_attributes
+from clipkit.guidance.train_diffusion import DiffusionData
+from clipkit.captioning.train import CaptionData, CaptionSplits, embed_images
+from clipkit.shapes.parse import caption_matches, describing_captions
+from clipkit.shapes.world import sample_scene, split_seed
 
 # --------------------------------------------------------------------------------------------
 # CLIP
@@ -28,10 +38,6 @@ import torch.nn.functional as F
 def shapes_clip_eval(model, preprocess, tokenizer, device, n: int = 512) -> dict:
     """Zero-shot accuracy of each attribute (colour, shape, size, position) on ``n`` one-object
     validation renders, with the model being trained."""
-    from clipkit.core.preprocess import torch_preprocess
-    from clipkit.shapes.data import single_object_scenes
-    from clipkit.shapes.probes import zero_shot_accuracy
-    from clipkit.shapes.render import render_scenes
     scenes = single_object_scenes("val", n)
     was_training = model.training
     model.eval()
@@ -49,9 +55,6 @@ def shapes_clip_eval(model, preprocess, tokenizer, device, n: int = 512) -> dict
 def shapes_clip_data(cfg, tokenizer, num_processes: int):
     """:class:`clipkit.core.train_clip.ClipData` of the Shapes CLIP: one scene per sample of the
     run (``steps x batch_size x processes``), each batch rendered at one of ``cfg.render_sizes``."""
-    from clipkit.core.train_clip import ClipData
-    from clipkit.shapes.data import ShapesCaptions
-    from clipkit.shapes.render import render
     ds = ShapesCaptions("train", length=cfg.steps * cfg.batch_size * num_processes, p_two=cfg.p_two,
                         tokenizer=tokenizer)
     size_rng = random.Random(cfg.seed)
@@ -71,7 +74,6 @@ def train_clip(cfg, progress: bool = True, reference=None):
 
 def shapes_reference(scorer) -> dict:
     """The WiSE-FT reference task of a Shapes CLIP: zero-shot colour and shape accuracy."""
-    from clipkit.shapes.probes import reference_accuracy
     return reference_accuracy(scorer, attributes=("color", "shape"))
 
 
@@ -81,7 +83,6 @@ def shapes_reference(scorer) -> dict:
 
 def judge_samples(images: torch.Tensor) -> dict:
     """Oracle statistics of unguided samples: valid-object rate and attribute histograms."""
-    from clipkit.shapes.oracle import read_attributes
     valid, n_obj = 0, Counter()
     colors, positions, shapes = Counter(), Counter(), Counter()
     for im in images:
@@ -104,9 +105,6 @@ def shapes_diffusion_data(cfg, size: int, gen: torch.Generator, num_processes: i
     at ``size``; samples judged by the oracle."""
     from torch.utils.data import DataLoader
 
-    from clipkit.guidance.train_diffusion import DiffusionData
-    from clipkit.shapes.data import ShapesCaptions, collate
-    from clipkit.shapes.render import random_params, render
     if cfg.device_data:
         def draws():
             while True:
@@ -136,10 +134,6 @@ def train_diffusion(cfg, progress: bool = True):
 def shapes_captions(scorer, split: str, n: int, cache: Path | None, size: int = 64):
     """:class:`clipkit.captioning.train.CaptionData` of ``n`` scenes of a split: CLIP embeddings
     of their renders (cached) and every describing caption."""
-    from clipkit.captioning.train import CaptionData, embed_images
-    from clipkit.shapes.parse import describing_captions
-    from clipkit.shapes.render import render_scenes
-    from clipkit.shapes.world import sample_scene, split_seed
     scenes = [sample_scene(split_seed(split, i)) for i in range(n)]
     keys = [str(s.seed) for s in scenes]
     by_key = {str(s.seed): s for s in scenes}
@@ -149,15 +143,12 @@ def shapes_captions(scorer, split: str, n: int, cache: Path | None, size: int = 
 
 def exact_attributes(captions: dict) -> dict:
     """The fraction of captions ({scene seed: caption}) naming exactly their scene's attributes."""
-    from clipkit.shapes.parse import caption_matches
-    from clipkit.shapes.world import sample_scene
     ok = [caption_matches(c, sample_scene(int(k)))["exact"] for k, c in captions.items()]
     return {"exact_attr": sum(ok) / len(ok)}
 
 
 def shapes_caption_data(cfg, scorer, cache: Path):
     """:class:`clipkit.captioning.train.CaptionSplits` of the Shapes captioner."""
-    from clipkit.captioning.train import CaptionSplits
     return CaptionSplits(shapes_captions(scorer, "train", cfg.shapes_train, cache / "train.safetensors"),
                          shapes_captions(scorer, "val", cfg.shapes_val, cache / "val.safetensors"),
                          metrics=exact_attributes)

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from clipkit.shapes.world import COLORS, SHAPES, Scene
+from clipkit.shapes.world import COLORS, JITTER, RADIUS, SHAPES, SIZES, Scene
 
 #: square half-side and triangle circumradius relative to the object radius
 SQUARE_HALF = 0.85
@@ -84,7 +84,6 @@ def random_params(batch: int, generator: torch.Generator, p_two: float = 0.35) -
     Same distribution as :func:`clipkit.shapes.world.sample_scene`: 1 or 2 objects (prob ``p_two``)
     in distinct cells, uniform shape, colour, size and cell, jitter in [-JITTER, JITTER].
     """
-    from clipkit.shapes.world import JITTER, RADIUS, SIZES
     dev = generator.device
 
     def randint(hi, *shape):

@@ -162,10 +162,9 @@ class Studio:
     """What the studio's routes do, independent of Flask."""
 
     def __init__(self, cfg: StudioConfig, models: Models, generate: Callable | None = None):
-        from clipkit.core.outputs import check_output_dir
         self.cfg, self.models = cfg, models
-        self.out = Path(cfg.out)
-        check_output_dir(self.out, what="--out folder")
+        self.out = Path(cfg.out).expanduser()
+        check_out_folder(self.out)
         self.gallery = Gallery(self.out)
         self.queue = JobQueue(cfg.jobs_kept)
         self.budget = PixelBudget(cfg.decode_budget)
@@ -239,8 +238,9 @@ class Studio:
             opts["strength"] = _number(src, "strength", 0.5, 0, 1, lo_open=True)
         if not prompt and not image_prompts:
             raise InputError("give a prompt, or an image prompt to guide by an image alone")
+        force = str(src.get("force", "0")).lower() in ("1", "true", "on", "yes")
         return {"prompts": [prompt] if prompt else [], "n": n, "seed": seed, "clip": list(cfg.clip) or None,
-                "options": {k: v for k, v in opts.items() if v is not None}}
+                "force": force, "options": {k: v for k, v in opts.items() if v is not None}}
 
     def regenerate_args(self, eid: str, vary: bool) -> dict:
         """A gallery picture's sidecar -> the arguments that make it again (``vary``: with a new seed)."""
@@ -280,7 +280,9 @@ class Studio:
             seed = sc["seed"]                     # this picture's own seed, alone: the same bytes
             opts["best_of"], opts["drafts"] = 1, 1
         prompt = sc["prompt"]
-        return {"prompts": [prompt] if prompt else [], "n": 1, "seed": seed, "clip": clips, "options": opts}
+        # force: the prompt was run once already (perhaps forced); the sidecar is the record of it
+        return {"prompts": [prompt] if prompt else [], "n": 1, "seed": seed, "clip": clips, "force": True,
+                "options": opts}
 
     def submit_generate(self, args: dict, label: str) -> Job:
         return self.queue.submit("generate", label, lambda job: self._run_generate(job, args))
@@ -311,7 +313,7 @@ class Studio:
                                diffusion=self.models.diffusion(), clip=args["clip"], captioner=cfg.captioner,
                                device=cfg.device, precision=cfg.precision, out_dir=run_dir,
                                on_step=on_step, on_preview=on_preview, preview_every=every, on_image=on_image,
-                               cancel=job.cancelled, **args["options"])
+                               cancel=job.cancelled, force=args.get("force", False), **args["options"])
         return {"seed": res.seed, "candidates": res.candidates, "wall_s": round(res.wall_s, 3),
                 "score": res.score_label(), "folder": run_dir.name, "images": job.images}
 
@@ -357,6 +359,22 @@ class Studio:
                 "limits": {"steps": self.cfg.max_steps, "best_of": self.cfg.max_best_of, "n": self.cfg.max_n,
                            "files": self.cfg.max_files, "max_upload": self.cfg.max_upload,
                            "max_pixels": self.cfg.max_pixels}}
+
+
+def check_out_folder(path: Path) -> None:
+    """--out can be written: a writable folder, or one that can be made (made at the first write, so a
+    studio that generated nothing leaves nothing behind). An InputError of one line otherwise."""
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise InputError(f"--out folder {path} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"--out folder {path} is not writable")
+        return
+    parent = path.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create --out folder {path}: {parent} is not a writable folder")
 
 
 def cfg_spec(cap) -> str | None:
@@ -467,6 +485,8 @@ def create_studio_app(config: StudioConfig | None = None, reader=None, search_sc
                 buf = io.BytesIO()
                 im.save(buf, "JPEG", quality=88)
                 cached = (buf.getvalue(), "image/jpeg")
+            if len(studio.gallery.thumbs) >= 1024:
+                studio.gallery.thumbs.clear()                # bounded: a big gallery pages through it
             studio.gallery.thumbs[e.key] = cached
         return Response(cached[0], mimetype=cached[1], headers={"Cache-Control": "no-cache"})
 
@@ -495,7 +515,8 @@ def create_studio_app(config: StudioConfig | None = None, reader=None, search_sc
         e = gallery_entry(eid)
         if cfg.captioner is None:
             raise HttpError(503, "captioning unavailable: start the studio with --captioner SPEC")
-        return accepted(studio.queue.submit("caption", f"caption {e.rel}", lambda job: studio.gallery_caption(e.id, job)))
+        return accepted(studio.queue.submit("caption", f"caption {e.rel}",
+                                            lambda job: studio.gallery_caption(e.id, job)))
 
     @app.post("/api/caption-image")
     def caption_image():

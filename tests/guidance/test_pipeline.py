@@ -54,7 +54,42 @@ def pixels(im):
 
 
 def test_same_seed_same_image_whatever_n(shapes_pipe, scorer):
-    assert_seed_fixes_the_image(generate, PROMPT, other_seed=3, diffusion=shapes_pipe, clip=scorer, steps=4)
+    # each candidate alone (--batch-size 1): a seed fixes its image bit for bit, whatever else is drawn
+    assert_seed_fixes_the_image(generate, PROMPT, other_seed=3, diffusion=shapes_pipe, clip=scorer, steps=4,
+                                batch_size=1)
+
+
+def test_batched_candidates_repeat_exactly_and_match_alone_up_to_rounding(shapes_pipe, scorer):
+    """The default samples a prompt's candidates as one batch: the same command gives the same bytes, and
+    each image is its seed's image sampled alone up to float rounding (each row draws its noise and views
+    from its own generators)."""
+    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=6, seed=3)
+    a, b = generate(PROMPT, n=3, **kw), generate(PROMPT, n=3, **kw)
+    alone = {im.seed: im for im in generate(PROMPT, n=3, batch_size=1, **kw).images}
+    assert [im.seed for im in a.images] == [im.seed for im in b.images]
+    for x, y in zip(a.images, b.images):
+        assert x.image.tobytes() == y.image.tobytes() and x.clip_score == y.clip_score
+    for im in a.images:
+        d = np.abs(pixels(im.image).astype(int) - pixels(alone[im.seed].image).astype(int))
+        assert d.mean() < 0.5 and math.isclose(im.clip_score, alone[im.seed].clip_score, abs_tol=5e-3), d.max()
+    # batches of at most 2: 3 candidates split 2 + 1, the same images up to rounding
+    split = {im.seed: im for im in generate(PROMPT, n=3, batch_size=2, **kw).images}
+    for s, im in alone.items():
+        assert np.abs(pixels(im.image).astype(int) - pixels(split[s].image).astype(int)).mean() < 0.5
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp"])
+def test_batched_drafts_go_on_with_the_kept_rows(shapes_pipe, scorer, scheduler):
+    """Drafts in one batch drop the rows not kept (of the sample, of each row's generators and of a
+    multistep scheduler's history): the finished images are those sampled alone, up to rounding."""
+    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=5, seed=40, n=2, drafts=2, draft_steps=2,
+              scheduler=scheduler)
+    together = {im.seed: im for im in generate(PROMPT, **kw).images}
+    alone = {im.seed: im for im in generate(PROMPT, batch_size=1, **kw).images}
+    assert sorted(together) == sorted(alone)
+    for s in together:
+        d = np.abs(pixels(together[s].image).astype(int) - pixels(alone[s].image).astype(int))
+        assert d.mean() < 0.5, (s, d.max())
 
 
 def test_best_of_keeps_the_highest_scores(shapes_pipe, scorer):
@@ -192,7 +227,7 @@ def _png(tmp_path, name="render.png", colour="blue", position="bottom right", sh
 
 
 def test_drafts_keep_the_best_preview_and_a_kept_seed_regenerates_alone(shapes_pipe, scorer):
-    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=4, seed=20)
+    kw = dict(diffusion=shapes_pipe, clip=scorer, steps=4, seed=20, batch_size=1)     # alone: bit for bit
     ranked = []
 
     class Spy:                                                 # a selector that records what it ranks

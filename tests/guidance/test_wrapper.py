@@ -142,6 +142,19 @@ def test_same_seed_same_output_and_batch_views(unet, tiny_scorer_oc):
     assert v.shape == (15, 3, 16, 16)
 
 
+def test_views_with_one_generator_per_sample_are_each_samples_views_alone():
+    """A batch with a generator per row: row b's views are exactly those of sample b alone with its
+    generator (view-major layout: row r belongs to sample r % B)."""
+    cfg = GuidanceConfig(views=3, cutouts=2)
+    img = torch.rand(3, 3, 16, 16)
+    v = make_views(img, cfg, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    assert v.shape == (15, 3, 16, 16)
+    for b, s in enumerate((5, 6, 7)):
+        assert torch.equal(v[b::3], make_views(img[b:b + 1], cfg, torch.Generator().manual_seed(s)))
+    with pytest.raises(InputError, match="2 view generators for a batch of 3"):
+        make_views(img, cfg, [torch.Generator(), torch.Generator()])
+
+
 @pytest.fixture(scope="module")
 def tiny_scorer_oc(tiny_openclip_dir):
     from clipkit.core.scorer import load_scorer

@@ -10,7 +10,10 @@ import time
 import zipfile
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
+
+from clipkit.cli.main import cli
 
 from studio_helpers import flat_png, wait_job   # tests/studio/ is on sys.path (no __init__.py)
 
@@ -69,8 +72,12 @@ def test_generate_progress_preview_gallery_and_same_bytes_as_the_api(client, tmp
     gallery = client.get("/api/gallery").get_json()
     assert made["id"] in [g["id"] for g in gallery["images"]]
 
-    api = clipkit.generate("a red circle", n=1, seed=5, steps=6, best_of=1, out_dir=tmp_path)
-    assert open(api.images[0].path, "rb").read() == data                         # page = API = CLI
+    api = clipkit.generate("a red circle", n=1, seed=5, steps=6, best_of=1, out_dir=tmp_path / "api")
+    assert open(api.images[0].path, "rb").read() == data                         # page = API
+    res = CliRunner().invoke(cli, ["-q", "generate", "a red circle", "-n", "1", "--seed", "5", "--steps", "6",
+                                   "--best-of", "1", "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli" / "a-red-circle-5.png").read_bytes() == data        # = CLI
 
     again = wait_job(client, client.post(f"/api/gallery/{made['id']}/again", json={"vary": False}).get_json())
     assert again["state"] == "done" and again["images"][0]["sha256"] == made["sha256"]
@@ -154,7 +161,8 @@ def test_caption_and_rerank_uploads(client):
     assert cap["greedy"]["caption"] and cap["beam"]["caption"] and len(cap["beam"]["candidates"]) == 5
     assert all(-1 <= c["clip_score"] <= 1 for c in cap["beam"]["candidates"])
     from helpers import render, scene
-    ims = render([scene("square", "blue", "center"), scene("circle", "red", "center"), scene("triangle", "green", "top")])
+    ims = render([scene("square", "blue", "center"), scene("circle", "red", "center"),
+                  scene("triangle", "green", "top")])
     files = []
     for name, im in zip(("blue.png", "red.png", "green.png"), ims):
         buf = io.BytesIO()
@@ -312,3 +320,47 @@ def test_decode_budget_bounds_concurrent_decoding():
         t.join()
     assert not errors and sizes == [(512, 512)] * 4
     assert budget.peak <= 40_000_000 and budget.used == 0
+
+
+def test_an_unknown_prompt_fails_as_a_job_unless_forced(client):
+    """The bundled models know none of these words: the job fails with the pipeline's one-line reason;
+    with force it runs (the CLI's --force)."""
+    job = wait_job(client, submit(client, prompt="a photo of a dog", seed=1, steps=2, best_of=1))
+    assert job["state"] == "failed" and "know none of its words" in job["error"]
+    job = wait_job(client, submit(client, prompt="a photo of a dog", seed=1, steps=2, best_of=1, force=1))
+    assert job["state"] == "done", job["error"]
+
+
+def test_out_is_made_at_the_first_write_only(tmp_path):
+    from clipkit.core.errors import InputError
+    from clipkit.studio import StudioConfig, create_studio_app
+    app = create_studio_app(StudioConfig(out=str(tmp_path / "a" / "b")))
+    try:
+        assert not (tmp_path / "a").exists()                                     # nothing written yet
+        assert app.test_client().get("/api/gallery").get_json()["total"] == 0
+    finally:
+        app.extensions["clipkit_studio"].queue.close()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        create_studio_app(StudioConfig(out=str(tmp_path / "file")))
+
+
+def test_the_model_options_reach_every_tab(tmp_path):
+    """--clip (the guide and the rerank CLIP) and --captioner none, as `clipkit serve` passes them."""
+    from clipkit.studio import StudioConfig, create_studio_app
+    app = create_studio_app(StudioConfig(out=str(tmp_path / "out"), clip=("shapes",), captioner=None))
+    app.testing = False
+    c = app.test_client()
+    try:
+        s = c.get("/api/info").get_json()["studio"]
+        assert s["clip"] == ["shapes"] and s["rerank_clip"] == "shapes" and s["captioner"] is None
+        job = wait_job(c, submit(c, prompt="a blue square", seed=2, steps=3, best_of=1))
+        assert job["state"] == "done", job["error"]
+        assert c.get(job["images"][0]["sidecar"]).get_json()["models"]["clip"] == "shapes"
+        again = wait_job(c, c.post(f"/api/gallery/{job['images'][0]['id']}/again").get_json())
+        assert again["images"][0]["sha256"] == job["images"][0]["sha256"]
+        r = c.post("/api/caption-image", data={"image": (io.BytesIO(png()), "a.png")}, content_type="multipart/form-data")
+        assert r.status_code == 503 and "captioner" in r.get_json()["error"]
+        assert c.post(f"/api/gallery/{job['images'][0]['id']}/caption").status_code == 503
+    finally:
+        app.extensions["clipkit_studio"].queue.close()

@@ -99,6 +99,7 @@
     }
     for (const t of String(fd.get("negative") || "").split("\n")) if (t.trim()) parts.push("--negative", q(t.trim()));
     if (fd.get("profile_negatives") === "0") parts.push("--negative ''");
+    if (fd.get("force")) parts.push("--force");
     return parts.join(" ");
   }
 
@@ -108,6 +109,7 @@
     fd.append("prompt", $("gen-prompt").value);
     fd.append("negative", $("gen-negative").value);
     fd.append("profile_negatives", $("gen-profile-neg").checked ? "1" : "0");
+    if ($("gen-force").checked) fd.append("force", "1");
     for (const [k, id] of [["seed", "gen-seed"], ["steps", "gen-steps"], ["clip_scale", "gen-clip-scale"],
                            ["best_of", "gen-best-of"], ["n", "gen-n"]]) {
       if ($(id).value.trim() !== "") fd.append(k, $(id).value.trim());
