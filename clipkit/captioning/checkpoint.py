@@ -34,10 +34,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from clipkit.captioning.model import CaptionerConfig, ClipCapModel
-from clipkit.core.errors import ModelLoadError
 from clipkit.captioning.tokenizer import load_tokenizer
+from clipkit.core.errors import ModelLoadError
 
 CONFIG_NAME = "clipcap_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -50,7 +51,6 @@ OFFICIAL_STOP = "."           # their ``stop_token``; EOS does not stop them
 
 
 def save_captioner(path, model: ClipCapModel, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
-    from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -86,7 +86,6 @@ def _build_with_weights(cfg: CaptionerConfig, sd: dict[str, torch.Tensor]) -> Cl
 
 def load_captioner_dir(path) -> tuple[ClipCapModel, object]:
     """Load our directory format -> (model, tokenizer)."""
-    from safetensors.torch import load_file
 
     path = Path(path)
     try:

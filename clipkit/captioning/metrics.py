@@ -23,10 +23,12 @@ Definitions follow pycocoevalcap (``Bleu(4)``, ``Rouge``, ``Cider``), including 
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
 import torch
@@ -332,7 +334,6 @@ def ref_clip_s(scorer, images, captions: Sequence[str], references: Sequence[Seq
 
 def read_references(path) -> dict[str, list[str]]:
     """A JSON object ``{image path, file name or stem: [reference captions]}``."""
-    import json
 
     try:
         doc = json.loads(read_text_file(path, "references"))
@@ -346,7 +347,6 @@ def read_references(path) -> dict[str, list[str]]:
 def match_references(sources: Sequence[str], references: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """``{source: its references}`` for the image paths that have some, looked up by the path itself,
     else its file name, else its stem; raises InputError when none has."""
-    from pathlib import Path
     out = {}
     for s in sources:
         key = next((k for k in (s, Path(s).name, Path(s).stem) if k in references), None)

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 
 from clipkit.core.errors import InputError
 
+# Imported where used: transformers (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
+
 MAPPERS = ("mlp", "transformer")
 
 

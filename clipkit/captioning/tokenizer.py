@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+# Imported where used: tokenizers, torch, transformers (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
+
 EOS = "<|endoftext|>"
 
 

@@ -24,22 +24,26 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from clipkit.captioning.model import CaptionerConfig, ClipCapModel
-from clipkit.core.errors import ImageLoadError, InputError, ModelLoadError
-from clipkit.core.train_clip import read_captions_jsonl
-from clipkit.core.cache import model_key
-from clipkit.core.io import load_image
-from clipkit.captioning.tokenizer import encode_captions, load_tokenizer, train_bpe_tokenizer
-from clipkit.core.registry import resolve
+from clipkit.captioning.checkpoint import save_captioner
 from clipkit.captioning.decode import DecodeConfig, decode
 from clipkit.captioning.metrics import evaluate_captions
-from clipkit.captioning.checkpoint import save_captioner
+from clipkit.captioning.model import CaptionerConfig, ClipCapModel
+from clipkit.captioning.tokenizer import encode_captions, load_tokenizer, train_bpe_tokenizer
+from clipkit.core.cache import model_key
 from clipkit.core.dist import accelerator
-from clipkit.core.scorer import load_scorer
-from clipkit.core.training import LoopSettings, StepOutput, export_dtype, train_loop
+from clipkit.core.errors import ImageLoadError, InputError, ModelLoadError
+from clipkit.core.io import load_image
 from clipkit.core.outputs import atomic_dir
+from clipkit.core.registry import resolve
+from clipkit.core.scorer import load_scorer
+from clipkit.core.train_clip import read_captions_jsonl
+from clipkit.core.training import LoopSettings, StepOutput, export_dtype, train_loop
+
+# Imported where used: accelerate, transformers (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +151,6 @@ def _cache_key(clip: str, keys: list[str]) -> str:
 def embed_images(scorer, keys: list[str], load, cache: Path | None, batch_size: int = 256) -> torch.Tensor:
     """Raw CLIP features of every image, once; cached in ``cache`` (safetensors) keyed by the model's
     weights (:func:`clipkit.core.cache.model_key`) and the image list. ``load(keys) -> images`` renders or reads one batch."""
-    from safetensors.torch import load_file, save_file
     tag = _cache_key(model_key(scorer) if hasattr(scorer, "weights_digest") else scorer.spec, keys)
     if cache is not None and cache.is_file():
         blob = load_file(str(cache))

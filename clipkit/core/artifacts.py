@@ -11,19 +11,21 @@ clipkit loads the base and replaces those weights (:func:`apply_overlay`).
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save, save_file
+
+# Imported where used: open_clip (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 
 def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     """The safetensors file of ``tensors`` + ``metadata`` (str -> str), the same bytes for the same
     input on every run: safetensors itself writes the header's keys in a random (hash) order, so it
     is rewritten here with sorted keys (same data offsets; the header stays 8-byte aligned)."""
-    import struct
 
-    from safetensors.torch import save
     blob = save(tensors, metadata=metadata)
     (n,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8:8 + n])
@@ -85,7 +87,6 @@ def overlay_base(directory) -> str | None:
 
 def apply_overlay(module: torch.nn.Module, directory) -> list[str]:
     """Replace ``module``'s weights by the overlay's; every key must exist with the same shape."""
-    from safetensors.torch import load_file
     sd = load_file(str(Path(directory) / "open_clip_model.safetensors"))
     own = module.state_dict()
     bad = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]

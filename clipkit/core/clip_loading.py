@@ -7,10 +7,14 @@ load without torch, open_clip or transformers (spec checks at option parsing, `c
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from clipkit.core import hub
 from clipkit.core.errors import ModelLoadError
+
+# Imported where used: open_clip, transformers (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 if TYPE_CHECKING:
     from clipkit.core.registry import ModelSpec, Resolved
@@ -93,7 +97,6 @@ def hf_resize_backend() -> str:
 def hf_preprocess(r: "Resolved", model):
     """The preprocessing ``CLIPProcessor.from_pretrained`` would apply, exactly; ModelLoadError for
     settings we cannot reproduce or that do not fit the model."""
-    import logging
 
     from clipkit.core.preprocess import from_hf_image_processor
     size = int(model.config.vision_config.image_size)

@@ -8,6 +8,10 @@ concatenates a tensor over the processes (differentiably), for losses over the g
 from __future__ import annotations
 
 import torch
+from torch.distributed.nn.functional import all_gather
+
+# Imported where used: accelerate, torch (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 
 def _cpu_only() -> bool:
@@ -55,7 +59,6 @@ def gather_cat(t: torch.Tensor, grad: bool = True) -> torch.Tensor:
         t = torch.cat([t, t.new_zeros((most - t.shape[0], *t.shape[1:]))])
     t = t.contiguous()
     if grad:
-        from torch.distributed.nn.functional import all_gather
         parts = all_gather(t)
     else:
         parts = [torch.empty_like(t) for _ in range(n)]

@@ -17,24 +17,31 @@ over the classes with images), per-class accuracy and the confusion matrix (rows
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import math
+import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Dataset
 
 from clipkit.core.errors import ImageLoadError, InputError
-from clipkit.core.labelled import LabelledSet, LabelledSplit, load_labelled, read_class_names
-from clipkit.core.prompts import build_classifier, resolve_templates
-from clipkit.core.scorer import load_scorer
 from clipkit.core.io import load_image
-from clipkit.core.preprocess import pil_to_tensor
+from clipkit.core.labelled import LabelledSet, LabelledSplit, load_labelled, read_class_names
 from clipkit.core.outputs import write_atomic
 from clipkit.core.plots import confusion_matrix_plot
+from clipkit.core.preprocess import pil_to_tensor
+from clipkit.core.prompts import build_classifier, resolve_templates
+from clipkit.core.scorer import load_scorer
+
+# Imported where used: numpy, sklearn (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +211,9 @@ class ProbeResult:
 
 
 def _fit(X, y, C: float, seed: int = 0):
-    import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
     clf = LogisticRegression(C=C, max_iter=1000, random_state=seed)      # lbfgs, multinomial
     # one BLAS thread: these problems are small, and on a busy machine multi-threaded BLAS spends
     # its time spin-waiting (measured 1.7-4.8 s -> 0.05-0.13 s per fit on 1,078 x 128 features)
@@ -250,7 +255,6 @@ def sweep_C(Xtr, ytr, Xval, yval, lo: float = -6, hi: float = 6, per_decade: int
 
 def few_shot(labels: Sequence[int], shots: int, seed: int) -> list[int]:
     """Positions of ``shots`` images per class drawn with ``seed`` (all of a class that has fewer)."""
-    import random
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
@@ -269,7 +273,6 @@ def few_shot(labels: Sequence[int], shots: int, seed: int) -> list[int]:
 def _holdout(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Stratified split of positions -> (keep, held out): ``fraction`` of each class, at least one
     image held out of a class that has two or more, at least one kept."""
-    import random
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
@@ -313,7 +316,6 @@ class EvalResult:
 
     def write_csv(self, path, overwrite: bool = False) -> Path:
         """Per-class rows (class, name, images, correct, accuracy), then an ``(all)`` row."""
-        import csv
 
 
         def write(tmp: Path):

@@ -15,8 +15,13 @@ so do the plugins' loaders (for the fix of a failed download and the one-line me
 from __future__ import annotations
 
 import os
+import socket
+from urllib.parse import urlparse
 
 from clipkit.core.errors import ModelLoadError
+
+# Imported where used: huggingface_hub (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 #: the fix of every failed hub load
 OFFLINE_FIX = "check the network, or download it once and set HF_HUB_OFFLINE=1 to use the cache"
@@ -39,8 +44,6 @@ def offline() -> bool:
 def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     """A TCP connect to the hub endpoint with a short timeout (huggingface_hub itself retries with
     back-off for ~30-60 s before giving up on an unreachable network) -> (reachable, why not)."""
-    import socket
-    from urllib.parse import urlparse
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:

@@ -32,13 +32,15 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import ImageDraw
+from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from clipkit.core.errors import InputError, ModelLoadError
-from clipkit.core.losses import get_loss
 from clipkit.core.io import load_image, open_regular
-from clipkit.core.registry import resolve
+from clipkit.core.losses import get_loss
 from clipkit.core.ranking import cosines
+from clipkit.core.registry import resolve
 
 
 class Objective(Protocol):
@@ -424,7 +426,6 @@ class Erased:
 
     def score_images(self, images) -> torch.Tensor:
         """The objective's ``score_images`` of the images (PIL, or paths) with the boxes erased."""
-        from PIL import ImageDraw
         level = round(255 * self.fill)
         out = []
         for im in images:
@@ -540,7 +541,6 @@ def load_aesthetic_head(path: str | Path) -> AestheticHead:
     p = Path(path).expanduser()
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
             open_regular(p).close()
             state = load_file(str(p))
         else:

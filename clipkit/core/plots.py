@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 from clipkit.core.outputs import write_atomic
+
+# Imported where used: matplotlib, numpy (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 
 def save_figure(fig, out_path, dpi: int = 100, overwrite: bool = False) -> Path:

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+# Imported where used: torchvision (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -17,6 +17,9 @@ from clipkit.core.errors import InputError
 from clipkit.core.io import read_text_file
 from clipkit.core.scorer import load_scorer
 
+# Imported where used: open_clip (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
+
 Templates = Union[str, Sequence[str]]
 
 

@@ -17,11 +17,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from clipkit.core.errors import ImageLoadError, InputError
-from clipkit.core.outputs import write_atomic
 from clipkit.core.io import load_image
+from clipkit.core.outputs import write_atomic
 
 #: Most thumbnails on a contact sheet (a ranking of every file in a big folder stays drawable).
 SHEET_LIMIT = 100
@@ -70,7 +70,6 @@ class RankingResult:
         """The ``limit`` best results as a grid of thumbnails with rank and score under each (a result
         whose image is gone or changed: a tile labelled "missing").
         ``loader(item) -> PIL image`` reads a result's image (default: ``load_image(item.path)``)."""
-        from PIL import ImageDraw
 
         items = [r for r in self.results[:limit] if r.path]
         if not items:

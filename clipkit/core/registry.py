@@ -35,6 +35,9 @@ from clipkit.core import hub
 from clipkit.core.clip_loading import create_openclip, load_hf_clip
 from clipkit.core.errors import ModelLoadError
 
+# Imported where used: huggingface_hub, open_clip (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
+
 BUNDLED = "shapes"
 #: bundled model names: ``shapes`` (every component) and ``shapes-noised`` (the noise-aware guide
 #: CLIP: an overlay of the bundled CLIP whose image tower was fine-tuned on DDPM-noised x_t)

@@ -31,6 +31,7 @@ diffusion model ``noise_schedule`` names (its own scheduler config; default: the
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -42,20 +43,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from clipkit.core.augment import augment_robust, ddpm_alphas_cumprod, noise_images
-from clipkit.core.errors import ImageLoadError, InputError
-from clipkit.core.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig, pil_to_tensor, torch_preprocess
 from clipkit.core.artifacts import build_openclip, save_openclip_dir
+from clipkit.core.augment import augment_robust, ddpm_alphas_cumprod, noise_images
 from clipkit.core.backends import OpenClipBackend, openclip_tokenize
-from clipkit.core.registry import load_clip, parse_spec
 from clipkit.core.dist import accelerator, gather_cat
+from clipkit.core.errors import ImageLoadError, InputError
 from clipkit.core.evaluate import check_class_prompts, compute_metrics, summarised_truncation
+from clipkit.core.io import load_image
 from clipkit.core.labelled import ALL, load_labelled
+from clipkit.core.outputs import atomic_dir
+from clipkit.core.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig, pil_to_tensor, torch_preprocess
 from clipkit.core.prompts import resolve_templates
+from clipkit.core.registry import load_clip, parse_spec
 from clipkit.core.training import LoopSettings, RngStates, StepOutput, export_dtype, train_loop
 from clipkit.core.wise import check_alphas, wise_ft
-from clipkit.core.outputs import atomic_dir
-from clipkit.core.io import load_image
+
+# Imported where used: accelerate, open_clip (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 if TYPE_CHECKING:
     from clipkit.core.labelled import LabelledSet, LabelledSplit
@@ -307,7 +311,6 @@ def data_kind(data: str) -> str:
     if p.is_dir() or p.suffix.lower() == ".csv":
         return "labelled"
     if p.suffix.lower() == ".jsonl" and p.is_file():
-        import itertools
         with open(p, encoding="utf-8", errors="replace") as f:
             for ln in itertools.islice(f, 100):
                 try:

@@ -22,15 +22,22 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
 from clipkit.core.errors import InputError
 from clipkit.core.outputs import (atomic_dir, check_output_dir, old_dir, open_log, recover_dir, remove_path,
                                   write_atomic)
 from clipkit.core.plots import save_figure
+
+# Imported where used: accelerate, matplotlib, transformers (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 
 #: ``--export-dtype`` names -> torch dtypes (one table for every trainer).
@@ -122,7 +129,6 @@ def _unflatten(node, tensors: dict):
 
 def save_objects(folder, objects, process_index: int = 0) -> None:
     """Write the ``state_dict()`` of each object into ``folder`` (objects_P.safetensors/.json)."""
-    from safetensors.torch import save_file
     tensors: dict = {}
     tree = [_flatten(o.state_dict(), tensors, f"o{i}") for i, o in enumerate(objects)]
     save_file(tensors, str(Path(folder) / f"objects_{process_index}.safetensors"))
@@ -131,7 +137,6 @@ def save_objects(folder, objects, process_index: int = 0) -> None:
 
 def load_objects(folder, objects, process_index: int = 0) -> bool:
     """Restore objects saved by :func:`save_objects`; False when this process has no file there."""
-    from safetensors.torch import load_file
     folder = Path(folder)
     meta = folder / f"objects_{process_index}.json"
     if not meta.is_file():
@@ -219,7 +224,6 @@ def load_training_state(acc, ckpt_dir, objects=(), rng: "RngStates | None" = Non
         raise
     except Exception as e:          # truncated files, bad JSON, missing keys, wrong shapes
         raise _damaged(ckpt_dir, e) from None
-    import logging
     logging.getLogger(__name__).info("resumed from step %d", state["step"])
     return state
 
@@ -246,7 +250,6 @@ def _same(key: str, a, b) -> bool:
     if a == b:
         return True
     if isinstance(a, str) and isinstance(b, str) and key in ("data", "images", "init", "clip", "decoder"):
-        import os
         return os.path.exists(a) and os.path.realpath(a) == os.path.realpath(b)
     return False
 
@@ -304,7 +307,6 @@ def check_run_dir(out_dir, *, resume: bool = False, overwrite: bool = False, con
     ``resume`` (and the same settings, :func:`check_resume`) and replaced only with ``overwrite``
     (its checkpoint is removed then, on the ``main`` process, so a later ``--resume`` never
     continues the replaced run). -> the folder. Raises a one-line InputError."""
-    import os
 
     out = Path(out_dir)
     existed = os.path.isdir(out)
@@ -419,7 +421,6 @@ def plan_steps(requested: int, time_limit_s: float | None, *, step: int, rate: f
     fit = step + int(rate * max(0.0, time_limit_s - elapsed_s) * 0.95)
     steps = max(step + 1, fit) if fit < requested else requested
     if steps < requested:
-        import logging
         logging.getLogger(__name__).info("time limit %.0fs: %d steps planned (%.1f steps/s)",
                                          time_limit_s, steps, rate)
     return StepPlan(steps, requested, rate, time_limit_s)
@@ -477,7 +478,6 @@ def train_loop(acc, model, optimizer, data, step_fn, settings: LoopSettings, *, 
     logged); ``on_epoch(epoch)`` before each pass; ``state_objects`` (objects with
     ``state_dict``/``load_state_dict``) and ``rng`` are checkpointed; ``config`` goes in state.json.
     """
-    from tqdm.auto import tqdm
     s = settings
     out = Path(s.out_dir)
     ckpt_dir = out / "checkpoint"

@@ -10,6 +10,8 @@ labelled set's evaluation split and on a *reference task* the caller supplies (a
 """
 from __future__ import annotations
 
+import csv
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,13 +19,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from clipkit.core.errors import InputError
 from clipkit.core.artifacts import save_openclip_dir
+from clipkit.core.errors import InputError
 from clipkit.core.evaluate import evaluate
 from clipkit.core.outputs import atomic_dir, write_atomic, write_text_atomic
+from clipkit.core.plots import save_figure
 from clipkit.core.registry import load_clip
 from clipkit.core.scorer import load_scorer
-from clipkit.core.plots import save_figure
+
+# Imported where used: matplotlib (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +80,6 @@ class WiseReport:
 
     def write(self, out_dir, overwrite: bool = True) -> dict[str, Path]:
         """``wise.json``, ``wise.csv`` (one row per alpha) and ``wise.png`` (accuracy against alpha)."""
-        import csv
-        import json
 
         out = Path(out_dir)
         ref_keys = sorted({k for r in self.rows for k in r.reference})

@@ -38,7 +38,9 @@ class DiffusionBackend(Protocol):
 
     def trajectory(self, cond: "Conditioning", seed: int, config: GenerateConfig) -> Iterator:
         """One image's sampling, step by step: :class:`~clipkit.guidance.wrapper.SampleState` after every
-        step (``x`` and ``x0`` in the model's space); it must depend only on (cond, seed, config)."""
+        step (``x`` and ``x0`` in the model's space); it must depend only on (cond, seed, config).
+        A backend may also offer ``trajectories(cond, seeds, config)``: the seeds as one batch (a
+        :class:`Rows`), which :func:`~clipkit.guidance.pipeline.generate` then uses (the pixel backend)."""
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Model space -> pixels [B, 3, H, W] in [0, 1] on the CPU (the final ``x``, or an ``x0``)."""

@@ -2,17 +2,21 @@
 
 :func:`generate` does, for each prompt:
 
-1. draw ``n * best_of`` candidates with seeds ``seed, seed + 1, ...``; every candidate is sampled on
-   its own, so its seed alone fixes it (``-n 1 --best-of 1 --seed S`` regenerates the file ``<slug>-S.png``,
-   bit for bit on the same machine, torch build and thread count);
+1. draw ``n * best_of`` candidates with seeds ``seed, seed + 1, ...``, sampled together in batches of
+   up to ``batch_size`` (one network and one CLIP call per step for all of them: :func:`run_candidates`).
+   Each candidate draws its noise and its guidance views from generators of its own seed, so its seed
+   fixes its image up to float rounding (a batched convolution sums in another order than a batch of
+   one: ~1e-6, which can move a pixel by one level): the same command (seed and options) writes the
+   same bytes on the same machine, torch build and thread count, and ``-n 1 --best-of 1 --seed S``
+   regenerates the image of seed S, bit for bit with ``batch_size=1`` (each candidate alone);
 2. score each candidate *as saved* (8-bit RGB) by cosine with the prompt under the guiding CLIP,
    ranked with core's ranking (:func:`clipkit.core.ranking.order`: score descending, rounded to
    1e-6, ties by seed), or by a :class:`Selector`'s scores when one is given (e.g. the captioning
    plugin's ``CaptionEndSelector``, passed in by the CLI: plugins never import each other);
 3. keep the ``n`` best; optionally write ``DIR/<slug>-<seed>.png`` and a ``.json`` sidecar.
 
-With CLIP guidance off (``clip_scale=0``) candidate seed S is, pixel for pixel, what diffusers' own
-pipeline gives for ``generator=torch.Generator().manual_seed(S)`` and a batch of one, with the same
+With CLIP guidance off (``clip_scale=0``) candidate seed S is, pixel for pixel (within one level in
+a batch), what diffusers' own pipeline gives for ``generator=torch.Generator().manual_seed(S)`` and a batch of one, with the same
 scheduler, steps and (latent) guidance scale: ``DDIMPipeline`` (eta 0), ``DDPMPipeline``,
 ``PNDMPipeline``, ``StableDiffusionPipeline`` (tests/conformance/test_generation.py). One exception:
 a ``cfg_scale`` below 1, where diffusers switches classifier-free guidance off and clipkit keeps
@@ -45,14 +49,14 @@ from clipkit.core.ranking import order
 from clipkit.core.registry import is_noise_aware
 from clipkit.core.scorer import load_scorer
 from clipkit.guidance.backends import Conditioning, tensor_to_pil
-from clipkit.guidance.sampling import SampleState
-from clipkit.guidance.defaults import spec_of
 from clipkit.guidance.config import MAX_SEED, GenerateConfig, make_config
+from clipkit.guidance.defaults import spec_of
 from clipkit.guidance.diffusion import load_diffusion
 from clipkit.guidance.prompting import (check_parts, check_prompts, conditioning_text, init_pixels, prompt_layout,
                                         prompt_objective, read_image, score_kind, warn_unknown_words)
 from clipkit.guidance.results import (SCORE_NOTES, GeneratedImage, GenerateResult, check_out_dir, parameters,
                                       plan_targets, write_image)
+from clipkit.guidance.sampling import SampleState
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ The package is callable: ``clipkit.rerank(...)`` is :func:`clipkit.rerank.rank.r
 What search shares with it lives in core: the embedding cache (:mod:`clipkit.core.cache`), the
 streaming embedder (:mod:`clipkit.core.embedding`), scores, order and reports (:mod:`clipkit.core.ranking`).
 """
+import inspect
 import sys
 import types
 
@@ -22,12 +23,11 @@ class _CallableModule(types.ModuleType):
     both, whatever was imported first; it needs no torch in ``import clipkit`` and no rename."""
 
     def __call__(self, *args, **kwargs):
-        from clipkit.rerank.rank import rerank   # looked up per call: a patched rank.rerank is honoured
+        from clipkit.rerank.rank import rerank  # looked up per call: a patched rank.rerank is honoured
         return rerank(*args, **kwargs)
 
     @property
     def __signature__(self):                     # inspect.signature / help show rerank's arguments
-        import inspect
 
         from clipkit.rerank.rank import rerank
         return inspect.signature(rerank)

@@ -4,12 +4,17 @@ The streaming, cache-aware embedding itself is :mod:`clipkit.core.embedding` (sh
 """
 from __future__ import annotations
 
-import torch
+import json
+import os
 
-from clipkit.core.embedding import embed_files
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from clipkit.core.artifacts import save_safetensors
 from clipkit.core.cache import open_cache
 from clipkit.core.dist import partial_state
+from clipkit.core.embedding import embed_files
 from clipkit.core.errors import InputError
 from clipkit.core.io import scan_images
 from clipkit.core.outputs import check_output_file, write_atomic
@@ -27,11 +32,7 @@ def embed_folder_distributed(folders, out_path, scorer, batch_size: int = 64, nu
     process merges the shards in file order into ``out_path`` (atomically: never half a file, never
     through a symlink) and removes them. Returns a summary on the main process, None elsewhere.
     """
-    import json
-    import os
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     out = check_output_file(out_path, overwrite=overwrite, inputs=folders, what="--out")
     state = partial_state()

@@ -295,9 +295,7 @@ def _update_ann(folder: Path, m: Manifest, cfg: ann.AnnConfig, mask: np.ndarray,
     why = "first build" if old is None else _outgrown(old, m.alive, cfg)
     rng = np.random.default_rng(cfg.seed)
     if why is None:                                   # encode only the new rows, with the current quantiser
-        index = read_quantizer(folder, m)
-        if not m.ann.get("quantizer_sha256"):         # format 1 recorded none
-            m.ann["quantizer_sha256"] = hashlib.sha256((folder / m.ann["quantizer"]).read_bytes()).hexdigest()
+        index = read_quantizer(folder, m)             # (records the quantiser's sha256 if format 1 had none)
         for seg in new_segments:
             _encode_segment(folder, index, seg, gen, m.dim)
         sqfp16 = ann.is_sqfp16(ann.extract_ivf(index))

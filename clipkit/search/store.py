@@ -485,9 +485,10 @@ def read_quantizer(folder, m: Manifest):
         raise InputError(f"cannot read index file {p}: {e.reason}; {REBUILD}") from None
     except OSError as e:
         raise InputError(f"cannot read index file {p}: {e.strerror or e}; {REBUILD}") from None
-    want = m.ann.get("quantizer_sha256")
-    if want and hashlib.sha256(data).hexdigest() != want:
+    want, digest = m.ann.get("quantizer_sha256"), hashlib.sha256(data).hexdigest()
+    if want and digest != want:
         raise InputError(f"index file {p} is damaged (its sha256 differs from the manifest's); {REBUILD}")
+    m.ann["quantizer_sha256"] = digest                  # format 1 recorded none: the next commit does
     try:
         index = ann.deserialize(data)
         ivf = ann.extract_ivf(index)

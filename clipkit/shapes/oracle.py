@@ -13,12 +13,16 @@ It judges generations and captions, so it stays independent of every learned mod
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import permutations
 
 import torch
 import torch.nn.functional as F
 
 from clipkit.shapes.render import render
 from clipkit.shapes.world import COLORS, POSITIONS, RADIUS, SHAPES, SIZES
+
+# Imported where used: numpy (heavy or optional; the paths that do not need them, and
+# `clipkit --help`, start without them).
 
 _PALETTE = torch.tensor(list(COLORS.values()))             # [7, 3]
 _COLOR_NAMES = list(COLORS)
@@ -124,7 +128,6 @@ def strict_match(found: list[OracleObject], expected: list[dict]) -> bool:
     judge: some object, among any others, has the attributes."""
     if len(found) != len(expected) or not all(o.valid for o in found):
         return False
-    from itertools import permutations
     return any(all(getattr(o, k) == e[k] for o, e in zip(perm, expected) for k in e)
                for perm in permutations(found))
 

@@ -19,15 +19,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from clipkit.captioning.train import CaptionData, CaptionSplits, embed_images
 from clipkit.core.preprocess import torch_preprocess
+from clipkit.core.train_clip import ClipData
+from clipkit.guidance.train_diffusion import DiffusionData
 from clipkit.shapes.data import ShapesCaptions, collate, single_object_scenes
+from clipkit.shapes.oracle import read_attributes
+from clipkit.shapes.parse import caption_matches, describing_captions
 from clipkit.shapes.probes import reference_accuracy, zero_shot_accuracy
 from clipkit.shapes.render import random_params, render, render_scenes
-from clipkit.core.train_clip import ClipData
-from clipkit.shapes.oracle import read_attributes
-from clipkit.guidance.train_diffusion import DiffusionData
-from clipkit.captioning.train import CaptionData, CaptionSplits, embed_images
-from clipkit.shapes.parse import caption_matches, describing_captions
 from clipkit.shapes.world import sample_scene, split_seed
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +105,6 @@ def shapes_diffusion_data(cfg, size: int, gen: torch.Generator, num_processes: i
     """:class:`clipkit.guidance.train_diffusion.DiffusionData` of the Shapes DDPM: scenes from a
     DataLoader, or (``cfg.device_data``) drawn on the device with the trainer's generator; rendered
     at ``size``; samples judged by the oracle."""
-    from torch.utils.data import DataLoader
 
     if cfg.device_data:
         def draws():

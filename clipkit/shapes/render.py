@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from clipkit.shapes.world import COLORS, JITTER, RADIUS, SHAPES, SIZES, Scene
 
@@ -72,7 +73,6 @@ def render_scenes(scenes: Sequence[Scene], size: int = 32, supersample: int = 4,
 
 def to_pil(images: torch.Tensor):
     """[B, 3, H, W] in [0, 1] -> list of PIL images (uint8, rounded)."""
-    from PIL import Image
     arr = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 

@@ -6,6 +6,7 @@ plus a small sub-cell jitter. Everything is deterministic from an integer seed.
 """
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import asdict, dataclass
 
@@ -166,7 +167,6 @@ def sample_caption(scene: Scene, rng: random.Random, p_full: float = 0.7) -> str
 
 def vocabulary() -> set[str]:
     """Every word the Shapes captions use (for 'unknown word' warnings)."""
-    import itertools
     words = {"two", "shapes", "and", "another", "shape", "to", "the", "left", "right", "of",
              "above", "below", "a"}
     for shape, color, size, pos in itertools.product(SHAPES, COLOR_NAMES, SIZES, POSITIONS):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +117,18 @@ def test_garbage_embeddings_are_refused_not_scored(world, tmp_path):
     body = np.random.default_rng(0).integers(0, 256, len(data) - 128, dtype=np.uint8).tobytes()
     emb.write_bytes(bytes(data[:128]) + body)                             # header intact, body garbage
     assert_error_naming(cli(["search", a, *QUERY], tmp_path), "emb-000001.npy")
+
+
+def test_verify_reads_every_file_against_its_digest(world, tmp_path):
+    a = copy(world, "A.idx", tmp_path)
+    ok = cli(["index", "info", a, "--verify", "--json"], tmp_path)
+    assert ok.rc == 0 and json.loads(ok.out)["verified"]["ok"], ok.err
+    emb = a / "emb-000001.npy"
+    data = bytearray(emb.read_bytes())
+    data[128 + 2 * 37] ^= 0x01                     # the lowest mantissa bit of one value: still a unit vector
+    emb.write_bytes(bytes(data))
+    assert cli(["index", "info", a], tmp_path).rc == 0                    # the cheap checks cannot see it
+    assert_error_naming(cli(["index", "info", a, "--verify"], tmp_path), "emb-000001.npy")
 
 
 # ---- 2. a FIFO (any non-regular file) as an index file never hangs ------------------------------------
