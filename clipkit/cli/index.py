@@ -45,7 +45,7 @@ def open_cache_for(scorer, cache_dir, no_cache):
     if no_cache:
         return None
     from clipkit.core.cache import default_cache_dir, open_cache
-    return open_cache(cache_dir or default_cache_dir(), scorer.spec, scorer.preprocess)
+    return open_cache(cache_dir or default_cache_dir(), scorer)      # keyed by the weights, not the spec
 
 
 def index_scorer(settings, reader, clip_spec, batch_size: int = 64):

@@ -19,7 +19,7 @@ with the hub checks done.
 
 Every failure raises :class:`ModelLoadError` with one line naming the spec and the fix. We never
 hang on the network: hub calls get short timeouts, and ``HF_HUB_OFFLINE=1`` is respected
-(:mod:`clipkit.core.hub`). It loads without torch (``apply_overlay`` is imported where used): spec checks stay instant.
+(:mod:`clipkit.core.hub`). It loads without torch: open_clip, huggingface_hub and ``apply_overlay`` are imported where used.
 """
 from __future__ import annotations
 
@@ -34,9 +34,6 @@ from typing import Callable, ClassVar
 from clipkit.core import hub
 from clipkit.core.clip_loading import create_openclip, load_hf_clip
 from clipkit.core.errors import ModelLoadError
-
-# Imported where used: huggingface_hub, open_clip (heavy or optional; the paths that do not need them, and
-# `clipkit --help`, start without them).
 
 BUNDLED = "shapes"
 #: bundled model names: ``shapes`` (every component) and ``shapes-noised`` (the noise-aware guide
