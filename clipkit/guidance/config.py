@@ -19,6 +19,8 @@ from clipkit.core.registry import parse_spec
 from clipkit.guidance.schedulers import OUTPUT_ONLY, SCHEDULERS
 from clipkit.guidance.wrapper import GuidanceConfig, parse_cut_schedule
 
+#: bounds checked before anything is allocated (a 4096-px image is 16x Stable Diffusion XL's area)
+MAX_SIZE, MAX_STEPS, MAX_TRAJECTORIES = 4096, 10_000, 1024
 MAX_SEED = 2 ** 32        # seeds are in [0, 2^32); view noise uses seed + 2^32, so streams never collide
 
 #: per guide target, what GenerateConfig's None fields mean (chosen on the development prompts of
@@ -93,8 +95,12 @@ class GenerateConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise InputError(f"{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
-        if self.size is not None and (not isinstance(self.size, int) or self.size < 8):
-            raise InputError(f"size must be an integer >= 8 pixels, got {self.size!r}")
+        if self.size is not None and (not isinstance(self.size, int) or isinstance(self.size, bool) or
+                                      not 8 <= self.size <= MAX_SIZE):
+            raise InputError(f"size must be an integer from 8 to {MAX_SIZE} pixels, got {self.size!r}")
+        if self.steps > MAX_STEPS or self.best_of * self.drafts > MAX_TRAJECTORIES:
+            raise InputError(f"at most {MAX_STEPS} steps and {MAX_TRAJECTORIES} trajectories (best-of x drafts) per "
+                             f"kept image, got {self.steps} steps and {self.best_of * self.drafts}")
         if self.guide_target not in ("auto", "x0", "xt"):
             raise InputError(f"guide_target must be 'auto', 'x0' or 'xt', got {self.guide_target!r}")
         for name in ("tv_scale", "range_scale", "sat_scale"):

@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 
 from clipkit.core.errors import InputError
+from clipkit.core.hub import one_line
 from clipkit.guidance.sampling import denoise_step, sample
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,14 @@ def train_diffusion(cfg: TrainDiffusionConfig, progress: bool = True,
     unet_cfg = cfg.unet_cfg or SHAPES_UNET_CFG
     if cfg.init:
         init = Path(cfg.init)
-        unet = UNet2DModel.from_pretrained(init / "unet" if (init / "unet").is_dir() else init,
-                                           torch_dtype=torch.float32)
+        where = init / "unet" if (init / "unet").is_dir() else init
+        try:                                    # safetensors only: pickled weights (.bin) are never unpickled
+            if not (where / "diffusion_pytorch_model.safetensors").is_file():
+                raise InputError(f"no diffusion_pytorch_model.safetensors in {where}")
+            unet = UNet2DModel.from_pretrained(where, torch_dtype=torch.float32, use_safetensors=True)
+        except Exception as e:
+            raise InputError(f"--init {cfg.init}: not a diffusers UNet with safetensors weights ({one_line(e)}); "
+                             "pickled .bin weights are never loaded: convert them with diffusers' save_pretrained") from None
     else:
         unet = UNet2DModel(**unet_cfg)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DModel, model_config=unet.config)

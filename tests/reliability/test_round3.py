@@ -324,3 +324,30 @@ def test_generate_with_an_overflowing_prompt_is_a_one_line_error(tmp_path):
              "--out", tmp_path / "g"], tmp_path)
     assert one_line_error(r) and "finite" in r.err, (r.rc, r.err[-800:])
     assert not list((tmp_path / "g").glob("*.json")) if (tmp_path / "g").exists() else True
+
+
+@pytest.mark.parametrize("args,needle", [(["--size", "100000"], "size must be an integer from 8 to 4096"),
+                                         (["--steps", "100000"], "at most 10000 steps"),
+                                         (["--best-of", "100", "--drafts", "100"], "1024 trajectories")])
+def test_generate_bounds_the_work_before_allocating(tmp_path, args, needle):
+    from click.testing import CliRunner
+
+    from clipkit.cli.main import cli
+    res = CliRunner().invoke(cli, ["generate", "a red circle", "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2 and needle in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_train_diffusion_init_with_pickled_weights_is_a_one_line_error(tmp_path):
+    import torch
+    from click.testing import CliRunner
+
+    from clipkit.cli.main import cli
+    unet = tmp_path / "pk" / "unet"
+    unet.mkdir(parents=True)
+    torch.save({"a": torch.zeros(2)}, unet / "diffusion_pytorch_model.bin")
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 32}))
+    res = CliRunner().invoke(cli, ["train", "diffusion", "--init", str(tmp_path / "pk"), "--out", str(tmp_path / "o"),
+                                   "--steps", "1"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "safetensors" in lines[0] and str(tmp_path / "pk") in lines[0]
