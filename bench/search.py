@@ -230,7 +230,8 @@ def bench_page(n: int, root: Path, requests: int = 200) -> dict:
 
     from clipkit.core.scorer import load_scorer
     from clipkit.search import IndexReader, VectorSource, build_index
-    from clipkit.search.server import ServeConfig, create_app, make_server
+    from clipkit.search.server import create_app
+    from clipkit.search.web import ServeConfig, make_server
     from clipkit.shapes.world import AT, COLOR_NAMES, POSITIONS, SHAPES
     scorer = load_scorer("shapes", device="cpu")
     dim = int(scorer.encode_texts(["a"]).shape[1])

@@ -153,7 +153,7 @@ def add(settings, index_path, sources, max_memory, no_refresh, cache_dir, no_cac
     Files already indexed are checked too: a file that is gone is dropped, a changed one is
     embedded again. The coarse quantiser is retrained only when the data outgrew it.
     """
-    from clipkit.search.build import add_to_index
+    from clipkit.search.add import add_to_index
     from clipkit.search.sources import expand_sources
     from clipkit.search.store import IndexReader
     reader = IndexReader(index_path)

@@ -48,7 +48,7 @@ def serve(settings, index_path, out_dir, host, port, clip_specs, diffusion_spec,
     import signal
 
     from clipkit.cli.common import profile_of
-    from clipkit.search.server import LOCAL_HOSTS, make_server
+    from clipkit.search.web import LOCAL_HOSTS, make_server
     from clipkit.studio import StudioConfig, create_studio_app
     log = logging.getLogger("clipkit.cli")
     profile = profile_of(settings)

@@ -273,7 +273,8 @@ def same_model(a: str, b: str) -> bool:
 
 
 def check_spec(where, m: Manifest, spec: str, preprocess) -> None:
-    """Refuse a CLIP spec or preprocessing other than the index's (see :meth:`IndexReader.check_model`)."""
+    """Refuse a CLIP spec or preprocessing other than the index's (see
+    :meth:`~clipkit.search.store.IndexReader.check_model`)."""
     pp = preprocess.to_dict() if hasattr(preprocess, "to_dict") else preprocess
     if not same_model(spec, m.model):
         raise ModelLoadError(spec, f"index {where} was built with CLIP {m.model!r}, whose "

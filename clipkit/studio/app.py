@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Callable
 
 from clipkit.core.errors import InputError
-from clipkit.search.server import (MAX_ID, Api, HttpError, PixelBudget, ServeConfig, decode_image, install_web,
-                                   int_arg, read_upload, register_search)
+from clipkit.search.server import MAX_ID, Api, register_search
+from clipkit.search.web import HttpError, PixelBudget, ServeConfig, decode_image, install_web, int_arg, read_upload
 from clipkit.studio.gallery import UPLOADS, THUMB, Gallery, GalleryMissing
 from clipkit.studio.jobs import Job, JobQueue
 

@@ -233,8 +233,8 @@ def test_hot_journal_on_a_read_only_index_says_what_to_run(world, tmp_path, monk
     _hot_journal(a / "meta.sqlite")
     os.chmod(a, 0o555)
     if os.geteuid() == 0:                                  # root writes anyway: say the folder is read-only
-        from clipkit.search import store
-        monkeypatch.setattr(store, "_can_write", lambda *a: False, raising=False)
+        from clipkit.search import meta
+        monkeypatch.setattr(meta, "_can_write", lambda *a: False, raising=False)
         monkeypatch.setattr(faults, "MODE", "inprocess")
     try:
         r = cli(["search", a, *QUERY], tmp_path)

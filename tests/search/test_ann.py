@@ -5,7 +5,7 @@ import pytest
 from clipkit.core.errors import InputError
 from clipkit.search import AnnConfig, IndexReader, VectorSource, add_to_index, build_index, search
 from clipkit.search import ann
-from clipkit.search.store import read_manifest
+from clipkit.search.manifest import read_manifest
 
 
 def clustered(n, d=32, clusters=64, noise=0.35, seed=0):

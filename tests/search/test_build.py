@@ -8,7 +8,7 @@ import pytest
 
 from clipkit.core.errors import InputError
 from clipkit.search import IndexReader, add_to_index, build_index, search
-from clipkit.search.store import read_manifest
+from clipkit.search.manifest import read_manifest
 from helpers import make_images   # tests/ is on sys.path (conftest.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,7 +61,8 @@ def test_add_new_removed_changed(tmp_path, scorer):
     again = add_to_index(idx, [newdir], scorer, batch_size=4)
     assert again.generation == 2 and again.added == 0
     # an interrupted add (rows and files of gen 3 but no manifest) is undone by the next writer
-    from clipkit.search.store import open_meta, recover
+    from clipkit.search.meta import open_meta
+    from clipkit.search.segments import recover
     (idx / "emb-000009.npy").write_bytes(b"partial")
     db = open_meta(idx, writable=True)
     db.execute("INSERT INTO items VALUES (99, 'ghost', 'ghost', 0, 0, NULL, NULL, NULL, 3, NULL)")

@@ -16,7 +16,8 @@ import pytest
 
 from clipkit.captioning.captioner import load_captioner
 from clipkit.search import IndexReader
-from clipkit.search.server import ServeConfig, create_app, make_server
+from clipkit.search.server import create_app
+from clipkit.search.web import ServeConfig, make_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from clipkit.captioning.captioner import load_captioner
 from clipkit.search import IndexReader, build_index
-from clipkit.search.server import ServeConfig, create_app
+from clipkit.search.server import create_app
+from clipkit.search.web import ServeConfig
 
 from helpers import make_images   # tests/ is on sys.path (conftest.py)
 
@@ -213,7 +214,7 @@ def test_foreign_host_and_cross_origin(client, corpus):
 
 
 def test_host_check_rules():
-    from clipkit.search.server import host_allowed
+    from clipkit.search.web import host_allowed
     assert host_allowed("localhost:8000", "127.0.0.1") and host_allowed("[::1]:80", "127.0.0.1")
     assert host_allowed("app.localhost", "127.0.0.1") and host_allowed("127.0.0.1", "127.0.0.1")
     assert not host_allowed("evil.example", "127.0.0.1") and not host_allowed("", "127.0.0.1")
@@ -227,7 +228,7 @@ def test_a_port_in_use_is_one_clear_error(app):
     import socket
 
     from clipkit.core.errors import InputError
-    from clipkit.search.server import make_server
+    from clipkit.search.web import make_server
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen(1)

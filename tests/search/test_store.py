@@ -1,7 +1,7 @@
-"""search.store: the index folder's pieces (the fp16 segment writer)."""
+"""search.segments: the index folder's pieces (the fp16 segment writer)."""
 import numpy as np
 
-from clipkit.search.store import NpyAppender
+from clipkit.search.segments import NpyAppender
 
 
 def test_npy_appender_is_a_plain_npy(tmp_path):

@@ -303,7 +303,7 @@ def test_decode_budget_bounds_concurrent_decoding():
     each result downscaled to max_side."""
     import threading
 
-    from clipkit.search.server import PixelBudget, decode_image
+    from clipkit.search.web import PixelBudget, decode_image
     big = flat_png(6000, 6000)
     budget = PixelBudget(40_000_000)
     sizes, errors = [], []

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from clipkit.search import IndexReader
-from clipkit.search.server import make_server
+from clipkit.search.web import make_server
 from clipkit.studio import StudioConfig, create_studio_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
