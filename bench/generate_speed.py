@@ -108,13 +108,17 @@ def speed(args) -> None:
             loads.append(load())
             print(f"round {rnd + 1}: {name}: {w:.1f} s (load {loads[-1]})", flush=True)
     base = times[arms[0][0]]
+    one = times[arms[1][0]] if args.baseline_threads else None
     print(f"\nload before/after: {loads[0]} / {loads[-1]} (1/5/15-min averages, {os.cpu_count()} cores)\n")
-    print("| arm | flags | wall s (median of %d) | x baseline (median of per-round ratios) |" % args.reps)
-    print("|---|---|---|---|")
+    print("| arm | flags | wall s (median of %d) | per round | x baseline (median of per-round ratios) |%s"
+          % (args.reps, " x baseline on 1 thread |" if one else ""))
+    print("|---|---|---|---|---|" + ("---|" if one else ""))
     for name, flags, env in arms:
         ratio = statistics.median(t / b for t, b in zip(times[name], base))
         shown = " ".join([*flags[0], *flags[1]]) or ("OMP_NUM_THREADS=1" if env else "-")
-        print(f"| {name} | `{shown}` | {statistics.median(times[name]):.1f} | **{ratio:.2f}** |")
+        rounds = ", ".join(f"{t:.0f}" for t in times[name])
+        extra = f" {statistics.median(t / b for t, b in zip(times[name], one)):.2f} |" if one else ""
+        print(f"| {name} | `{shown}` | {statistics.median(times[name]):.1f} | {rounds} | **{ratio:.2f}** |{extra}")
 
 
 def quality(args) -> None:

@@ -16,6 +16,7 @@ files: only parsed). Exit code 1 if any line fails. The table (markdown) goes to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shlex
 import subprocess
@@ -112,19 +113,25 @@ def parse_check(argv: list[str]) -> str | None:
     from clipkit.core.errors import ModelLoadError
     warnings.filterwarnings("ignore", "'protected_args'", DeprecationWarning)
     try:
-        ctx = cli.make_context("clipkit", list(argv), resilient_parsing=False)
-        group, args = cli, ctx.protected_args + ctx.args
-        while isinstance(group, click.Group) and args:
-            name, cmd, rest = group.resolve_command(ctx, args)
-            ctx = cmd.make_context(name, rest, parent=ctx)
-            group, args = cmd, ctx.protected_args + ctx.args if isinstance(cmd, click.Group) else []
-        return None
+        with contextlib.chdir(ROOT):                 # the README's paths are relative to the repository
+            return _parse(cli, click, argv)
     except click.exceptions.Exit:
         return None
     except click.ClickException as e:
         return e.format_message()
     except ModelLoadError as e:              # a model spec that names a file this checkout lacks: parsed
         return None if "no such" in str(e) else str(e)
+
+
+def _parse(cli, click, argv) -> None:
+    """The group's options, then each (sub)command's: make_context parses and converts every value."""
+    ctx = cli.make_context("clipkit", list(argv), resilient_parsing=False)
+    group, args = cli, ctx.protected_args + ctx.args
+    while isinstance(group, click.Group) and args:
+        name, cmd, rest = group.resolve_command(ctx, args)
+        ctx = cmd.make_context(name, rest, parent=ctx)
+        group, args = cmd, ctx.protected_args + ctx.args if isinstance(cmd, click.Group) else []
+    return None
 
 
 # ------------------------------------------------------------------------------------------ judge
@@ -242,6 +249,7 @@ def run_generate(ln: Line, images: int, out: Path, first_seed: int, extra: list[
     hits = n = 0
     t0 = time.time()
     r = 0
+    out.mkdir(parents=True, exist_ok=True)
     while n < images:
         d = out / f"run{r}"
         cmd = [sys.executable, "-m", "clipkit", "-q", *[a for a in argv if a != "--json"],
@@ -268,6 +276,20 @@ def run_generate(ln: Line, images: int, out: Path, first_seed: int, extra: list[
 
 # ------------------------------------------------------------------------------------------ main
 
+def judge_key(argv: list[str]) -> tuple:
+    """A generate line without the options the check sets itself (seed, count, outputs): two lines
+    with the same key are the same example, judged once."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--seed", "-n", "--out"):
+            skip = True
+        elif a not in ("--caption", "--overwrite", "--json"):
+            out.append(a)
+    return tuple(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8, help="kept images judged per generate example")
@@ -275,26 +297,32 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.9, help="strict rate a generate recipe must reach")
     ap.add_argument("--slack", type=float, default=0.15, help="a claimed lower rate may be missed by this much")
     ap.add_argument("--only", action="append", default=None, help="only lines containing this text (repeatable: any)")
+    ap.add_argument("--skip", action="append", default=[], help="skip lines containing this text (repeatable)")
     ap.add_argument("--kinds", default="judge,run,parse")
     ap.add_argument("--fast", action="store_true", help="generate at --steps 4, 1 image, no rate check")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table", type=Path, default=None, help="also write the table (markdown) here")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--readme", type=Path, default=README, help="the markdown file to check (default: README.md)")
     args = ap.parse_args(argv)
     kinds = set(args.kinds.split(","))
     out = args.out or Path(tempfile.mkdtemp(prefix="readme_check_"))
     out.mkdir(parents=True, exist_ok=True)
-    rows, failed = [], 0
+    rows, failed, judged = [], 0, {}
     header = "| example | kind | result | README's claim | ok |\n|---|---|---|---|---|"
     print(header, flush=True)
     if args.table:
         args.table.write_text(header + "\n")
-    for i, ln in enumerate(readme_lines()):
-        if args.only and not any(o in ln.text for o in args.only):
+    for i, ln in enumerate(readme_lines(args.readme)):
+        if (args.only and not any(o in ln.text for o in args.only)) or any(o in ln.text for o in args.skip):
             continue
+        key = judge_key(ln.argv)
         err = parse_check(ln.argv)
         if err:
             res, claim, ok = f"parse error: {err}", "", False
+        elif ln.kind == "judge" and "judge" in kinds and key in judged:
+            res, claim, ok = judged[key]
+            res = f"same run as above: {res}"
         elif ln.kind == "judge" and "judge" in kinds:
             claim_v = claimed_rate(ln.comment)
             extra = ["--steps", "4", "-n", "1"] if args.fast else []
@@ -308,6 +336,7 @@ def main(argv=None) -> int:
                 need = args.target if claim_v is None else min(args.target, claim_v - args.slack)
                 res, ok = f"{hits}/{n} strict ({secs:.0f} s)", hits / n >= need - 1e-9
             claim = f"{claim_v:.0%}" if claim_v is not None else f"(recipe: >= {args.target:.0%})"
+            judged[key] = (res, claim, ok)
         elif ln.kind == "run" and "run" in kinds:
             argv_run = ensure_inputs(ln.argv, out)
             d = out / f"l{i}"

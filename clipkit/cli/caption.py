@@ -65,11 +65,11 @@ def caption(settings, images, captioner_spec, tokenizer, strategy, beams, candid
     if refs_path:
         from clipkit.captioning.metrics import read_references
         refs = read_references(refs_path)
+    loaded = load_images_tolerant(images, quiet=quiet)    # inputs first: a missing file fails before the model loads
     cap = load_captioner(spec, clip=clip_spec, device=settings.device, precision=settings.precision,
                          tokenizer=tokenizer, batch_size=batch_size)
     if stop_token is not None:
         cap.set_stop_token(stop_token)
-    loaded = load_images_tolerant(images, quiet=quiet)
     results = []
     chunk = max(1, batch_size)
     steps = range(0, len(loaded.images), chunk)

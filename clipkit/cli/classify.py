@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import (batch_size_option, clip_option, emit_json, fmt_table, json_option,
+from clipkit.cli.common import (batch_size_option, plural, clip_option, emit_json, fmt_table, json_option,
                                 load_images_tolerant, make_scorer)
 
 
@@ -32,8 +32,8 @@ def classify(settings, images, labels, templates, top, clip_spec, batch_size, as
     from clipkit.core.prompts import parse_labels, resolve_templates
     labels = parse_labels(labels)                  # bad labels or templates fail before the model loads
     tmpl = resolve_templates(templates)
+    loaded = load_images_tolerant(images, quiet=settings.quiet or as_json)   # inputs first: a missing file fails before the model loads
     scorer = make_scorer(settings, clip_spec, batch_size)
-    loaded = load_images_tolerant(images, quiet=settings.quiet or as_json)
     res = do_classify(loaded.images, labels, tmpl, scorer=scorer)
     res.sources = loaded.paths
     if as_json:
@@ -45,5 +45,5 @@ def classify(settings, images, labels, templates, top, clip_spec, batch_size, as
     for i, p in enumerate(res.sources):
         vals, idx = probs[i].topk(k)
         rows.append([p] + [f"{labels[j]} {v:.3f}" for v, j in zip(vals.tolist(), idx.tolist())])
-    click.echo(f"# zero-shot probabilities ({res.model}, {len(res.templates)} templates)")
+    click.echo(f"# zero-shot probabilities ({res.model}, {plural(len(res.templates), 'template')})")
     click.echo(fmt_table(["image"] + [f"#{j + 1}" for j in range(k)], rows))

@@ -137,6 +137,22 @@ def check_report_outputs(csv_path, sheet, overwrite: bool, inputs) -> None:
         raise click.UsageError("--csv and --sheet name the same file")
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 template', '2 templates'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def check_inputs_exist(paths, what: str = "input", all_needed: bool = False) -> None:
+    """Fail (InputError, exit 2) before any model loads when the named inputs are not there: when
+    none of ``paths`` exists, or (``all_needed``) when any one is missing. Unreadable files that do
+    exist are left to the tolerant loaders (reported and skipped)."""
+    from clipkit.core.errors import InputError
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing and (all_needed or len(missing) == len(paths)):
+        raise InputError(f"{what} {missing[0]}: no such file or folder"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
 def clip_option(f):
     return click.option("--clip", "clip_spec", type=ModelSpecType("clip"), default=None, metavar="SPEC",
                         help="CLIP model: shapes, openclip:ARCH/TAG, hf:ORG/NAME or a directory "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import batch_size_option, clip_option, emit_json, fmt_table, json_option
+from clipkit.cli.common import batch_size_option, clip_option, emit_json, fmt_table, json_option, plural
 
 
 @click.command("eval")
@@ -77,13 +77,15 @@ def eval_cmd(settings, data, split, class_names, templates, linear_probe, shots,
                    num_workers=workers, progress=bar)
     if csv_path:
         res.write_csv(csv_path, overwrite=overwrite)
+        click.echo(f"wrote {csv_path}", err=True)          # on stderr, as score --plot: stdout stays the table/JSON
     if plot_path:
         res.plot_confusion(plot_path, overwrite=overwrite)
+        click.echo(f"wrote {plot_path}", err=True)
     if as_json:
         emit_json(res.to_dict())
         return
     m = res.metrics
-    what = (f"zero-shot, {res.templates} templates" if res.method == "zero-shot"
+    what = (f"zero-shot, {plural(res.templates, 'template')}" if res.method == "zero-shot"
             else f"linear probe, C={res.probe.C:.3g} (swept on {res.probe.val_source}), fitted on "
                  f"{res.probe.train_images} images ({res.probe.refit_on})"
                  + (f", {res.probe.shots}-shot" if res.probe.shots else ""))

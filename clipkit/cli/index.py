@@ -5,7 +5,7 @@ import re
 
 import click
 
-from clipkit.cli.common import FiniteFloat, batch_size_option, clip_option, emit_json, fmt_table, json_option, make_scorer, progress
+from clipkit.cli.common import FiniteFloat, batch_size_option, clip_option, emit_json, fmt_table, json_option, make_scorer, plural, progress
 
 
 class ByteSize(click.ParamType):
@@ -210,7 +210,7 @@ def dedup(settings, index_path, threshold, csv_path, sheets_dir, nprobe, overwri
     if as_json:
         emit_json(res.to_dict())
         return
-    click.echo(f"# {len(res.groups)} groups of near-duplicates (cosine >= {threshold:g}) among {res.scanned} images")
+    click.echo(f"# {plural(len(res.groups), 'group')} of near-duplicates (cosine >= {threshold:g}) among {res.scanned} images")
     rows = [[g.group, it.id, f"{it.score:.4f}", it.path] for g in res.groups for it in g.items]
     if rows:
         click.echo(fmt_table(["group", "id", "score", "path"], rows))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from clipkit.cli.common import check_report_outputs, FiniteFloat, FloatList, batch_size_option, clip_option, emit_json, fmt_table, json_option, make_scorer, progress
+from clipkit.cli.common import check_inputs_exist, check_report_outputs, FiniteFloat, FloatList, batch_size_option, clip_option, emit_json, fmt_table, json_option, make_scorer, progress
 
 
 @click.command()
@@ -62,6 +62,8 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
     # every output is checked before the model loads and the folder is ranked
     inputs = list(candidates) + list(query_images) + ([texts_file] if texts_file else [])
     check_report_outputs(csv_path, sheet, overwrite, inputs)
+    check_inputs_exist(candidates, "candidate")               # before the model loads
+    check_inputs_exist(query_images, "--query-image", all_needed=True)
     texts = None
     if texts_file:
         if len(candidates) != 1 or queries or query_images:
@@ -91,8 +93,10 @@ def rerank(settings, candidates, queries, query_images, texts_file, combine, wei
         results = out if isinstance(out, list) else [out]
     if csv_path:
         results[0].write_csv(csv_path, overwrite=overwrite)
+        click.echo(f"wrote {csv_path}", err=True)          # on stderr, as score --plot: stdout stays the table/JSON
     if sheet:
         results[0].contact_sheet(sheet, overwrite=overwrite)
+        click.echo(f"wrote {sheet}", err=True)
     skipped = results[0].skipped
     if as_json:
         doc = [r.to_dict() for r in results]

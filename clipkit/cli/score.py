@@ -33,8 +33,8 @@ def score(settings, images, texts, plot, overwrite, clip_spec, batch_size, as_js
     if plot:      # checked before any work: an existing file, an input, an unwritable folder
         from clipkit.core.outputs import check_output_file
         check_output_file(plot, overwrite=overwrite, inputs=images, what="--plot")
+    loaded = load_images_tolerant(images, quiet=settings.quiet or as_json)   # inputs first: a missing file fails before the model loads
     scorer = make_scorer(settings, clip_spec, batch_size)
-    loaded = load_images_tolerant(images, quiet=settings.quiet or as_json)
     scores = scorer.score(loaded.images, texts)
     sim, probs, clip_s = scores.similarity.cpu(), scores.probs.cpu(), scores.clip_s.cpu()
     if plot:

@@ -36,6 +36,6 @@ def test_classify_table_top_k(runner, shape_images):
                               "--templates", "a {} shape"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert lines[0] == "# zero-shot probabilities (shapes, 1 templates)"
+    assert lines[0] == "# zero-shot probabilities (shapes, 1 template)"
     assert lines[1].split() == ["image", "#1", "#2"]
     assert lines[3].startswith(str(paths[0])) and lines[3].split()[1] == "red"
